@@ -1,0 +1,36 @@
+"""Loads the compiled extension `erpd._C` once and says what it was built with."""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from erpd import _C  # noqa: F401  (registers the erpd:: torch ops)
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # not built: the torch backend still works
+    _C = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def has_cpu() -> bool:
+    """True when the C++ CPU backend is compiled in."""
+    return _C is not None
+
+
+def has_cuda() -> bool:
+    """True when the CUDA backend is compiled in (needs a CUDA build of torch)."""
+    return _C is not None and bool(_C.built_with_cuda())
+
+
+def unavailable_reason() -> str:
+    if _C is None:
+        return (
+            f"erpd._C could not be imported ({_IMPORT_ERROR}); build it with "
+            "`pip install -e . --no-build-isolation --no-deps`"
+        )
+    return "erpd._C was built without CUDA (the installed torch has no CUDA, or ERPD_SKIP_CUDA_BUILD=1)"
+
+
+def ops() -> "torch._ops._OpNamespace":
+    return torch.ops.erpd

@@ -1,0 +1,87 @@
+"""Backend selection, in one place for every op.
+
+``auto`` picks, for CUDA tensors, the backend that the committed GPU benchmark table found
+faster for that op (``AUTO_CUDA`` below); for CPU tensors, ``cpu`` when the extension is built,
+else ``torch``. An explicitly requested backend that cannot run raises; there is no silent
+fallback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from erpd import _ext
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+
+# Per-op choice of `auto` on CUDA tensors. Issue 6's GPU benchmark run fills this from
+# benchmarks/results/; until a GPU table is committed, Triton is the default because it needs
+# no compiled extension.
+AUTO_CUDA: dict[str, str] = {"linear_logprobs": "triton"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on these inputs."""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None if `backend` can run on tensors on `device`, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend='cpu' needs CPU tensors, got {device.type} tensors"
+        return None if _ext.has_cpu() else _ext.unavailable_reason()
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend='cuda' needs CUDA tensors, got {device.type} tensors"
+        return None if _ext.has_cuda() else _ext.unavailable_reason()
+    if backend == "triton":
+        if not _triton_installed():
+            return "backend='triton' needs the triton package (pip install -r requirements/requirements.txt)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreting():
+            return None
+        return (
+            f"backend='triton' needs CUDA tensors (got {device.type}); on CPU it runs only under "
+            "the Triton interpreter (set TRITON_INTERPRET=1 before importing erpd)"
+        )
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    """Turn the user's `backend` argument into a concrete backend name for `op`."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            preferred = AUTO_CUDA.get(op, "triton")
+            for cand in (preferred, "triton", "cuda"):
+                if why_unavailable(cand, device) is None:
+                    return cand
+            return "torch"
+        if device.type == "cpu" and _ext.has_cpu():
+            return "cpu"
+        return "torch"
+    reason = why_unavailable(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(reason)
+    return backend
+
+
+def available(device: torch.device | str = "cpu") -> list[str]:
+    """Concrete backends that can run on `device` in this process."""
+    device = torch.device(device)
+    return [b for b in BACKENDS[1:] if why_unavailable(b, device) is None]

@@ -1,0 +1,5 @@
+"""Autograd functions and dispatch for each op; one module per op."""
+
+from erpd.ops.linear_logprobs import linear_logprobs
+
+__all__ = ["linear_logprobs"]

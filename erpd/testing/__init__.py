@@ -1,0 +1,93 @@
+"""Helpers shared by the tests and the benchmarks: the shape registry, input factories, the
+plain-PyTorch baseline and the tolerance rule.
+
+Tolerance rule (as flash-attention and Cut Cross-Entropy use it): a backend's error against the
+float64 reference may be at most ``factor`` (2) times the error that plain PyTorch makes on the
+same inputs in the same precision, plus a small floor relative to the reference's magnitude
+(the floor covers fp32 cases where plain PyTorch happens to be almost exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from erpd.testing.shapes import SHAPES, Shape, shapes
+
+__all__ = ["SHAPES", "Shape", "shapes", "LinearInputs", "make_linear_inputs", "naive_linear_logprobs", "max_err", "assert_within_rule"]
+
+
+@dataclass
+class LinearInputs:
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    targets: torch.Tensor
+    bias: torch.Tensor | None
+
+    def to64(self) -> "LinearInputs":
+        """Leaf float64 copies (requiring grad) of the same values, for the reference."""
+        d = lambda t: None if t is None else t.detach().double().requires_grad_(t.requires_grad)  # noqa: E731
+        return LinearInputs(d(self.hidden), d(self.weight), self.targets, d(self.bias))
+
+    def clone(self) -> "LinearInputs":
+        """Fresh leaves with the same values (so each backend gets its own .grad)."""
+        c = lambda t: None if t is None else t.detach().clone().requires_grad_(t.requires_grad)  # noqa: E731
+        return LinearInputs(c(self.hidden), c(self.weight), self.targets, c(self.bias))
+
+
+def make_linear_inputs(
+    n: int | tuple[int, ...],
+    h: int,
+    v: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    bias: bool = False,
+    ignore_frac: float = 0.0,
+    ignore_index: int = -100,
+    logit_std: float = 3.0,
+    seed: int | None = None,
+    requires_grad: bool = True,
+) -> LinearInputs:
+    """Random LM-head inputs whose logits have standard deviation about `logit_std` (peaked,
+    realistic softmaxes rather than near-uniform ones). `n` may be a shape of leading dims."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed)
+    lead = (n,) if isinstance(n, int) else tuple(n)
+    hidden = torch.randn(*lead, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * (logit_std / h**0.5)
+    b = torch.randn(v, generator=g) * 0.5 if bias else None
+    targets = torch.randint(0, v, lead, generator=g)
+    if ignore_frac > 0:
+        targets[torch.rand(lead, generator=g) < ignore_frac] = ignore_index
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_(requires_grad)  # noqa: E731
+    return LinearInputs(cast(hidden), cast(weight), targets.to(device), cast(b))
+
+
+def naive_linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100):
+    """What plain PyTorch code does in the input precision: logits in the input dtype (bf16
+    logits are rounded), then a float32 log-softmax. The baseline of the tolerance rule, and the
+    `naive` provider of the benchmarks."""
+    logits = F.linear(hidden, weight, bias).float() / temperature
+    logp_all = logits.log_softmax(-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    logp = torch.where(valid, logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
+    entropy = torch.where(valid, -(logp_all.exp() * logp_all).sum(-1), 0.0)
+    return logp, entropy
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.detach().double() - expected.detach().double()).abs().max().item() if expected.numel() else 0.0
+
+
+def assert_within_rule(actual, expected64, baseline, *, name: str, factor: float = 2.0, floor: float = 1e-5) -> None:
+    """Assert ``err(actual) <= factor * err(baseline) + floor * max|expected|``."""
+    assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    assert torch.isfinite(actual).all() == torch.isfinite(expected64).all(), f"{name}: finiteness differs from the reference"
+    e_act, e_base = max_err(actual, expected64), max_err(baseline, expected64)
+    scale = expected64.detach().abs().max().item() if expected64.numel() else 0.0
+    bound = factor * e_base + floor * max(scale, 1.0)
+    assert e_act <= bound, f"{name}: max error {e_act:.3e} > bound {bound:.3e} (plain PyTorch error {e_base:.3e}, scale {scale:.3e})"
