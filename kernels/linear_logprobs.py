@@ -1,0 +1,447 @@
+r"""Fused linear + log-softmax gather (+ entropy) in Triton: per-token log-probs from hidden states.
+
+Math. For row i with hidden state h_i, LM head W [V, H], bias b, inverse temperature t and
+target y_i, the logits are z_ik = (h_i . W_k + b_k) * t. Vocabulary blocks are visited one at a
+time, keeping per row the running statistics
+
+    m = max_k z_k,    s = sum_k e^{z_k - m},    u = sum_k e^{z_k - m} (z_k - m),
+
+which merge across blocks (or across vocabulary splits) as, for a new maximum m' >= m,
+
+    s' = e^{m - m'} s,    u' = e^{m - m'} (u + s (m - m')).
+
+At the end lse = m + log s, log p_y = z_y - lse and H = -sum_k p_k log p_k = log s - u / s.
+(DESIGN.md §3 keeps u = sum e^{z-m} z and writes H = lse - u/s; the same number, but
+accumulating z - m instead of z avoids subtracting two values of size |lse| when the logits are
+large, which would cost fp32 digits in H.)
+
+Backward, with upstream g_lp (log-prob) and g_H (entropy), p_k = e^{z_k - lse}:
+
+    dz_k = g_lp (delta_{k y} - p_k) - g_H p_k (log p_k + H)
+    dh   = t * dz @ W,      dW = t * dz^T @ h,      db = t * sum_rows dz.
+
+Layout. The forward grid is (row blocks, vocabulary splits). Each program walks its slice of the
+vocabulary in BLOCK_N-wide tiles, computing each [BLOCK_M, BLOCK_N] logit tile with a K-loop of
+`tl.dot` in registers, and folds it into (m, s, u) and the target logit. With one split it writes
+logp / entropy / lse directly; with several it writes per-split partials that a small combine
+kernel merges. Splitting the vocabulary keeps the GPU busy when there are few row blocks.
+
+The backward grid covers every (row block, vocabulary block) pair. Each program recomputes its
+logit tile, forms dz in registers, and adds dz @ W_tile into an fp32 dh[N, H] workspace and
+dz^T @ h_tile into an fp32 dW[V, H] workspace with atomics, one BLOCK_K slice of H at a time.
+Neither pass ever writes an [N, V] tensor.
+
+Precision. All accumulation is fp32. On GPU, bf16/fp16 operands go to the tensor cores as they
+are (dz is rounded to the input dtype for the two gradient GEMMs, as in the unfused PyTorch
+backward); fp32 operands use 3xTF32, which is close to IEEE fp32 at a fraction of its cost.
+Under the Triton interpreter every operand is upcast to fp32 first (its bf16 dot is wrong).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["linear_logprobs_fwd", "linear_logprobs_bwd"]
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, inv_t,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """z[BLOCK_M, BLOCK_N] = (h[rows] @ W[cols]^T + b[cols]) * inv_t in fp32 (columns past V are
+    garbage; callers mask them)."""
+    # int64: row * H and col * H overflow int32 at realistic sizes (152k vocab x 16k hidden).
+    h_base = h_ptr + rows.to(tl.int64)[:, None] * H
+    w_base = w_ptr + cols.to(tl.int64)[:, None] * H
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            a = tl.load(h_base + ks[None, :], mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_base + ks[None, :], mask=col_mask[:, None], other=0.0)
+        else:
+            k_mask = ks < H
+            a = tl.load(h_base + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_base + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_t
+
+
+@triton.jit
+def _merge_stats(m, s, u, m_blk, s_blk, u_blk):
+    """Merge two partial (max, sum-exp, shifted sum) triples of the same rows.
+
+    A side that has seen nothing has s == 0 and m == -inf; its shift term is forced to 0 so that
+    0 * inf never appears.
+    """
+    m_new = tl.maximum(m, m_blk)
+    # Guard the all-(-inf) case: exp(-inf - (-inf)) would be NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a = tl.exp(m - m_safe)
+    a_blk = tl.exp(m_blk - m_safe)
+    d = tl.where(s > 0, m - m_safe, 0.0)
+    d_blk = tl.where(s_blk > 0, m_blk - m_safe, 0.0)
+    s_new = a * s + a_blk * s_blk
+    u_new = a * (u + s * d) + a_blk * (u_blk + s_blk * d_blk)
+    return m_new, s_new, u_new
+
+
+@triton.jit
+def _finalize(m, s, u, z_tgt, valid):
+    """(log p_y, entropy, lse) from merged statistics; ignored rows give 0, 0 and their lse."""
+    # s == 0 only on padding rows past N (never stored); keep log(0) and 0/0 out of them.
+    s = tl.where(s > 0, s, 1.0)
+    log_s = tl.log(s)
+    lse = m + log_s
+    logp = tl.where(valid, z_tgt - lse, 0.0)
+    entropy = tl.where(valid, log_s - u / s, 0.0)
+    return logp, entropy, lse
+
+
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, t_ptr,
+    logp_ptr, ent_ptr, lse_ptr,  # [N] outputs, written when FINALIZE
+    part_ptr,  # [4, n_split, N] partials (m, s, u, z_target), written otherwise
+    N, H, V, inv_t, ignore_index, v_per_split, plane,  # plane = n_split * N
+    HAS_BIAS: tl.constexpr, FINALIZE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    tgt = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (tgt != ignore_index)
+    # Column ids are < V < 2^31: compare in int32 (ignored rows may alias a column; `valid`
+    # discards them).
+    tgt32 = tgt.to(tl.int32)
+
+    v_lo = split * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    z_tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_N):
+        cols = v0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < v_hi
+        z = _logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, inv_t,
+            HAS_BIAS, UPCAST, DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        # Every tile holds at least one real column, so m_blk is finite for finite inputs.
+        m_blk = tl.max(z, axis=1)
+        zc = z - m_blk[:, None]
+        e = tl.exp(zc)
+        s_blk = tl.sum(e, axis=1)
+        # Padding columns have e == 0 but zc == -inf: keep 0 * inf out of the sum.
+        u_blk = tl.sum(e * tl.where(col_mask[None, :], zc, 0.0), axis=1)
+        m, s, u = _merge_stats(m, s, u, m_blk, s_blk, u_blk)
+        z_tgt += tl.sum(tl.where(cols[None, :] == tgt32[:, None], z, 0.0), axis=1)
+
+    if FINALIZE:
+        logp, entropy, lse = _finalize(m, s, u, z_tgt, valid)
+        tl.store(logp_ptr + rows, logp, mask=row_mask)
+        tl.store(ent_ptr + rows, entropy, mask=row_mask)
+        tl.store(lse_ptr + rows, lse, mask=row_mask)
+    else:
+        off = split.to(tl.int64) * N + rows
+        tl.store(part_ptr + off, m, mask=row_mask)
+        tl.store(part_ptr + plane + off, s, mask=row_mask)
+        tl.store(part_ptr + 2 * plane + off, u, mask=row_mask)
+        tl.store(part_ptr + 3 * plane + off, z_tgt, mask=row_mask)
+
+
+@triton.jit
+def _linear_logprobs_combine_kernel(
+    part_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr,
+    N, ignore_index, n_split, plane,  # plane = n_split * N
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_mask = rows < N
+    tgt = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
+    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    u = tl.zeros((BLOCK,), dtype=tl.float32)
+    z_tgt = tl.zeros((BLOCK,), dtype=tl.float32)
+    off = rows.to(tl.int64)
+    for _ in range(0, n_split):
+        m_i = tl.load(part_ptr + off, mask=row_mask, other=float("-inf"))
+        s_i = tl.load(part_ptr + plane + off, mask=row_mask, other=0.0)
+        u_i = tl.load(part_ptr + 2 * plane + off, mask=row_mask, other=0.0)
+        m, s, u = _merge_stats(m, s, u, m_i, s_i, u_i)
+        # Only the split holding the target column saw it; the others contributed 0.
+        z_tgt += tl.load(part_ptr + 3 * plane + off, mask=row_mask, other=0.0)
+        off += N
+    valid = row_mask & (tgt != ignore_index)
+    logp, entropy, lse = _finalize(m, s, u, z_tgt, valid)
+    tl.store(logp_ptr + rows, logp, mask=row_mask)
+    tl.store(ent_ptr + rows, entropy, mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def _linear_logprobs_bwd_kernel(
+    h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
+    dh_ptr, dw_ptr, db_ptr,  # fp32 workspaces, accumulated with atomics
+    N, H, V, inv_t, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Launch order: GROUP_M consecutive row blocks sweep the vocabulary together, so a W tile
+    # is fetched from HBM once per group and the group's hidden rows stay resident in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(N, BLOCK_M)
+    num_pid_n = tl.cdiv(V, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    col_mask = cols < V
+    tgt = tl.load(t_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (tgt != ignore_index)
+    tgt32 = tgt.to(tl.int32)
+
+    # A block of only ignored (or padding) rows has dz == 0: skip the recompute and the atomics.
+    if tl.max(valid.to(tl.int32), axis=0) > 0:
+        z = _logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, valid, cols, col_mask, H, inv_t,
+            HAS_BIAS, UPCAST, DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+        lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
+        g_lp = tl.load(glp_ptr + rows, mask=valid, other=0.0)
+        logp = z - lse[:, None]
+        p = tl.exp(logp)
+        dz = g_lp[:, None] * (tl.where(cols[None, :] == tgt32[:, None], 1.0, 0.0) - p)
+        if HAS_GRAD_ENTROPY:
+            ent = tl.load(ent_ptr + rows, mask=valid, other=0.0)
+            g_h = tl.load(gent_ptr + rows, mask=valid, other=0.0)
+            dz -= g_h[:, None] * p * (logp + ent[:, None])
+        # The temperature's chain-rule factor is folded into dz once, before the GEMMs.
+        dz = tl.where(valid[:, None] & col_mask[None, :], dz, 0.0) * inv_t
+
+        if NEED_DB:
+            tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+
+        if NEED_DH or NEED_DW:
+            if UPCAST:
+                dz_op = dz
+            else:
+                dz_op = dz.to(h_ptr.dtype.element_ty)
+            h_base = h_ptr + rows.to(tl.int64)[:, None] * H
+            w_base = w_ptr + cols.to(tl.int64)[:, None] * H
+            dh_base = dh_ptr + rows.to(tl.int64)[:, None] * H
+            dw_base = dw_ptr + cols.to(tl.int64)[:, None] * H
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                if EVEN_K:
+                    k_mask = tl.full((BLOCK_K,), 1, tl.int1)
+                else:
+                    k_mask = ks < H
+                if NEED_DH:
+                    w = tl.load(w_base + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                    if UPCAST:
+                        w = w.to(tl.float32)
+                    dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
+                    tl.atomic_add(dh_base + ks[None, :], dh, mask=valid[:, None] & k_mask[None, :], sem="relaxed")
+                if NEED_DW:
+                    a = tl.load(h_base + ks[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                    dw = tl.dot(tl.trans(dz_op), a, input_precision=DOT_PRECISION)
+                    tl.atomic_add(dw_base + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configuration
+# ----------------------------------------------------------------------------------------------
+
+# GPU defaults, Hopper-sized (tuning is a separate job). The compile-only CI test builds these
+# same configs for sm_90 and checks they fit in shared memory. 16-bit operands take the usual
+# 128x128x64 wgmma tiles. fp32 operands are twice as wide and 3xTF32 keeps extra split copies of
+# each tile, so they take K=32 slices, and in the backward smaller tiles (128x128 fp32 there
+# spills registers and needs more shared memory than an H100 has).
+_GPU_FWD = {
+    "16bit": dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    "fp32": dict(BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+}
+_GPU_BWD = {
+    "16bit": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+}
+COMBINE_BLOCK = 256
+
+# Interpreter: each program costs a fixed Python overhead plus numpy work on whole tiles, so
+# fairly wide tiles keep the small test shapes at well under a second. BLOCK_M=32 still gives
+# several row blocks (and a partial launch group) on them. One config only: the interpreter
+# cannot autotune over several.
+_INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=1)
+_INTERP_BWD = dict(BLOCK_M=32, BLOCK_N=256, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)
+
+
+def _interpreting() -> bool:
+    # Read at call time, not import time: the path must follow the caller's environment.
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dot_precision(interpreting: bool) -> str:
+    # Matters only for fp32 operands (bf16/fp16 ignore it). 3xTF32 on GPU: plain TF32 would lose
+    # ~3 decimal digits against the IEEE fp32 GEMM that PyTorch uses by default.
+    return "ieee" if interpreting else "tf32x3"
+
+
+def fwd_config(n: int, dtype: torch.dtype, interpreting: bool) -> dict:
+    """Tile sizes and launch options of the forward kernel."""
+    if interpreting:
+        return dict(_INTERP_FWD)
+    cfg = dict(_GPU_FWD["fp32" if dtype == torch.float32 else "16bit"])
+    # Small batches: half-height tiles waste less of each wgmma on padding rows.
+    cfg["BLOCK_M"] = 128 if n >= 1024 else 64
+    return cfg
+
+
+def bwd_config(dtype: torch.dtype, interpreting: bool) -> dict:
+    """Tile sizes and launch options of the backward kernel."""
+    if interpreting:
+        return dict(_INTERP_BWD)
+    return dict(_GPU_BWD["fp32" if dtype == torch.float32 else "16bit"])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _fwd_split(n_row_blocks: int, n_vocab_blocks: int, device: torch.device, interpreting: bool) -> int:
+    """How many programs share one row block's vocabulary sweep."""
+    if interpreting:
+        # Two splits whenever possible, so that the interpreter exercises the combine kernel.
+        return min(2, n_vocab_blocks)
+    # About two waves of programs, but >= 4 vocabulary tiles per program so the partials and
+    # the combine stay negligible next to the GEMM work.
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    want = triton.cdiv(2 * _sm_count(idx), n_row_blocks)
+    return max(1, min(want, n_vocab_blocks // 4))
+
+
+def _on_device(device: torch.device):
+    # Triton launches on the current CUDA device, which need not be the tensors' device.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temperature: float, ignore_index: int):
+    """(logprobs[N], entropy[N], lse[N]), all float32; see the module docstring for the math."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    interp = _interpreting()
+    dev = hidden.device
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    ent = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+
+    cfg = fwd_config(n, hidden.dtype, interp)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    n_row_blocks = triton.cdiv(n, bm)
+    n_vocab_blocks = triton.cdiv(v, bn)
+    split = _fwd_split(n_row_blocks, n_vocab_blocks, dev, interp)
+    # Whole tiles per split; recount so that no split is empty.
+    v_per_split = triton.cdiv(n_vocab_blocks, split) * bn
+    split = triton.cdiv(v, v_per_split)
+    finalize = split == 1
+    part = logp if finalize else torch.empty(4, split, n, dtype=torch.float32, device=dev)
+
+    with _on_device(dev):
+        _linear_logprobs_fwd_kernel[(n_row_blocks, split)](
+            hidden, weight, hidden if bias is None else bias, targets,
+            logp, ent, lse, part,
+            n, h, v, float(inv_temperature), int(ignore_index), v_per_split, split * n,
+            HAS_BIAS=bias is not None, FINALIZE=finalize,
+            UPCAST=interp, DOT_PRECISION=_dot_precision(interp), EVEN_K=h % bk == 0,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        if not finalize:
+            _linear_logprobs_combine_kernel[(triton.cdiv(n, COMBINE_BLOCK),)](
+                part, targets, logp, ent, lse,
+                n, int(ignore_index), split, split * n,
+                BLOCK=COMBINE_BLOCK, num_warps=4,
+            )
+    return logp, ent, lse
+
+
+def linear_logprobs_bwd(
+    hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
+    inv_temperature: float, ignore_index: int, need_grad_hidden: bool, need_grad_weight: bool,
+):
+    """(grad_hidden, grad_weight, grad_bias); each is torch.empty(0) when not requested.
+
+    grad_hidden / grad_weight come back in the input dtype, grad_bias in float32.
+    """
+    n, h = hidden.shape
+    v = weight.shape[0]
+    interp = _interpreting()
+    dev = hidden.device
+    need_h, need_w, need_b = bool(need_grad_hidden), bool(need_grad_weight), bias is not None
+    f32 = dict(dtype=torch.float32, device=dev)
+    # Ignored rows never receive an atomic, so the workspaces must start at zero.
+    dh = torch.zeros(n, h, **f32) if need_h else None
+    dw = torch.zeros(v, h, **f32) if need_w else None
+    db = torch.zeros(v, **f32) if need_b else None
+
+    if need_h or need_w or need_b:
+        cfg = bwd_config(hidden.dtype, interp)
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        grid = (triton.cdiv(n, bm) * triton.cdiv(v, bn),)
+        with _on_device(dev):
+            _linear_logprobs_bwd_kernel[grid](
+                hidden, weight, hidden if bias is None else bias, targets, lse, entropy,
+                grad_logprobs, grad_logprobs if grad_entropy is None else grad_entropy,
+                # Unused outputs get a harmless real fp32 pointer; their constexpr flag is off.
+                lse if dh is None else dh, lse if dw is None else dw, lse if db is None else db,
+                n, h, v, float(inv_temperature), int(ignore_index),
+                HAS_BIAS=need_b, HAS_GRAD_ENTROPY=grad_entropy is not None,
+                NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
+                UPCAST=interp, DOT_PRECISION=_dot_precision(interp), EVEN_K=h % bk == 0,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+
+    empty = lambda dtype: torch.empty(0, dtype=dtype, device=dev)  # noqa: E731
+    grad_hidden = dh.to(hidden.dtype) if need_h else empty(hidden.dtype)
+    grad_weight = dw.to(weight.dtype) if need_w else empty(weight.dtype)
+    grad_bias = db if need_b else empty(torch.float32)
+    return grad_hidden, grad_weight, grad_bias
