@@ -113,6 +113,17 @@ def test_logprob_only_and_frozen_head(cpu_backend):
     assert set(grads) == {"weight"}
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 4 * 1001])
+def test_chunk_boundaries_of_the_cpp_driver(monkeypatch, chunk_bytes):
+    """The C++ driver splits rows by a logits byte budget (ERPD_CHUNK_BYTES, read per call):
+    one row per chunk, and 3-row chunks with a ragged last chunk, must match the reference."""
+    if not erpd._ext.has_cpu():
+        pytest.skip("erpd._C not built")
+    monkeypatch.setenv("ERPD_CHUNK_BYTES", str(chunk_bytes))
+    x = make_linear_inputs(37, 96, 1001, bias=True, ignore_frac=0.2, seed=53)
+    check_backend(x, "cpu", temperature=0.7)
+
+
 def test_all_rows_ignored(cpu_backend):
     x = make_linear_inputs(20, 32, 128, bias=True, seed=19)
     x.targets[:] = -100
