@@ -1,0 +1,284 @@
+"""Provider plumbing, the side-by-side runner and the markdown table, for every `bench_<op>.py`.
+
+An op's benchmark module supplies:
+  * a list of :class:`Provider` (name, and why it cannot run on a given shape/device/dtype);
+  * ``make_case(provider, shape, dtype, device, seed) -> erpd._bench.Case``, a module-level
+    function so that a spawned child can import and call it by name;
+and calls :func:`run` + :func:`render` (script) or :func:`bench_case` (pytest-benchmark).
+
+Ratios are always against providers measured in the same run, on the same machine, one fresh
+process each: ``baseline`` (the naive PyTorch code) and ``floor`` (the bare GEMMs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from erpd import _bench
+from erpd._bench import MODES, Case, autograd_case  # noqa: F401  (re-exported for bench_<op>.py)
+from erpd.testing.shapes import SHAPES, Shape
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    # (shape, device, dtype name, for_smoke_test) -> None if it can run, else the reason.
+    unavailable: Callable[[Shape, str, str, bool], str | None] = lambda *_: None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def select_shapes(spec: str) -> list[Shape]:
+    """Comma-separated shape names and/or tier names (`interp`, `cpu`, `gpu`) from the registry."""
+    out: list[Shape] = []
+    for tok in filter(None, (t.strip() for t in spec.split(","))):
+        hits = [s for s in SHAPES if tok in (s.name, s.tier)]
+        if not hits:
+            known = ", ".join(s.name for s in SHAPES)
+            raise SystemExit(f"unknown shape or tier {tok!r}; known shapes: {known}; tiers: interp, cpu, gpu")
+        out += [s for s in hits if s not in out]
+    return out
+
+
+# --- pytest-benchmark -------------------------------------------------------------------------
+
+
+def bench_case(benchmark, case: Case, mode: str, group: str) -> dict[str, torch.Tensor]:
+    """Time one mode of `case` with pytest-benchmark (or, with --benchmark-disable, run it once)."""
+    fn = case.fwd if mode == "fwd" else case.fwd_bwd
+
+    def call():
+        out = fn()
+        _bench.sync(case.device)
+        return out
+
+    benchmark.group = group
+    benchmark.extra_info.update(case.info)
+    out = benchmark(call)
+    for name, t in out.items():
+        if t is not None:
+            assert torch.isfinite(t.detach()).all(), f"{name} is not finite"
+    return out
+
+
+# --- the script: run, render, write ---------------------------------------------------------
+
+
+@dataclass
+class Row:
+    shape: Shape
+    provider: str
+    result: dict[str, Any]  # from erpd._bench.measure, or {"skipped": reason}
+
+
+def run(
+    factory: str,
+    providers: Sequence[Provider],
+    shapes: Sequence[Shape],
+    *,
+    device: str,
+    dtype: str,
+    warmup: int,
+    repeats: int,
+    threads: int | None,
+    rounds: int = 1,
+    seed: int = 0,
+    log=sys.stderr,
+) -> list[Row]:
+    """Measure every (shape, provider) in its own fresh process, `rounds` times over.
+
+    Rounds go over all providers before repeating any, and their samples are pooled: on a
+    shared machine a burst of someone else's load then lands on several providers instead of
+    skewing one of them, which keeps the ratios honest.
+    """
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    order: list[tuple[Shape, str]] = []
+    for rnd in range(rounds):
+        for shape in shapes:
+            for p in providers:
+                key = (shape.name, p.name)
+                if rnd == 0:
+                    order.append((shape, p.name))
+                elif "times" not in results[key]:
+                    continue  # skipped or failed: once is enough
+                tag = f"[{shape.name}]" + (f" round {rnd + 1}/{rounds}" if rounds > 1 else "")
+                reason = p.unavailable(shape, device, dtype, False)
+                if reason:
+                    results[key] = {"skipped": reason}
+                    print(f"{tag} {p.name}: skipped ({reason})", file=log, flush=True)
+                    continue
+                print(f"{tag} {p.name} ...", end=" ", file=log, flush=True)
+                res = _bench.measure_in_subprocess(
+                    factory,
+                    dict(provider=p.name, shape=shape.name, dtype=dtype, device=device, seed=seed),
+                    warmup=warmup, repeats=repeats, threads=threads,
+                )
+                if "error" in res:
+                    print(f"FAILED: {res['error']}", file=log, flush=True)
+                else:
+                    print(
+                        "  ".join(f"{m} {_bench.summarize(v)['median']:.1f} ms" for m, v in res["times"].items())
+                        + f"  peak extra {_bench.fmt_mb(res['peak_extra_bytes'])} MB",
+                        file=log, flush=True,
+                    )
+                if rnd == 0:
+                    results[key] = res
+                elif "error" in res:
+                    results[key].setdefault("round_errors", []).append(res["error"])
+                else:
+                    prev = results[key]
+                    for m, v in res["times"].items():
+                        prev["times"][m] += v
+                    prev.setdefault("peak_extra_bytes_rounds", [prev["peak_extra_bytes"]]).append(res["peak_extra_bytes"])
+                    prev["peak_extra_bytes"] = int(statistics.median(prev["peak_extra_bytes_rounds"]))
+    return [Row(shape, name, results[(shape.name, name)]) for shape, name in order]
+
+
+def _ms(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
+
+
+def _time_cell(stats: dict[str, float] | None) -> str:
+    if not stats:
+        return "—"
+    if stats["n"] == 1:
+        return _ms(stats["median"])
+    return f"{_ms(stats['median'])} ({_ms(stats['p20'])}–{_ms(stats['p80'])})"
+
+
+def _ratio(a: float | None, b: float | None, fmt: str = "{:.2f}×") -> str:
+    return "—" if a is None or not b else fmt.format(a / b)
+
+
+def median_ms(row: Row | None, mode: str) -> float | None:
+    if row is None or "times" not in row.result or mode not in row.result["times"]:
+        return None
+    return _bench.summarize(row.result["times"][mode])["median"]
+
+
+def find(rows: Sequence[Row], shape: Shape, provider: str) -> Row | None:
+    ok = [r for r in rows if r.shape == shape and r.provider == provider and "times" in r.result]
+    return ok[0] if ok else None
+
+
+def max_abs_diff(row: Row, ref: Row | None) -> dict[str, float]:
+    if ref is None or row is ref or "outputs" not in row.result:
+        return {}
+    out = {}
+    for k, v in row.result["outputs"].items():
+        r = ref.result["outputs"].get(k)
+        if r is not None and r.shape == v.shape:
+            out[k] = float(abs(v.astype("float64") - r.astype("float64")).max()) if v.size else 0.0
+    return out
+
+
+def render(
+    rows: Sequence[Row],
+    *,
+    title: str,
+    env: dict[str, str],
+    notes: Sequence[str] = (),
+    baseline: str = "naive",
+    floor: str = "matmul-floor",
+    floor_label: str = "matmul floor",
+    short_names: dict[str, str] | None = None,
+) -> str:
+    """Markdown: environment bullets, one table (rows grouped by shape), footnotes."""
+    short_names = short_names or {}
+    lines = [f"## {title}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in env.items()]
+    lines += [f"- {n}" for n in notes]
+    lines += [
+        "",
+        f"| shape | provider | fwd ms | fwd+bwd ms | fwd × {baseline} | fwd+bwd × {baseline} | fwd+bwd × floor "
+        f"| peak extra MB (fwd+bwd) | mem % of {baseline} | max abs diff vs {baseline} |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    footnotes: list[str] = []
+    for shape in dict.fromkeys(r.shape for r in rows):
+        base, flo = find(rows, shape, baseline), find(rows, shape, floor)
+        base_mem = base.result["peak_extra_bytes"] if base else None
+        for r in (r for r in rows if r.shape == shape):
+            label = floor_label if r.provider == floor else r.provider
+            head = f"| {shape.name} (N={shape.n}, H={shape.h}, V={shape.v}) | {label} "
+            if "times" not in r.result:
+                why = r.result.get("skipped") or r.result.get("error", "?")
+                kind = "skipped" if "skipped" in r.result else "failed"
+                footnotes.append(f"{label} on {shape.name}: {why}")
+                lines.append(head + f"| {kind} [{len(footnotes)}] | | | | | | | |")
+                continue
+            t = {m: _bench.summarize(v) for m, v in r.result["times"].items()}
+            fwd, fb = median_ms(r, "fwd"), median_ms(r, "fwd+bwd")
+            if r.provider == floor:
+                # The floor's GEMMs write into preallocated buffers: its memory is not comparable.
+                mem, mem_pct = "—", "—"
+            else:
+                mem = _bench.fmt_mb(r.result["peak_extra_bytes"])
+                mem_pct = _ratio(r.result["peak_extra_bytes"], base_mem, "{:.1%}")
+            diffs = max_abs_diff(r, base)
+            diff = ", ".join(f"{short_names.get(k, k)} {v:.1e}" for k, v in diffs.items()) or "—"
+            lines.append(
+                head
+                + f"| {_time_cell(t.get('fwd'))} | {_time_cell(t.get('fwd+bwd'))} "
+                + f"| {_ratio(fwd, median_ms(base, 'fwd'))} | {_ratio(fb, median_ms(base, 'fwd+bwd'))} "
+                + f"| {_ratio(fb, median_ms(flo, 'fwd+bwd'))} | {mem} | {mem_pct} | {diff} |"
+            )
+    if footnotes:
+        lines += ["", *[f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]]
+    return "\n".join(lines) + "\n"
+
+
+def add_cli_args(ap: argparse.ArgumentParser, *, default_shapes: str, provider_names: Sequence[str]) -> None:
+    ap.add_argument("--shapes", default=default_shapes, help=f"shape names or tiers from erpd/testing/shapes.py (default: {default_shapes})")
+    ap.add_argument("--providers", default=",".join(provider_names), help="comma-separated subset of: " + ", ".join(provider_names))
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed fwd+bwd calls before measuring (default 1)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per mode (default 5)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep, pooling samples (default 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the table here (and the raw samples to <out>.json)")
+
+
+def pick_providers(spec: str, providers: Sequence[Provider]) -> list[Provider]:
+    by_name = {p.name: p for p in providers}
+    wanted = [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [w for w in wanted if w not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown provider(s) {unknown}; known: {', '.join(by_name)}")
+    return [by_name[w] for w in by_name if w in wanted]  # registry order: baseline first
+
+
+def write(out: str | None, text: str, rows: Sequence[Row], env: dict[str, str], argv: Sequence[str]) -> None:
+    if not out:
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    raw = {
+        "command": " ".join(argv),
+        "env": env,
+        "rows": [
+            {
+                "shape": r.shape.id,
+                "provider": r.provider,
+                **{k: v for k, v in r.result.items() if k not in ("outputs", "traceback")},
+            }
+            for r in rows
+        ],
+    }
+    path.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
+    print(f"wrote {path} and {path.with_suffix('.json')}", file=sys.stderr)
