@@ -225,9 +225,14 @@ def _target_lines(rows, device: str, auto: str) -> list[str]:
             continue
         fb = _harness.median_ms(me, "fwd+bwd")
         if torch.device(device).type == "cpu" and naive is not None:
-            mem = me.result["peak_extra_bytes"] / max(naive.result["peak_extra_bytes"], 1)
             t = fb / _harness.median_ms(naive, "fwd+bwd")
-            line = f"{shape.name}: `backend=\"auto\"` ({fused}) fwd+bwd uses {mem:.1%} of naive's peak extra memory at {t:.2f}× naive's time"
+            if naive.result["peak_extra_bytes"] < 2**20:
+                # Below a MiB the RSS delta is page noise, not the op.
+                mem, mem_txt = float("nan"), "too little memory to compare"
+            else:
+                mem = me.result["peak_extra_bytes"] / naive.result["peak_extra_bytes"]
+                mem_txt = f"{mem:.1%} of naive's peak extra memory"
+            line = f"{shape.name}: `backend=\"auto\"` ({fused}) fwd+bwd uses {mem_txt} at {t:.2f}× naive's time"
             if shape.name == CPU_TARGET_SHAPE:
                 ok = mem <= 0.25 and t <= 1.5
                 line += f" (targets ≤ 25% and ≤ 1.5×): **{'PASS' if ok else 'FAIL'}**"
@@ -268,14 +273,19 @@ def main(argv: list[str] | None = None) -> int:
         dev = torch.device(device)
         providers = [p for p in providers if not (p.name.startswith("erpd-") and backends.why_unavailable(p.name[5:], dev))]
 
+    # Taken before the run: the header should name the code that was measured.
+    env = _bench.environment(device, args.threads)
     rows = _harness.run(
         f"{__name__ if __name__ != '__main__' else 'benchmarks.bench_linear_logprobs'}:make_case",
         providers, shapes, device=device, dtype=args.dtype,
         warmup=args.warmup, repeats=args.repeats, threads=args.threads, rounds=args.rounds, seed=args.seed,
     )
-    env = _bench.environment(device, args.threads)
     env.update({"liger-kernel": _bench.package_version("liger-kernel"), "command": "python -m benchmarks.bench_linear_logprobs " + " ".join(argv)})
     auto = backends.resolve("auto", torch.device(device), OP)
+    if hasattr(os, "getloadavg"):
+        env["load average at the end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    if (after := _bench.git_commit()) != env["commit"]:
+        env["commit"] += f" (changed to {after} during the run: rows may mix both)"
     methods = sorted({r.result["memory_method"] for r in rows if "memory_method" in r.result})
     notes = [
         f'`backend="auto"` on {device} tensors resolves to `{auto}` in this process; erpd.available("{device}") = {erpd.available(device)}',

@@ -360,7 +360,7 @@ def environment(device: str, threads: int | None = None) -> dict[str, str]:
     }
     if hasattr(os, "getloadavg"):
         # The CPU tables come from shared 2-core machines; a busy neighbour shows here.
-        env["load average (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        env["load average at the start (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     return env
 
 
