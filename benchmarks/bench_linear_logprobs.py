@@ -68,15 +68,9 @@ def _only_interp_when_interpreted(shape: Shape, device: str, smoke: bool) -> str
 
 def _erpd_unavailable(backend: str):
     def why(shape: Shape, device: str, dtype: str, smoke: bool) -> str | None:
-        reason = backends.why_unavailable(backend, torch.device(device))
+        reason = backends.why_unavailable(backend, torch.device(device), OP)
         if reason:
             return reason
-        if backend in ("cpu", "cuda"):
-            key = "CPU" if backend == "cpu" else "CUDA"
-            for op in (f"{OP}_fwd", f"{OP}_bwd"):
-                # erpd._C can load before an op's kernels are written; report it, don't crash.
-                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"erpd::{op}", key):
-                    return f"erpd._C has no {key} kernel registered for erpd::{op}"
         if backend == "triton":
             return _only_interp_when_interpreted(shape, device, smoke)
         return None
@@ -271,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         # By default leave out backends this device can never run (erpd-cuda on a CPU box, ...),
         # instead of filling the table with them; asked for by name, they show as skipped.
         dev = torch.device(device)
-        providers = [p for p in providers if not (p.name.startswith("erpd-") and backends.why_unavailable(p.name[5:], dev))]
+        providers = [p for p in providers if not (p.name.startswith("erpd-") and backends.why_unavailable(p.name[5:], dev, OP))]
 
     # Taken before the run: the header should name the code that was measured.
     env = _bench.environment(device, args.threads)

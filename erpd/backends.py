@@ -35,18 +35,29 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def why_unavailable(backend: str, device: torch.device) -> str | None:
-    """None if `backend` can run on tensors on `device`, else the reason it cannot."""
+def _missing_kernel(op: str | None, key: str) -> str | None:
+    """erpd._C can import without an op's kernels for a dispatch key: say so instead of failing
+    later inside the dispatcher."""
+    if op is None:
+        return None
+    for name in (f"erpd::{op}_fwd", f"erpd::{op}_bwd"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+            return f"erpd._C has no {key} kernel registered for {name}"
+    return None
+
+
+def why_unavailable(backend: str, device: torch.device, op: str | None = None) -> str | None:
+    """None if `backend` can run `op` (any op when None) on tensors on `device`, else why not."""
     if backend == "torch":
         return None
     if backend == "cpu":
         if device.type != "cpu":
             return f"backend='cpu' needs CPU tensors, got {device.type} tensors"
-        return None if _ext.has_cpu() else _ext.unavailable_reason()
+        return _missing_kernel(op, "CPU") if _ext.has_cpu() else _ext.unavailable_reason()
     if backend == "cuda":
         if device.type != "cuda":
             return f"backend='cuda' needs CUDA tensors, got {device.type} tensors"
-        return None if _ext.has_cuda() else _ext.unavailable_reason()
+        return _missing_kernel(op, "CUDA") if _ext.has_cuda() else _ext.unavailable_reason()
     if backend == "triton":
         if not _triton_installed():
             return "backend='triton' needs the triton package (pip install -r requirements/requirements.txt)"
@@ -69,19 +80,19 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
         if device.type == "cuda":
             preferred = AUTO_CUDA.get(op, "triton")
             for cand in (preferred, "triton", "cuda"):
-                if why_unavailable(cand, device) is None:
+                if why_unavailable(cand, device, op) is None:
                     return cand
             return "torch"
-        if device.type == "cpu" and _ext.has_cpu():
+        if device.type == "cpu" and why_unavailable("cpu", device, op) is None:
             return "cpu"
         return "torch"
-    reason = why_unavailable(backend, device)
+    reason = why_unavailable(backend, device, op)
     if reason is not None:
         raise BackendUnavailableError(reason)
     return backend
 
 
-def available(device: torch.device | str = "cpu") -> list[str]:
-    """Concrete backends that can run on `device` in this process."""
+def available(device: torch.device | str = "cpu", op: str = "linear_logprobs") -> list[str]:
+    """Concrete backends that can run `op` on `device` in this process."""
     device = torch.device(device)
-    return [b for b in BACKENDS[1:] if why_unavailable(b, device) is None]
+    return [b for b in BACKENDS[1:] if why_unavailable(b, device, op) is None]

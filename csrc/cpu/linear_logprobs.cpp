@@ -13,6 +13,10 @@
 namespace erpd {
 namespace {
 
+// Rows per parallel task: about 64k logits, so a tiny batch stays on one thread instead of paying
+// the pool's start-up and join on every call.
+inline int64_t row_grain(int64_t v) { return (int64_t(1) << 16) / std::max<int64_t>(v, 1) + 1; }
+
 struct CpuEpilogue {
   // One pass for the max, one for the exponentials; both over a row that is still in cache.
   void forward(const at::Tensor& z, int64_t r0, double inv_t, int64_t ignore_index,
@@ -22,7 +26,7 @@ struct CpuEpilogue {
     const float* zp = z.data_ptr<float>();
     const int64_t* tgt = targets.data_ptr<int64_t>() + r0;
     float *lp = logp.data_ptr<float>() + r0, *en = ent.data_ptr<float>() + r0, *ls = lse.data_ptr<float>() + r0;
-    at::parallel_for(0, r, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, r, row_grain(v), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const float* zi = zp + i * v;
         // max of t * z is t * max z since t > 0. std::max skips NaN here, but a NaN logit
@@ -56,7 +60,7 @@ struct CpuEpilogue {
     const int64_t* tgt = targets.data_ptr<int64_t>() + r0;
     const float *ls = lse.data_ptr<float>() + r0, *en = ent.data_ptr<float>() + r0, *glp = g_lp.data_ptr<float>() + r0;
     const float* gen = g_ent.has_value() ? g_ent->data_ptr<float>() + r0 : nullptr;
-    at::parallel_for(0, r, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, r, row_grain(v), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         float* zi = zp + i * v;
         const int64_t y = tgt[i];
