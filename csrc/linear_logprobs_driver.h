@@ -92,19 +92,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   return {logp, ent, lse};
 }
 
+// The gradient GEMMs of each chunk, into fp32 accumulators that are cast to the input dtype
+// once at the end.
+struct Grads {
+  at::Tensor gh, gw, gb;
+  bool need_h, need_w, has_bias;
+
+  Grads(const at::Tensor& hidden, const at::Tensor& weight, bool has_bias, bool need_h, bool need_w)
+      : need_h(need_h), need_w(need_w), has_bias(has_bias) {
+    const int64_t n = hidden.size(0), v = weight.size(0), hdim = hidden.size(1);
+    const auto f32 = hidden.options().dtype(at::kFloat);
+    gh = need_h ? at::empty({n, hdim}, f32) : at::empty({0}, hidden.options());
+    gw = need_w ? at::zeros({v, hdim}, f32) : at::empty({0}, weight.options());
+    gb = has_bias ? at::zeros({v}, f32) : at::empty({0}, f32);
+  }
+
+  // z: the chunk's logits buffer, already overwritten with t * dz; h: the chunk's GEMM operand.
+  void add_chunk(const at::Tensor& z, const at::Tensor& h, const Operands& ops, int64_t r0) {
+    // 16-bit operands on CUDA: dz is rounded to the input dtype for the tensor-core GEMMs (as
+    // the unfused PyTorch backward does), with fp32 accumulation and output.
+    const at::Tensor dz = ops.weight.scalar_type() == at::kFloat ? z : z.to(ops.weight.scalar_type());
+    if (need_h) {
+      at::Tensor out = gh.narrow(0, r0, z.size(0));
+      gemm_f32(out, dz, ops.weight, /*accumulate=*/false);
+    }
+    if (need_w) gemm_f32(gw, dz.t(), h, /*accumulate=*/true);
+    if (has_bias) gb.add_(z.sum(0));
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(const at::Tensor& hidden, const at::Tensor& weight) {
+    if (need_h) gh = gh.to(hidden.scalar_type());
+    if (need_w) gw = gw.to(weight.scalar_type());
+    return {gh, gw, gb};
+  }
+};
+
 template <class Epilogue>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& ent,
     const at::Tensor& g_lp, const c10::optional<at::Tensor>& g_ent, double inv_t,
     int64_t ignore_index, bool need_grad_hidden, bool need_grad_weight, const Epilogue& ep) {
-  const int64_t n = hidden.size(0), v = weight.size(0), hdim = hidden.size(1);
-  const auto f32 = hidden.options().dtype(at::kFloat);
+  const int64_t n = hidden.size(0), v = weight.size(0);
   const Operands ops(weight, bias);
-  // fp32 accumulators, cast to the input dtype once at the end.
-  at::Tensor gh = need_grad_hidden ? at::empty({n, hdim}, f32) : at::empty({0}, hidden.options());
-  at::Tensor gw = need_grad_weight ? at::zeros({v, hdim}, f32) : at::empty({0}, weight.options());
-  at::Tensor gb = bias.has_value() ? at::zeros({v}, f32) : at::empty({0}, f32);
+  Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight);
+  const int64_t rows = rows_per_chunk(n, v);
+  at::Tensor zbuf = at::empty({rows, v}, hidden.options().dtype(at::kFloat));
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t r = std::min(rows, n - r0);
+    at::Tensor z = zbuf.narrow(0, 0, r);
+    const at::Tensor h = ops.rows(hidden, r0, r);
+    chunk_logits(z, h, ops);
+    ep.backward(z, r0, inv_t, ignore_index, targets, lse, ent, g_lp, g_ent);
+    grads.add_chunk(z, h, ops, r0);
+  }
+  return grads.finish(hidden, weight);
+}
+
+// Forward that also produces the gradients, for a loss whose gradient w.r.t. each row's log-prob
+// (and entropy) is known as soon as that row's log-prob is: the token-level policy losses
+// (erpd.linear_policy_loss). Per chunk: the logits GEMM, the forward epilogue, then
+// `grad_step(r0, r, logp, ent)` fills rows [r0, r0 + r) of g_lp (and g_ent), the backward
+// epilogue turns the same logits into dz in place, and the dh, dW GEMMs follow. So each chunk's
+// logits are computed once: 6·N·H·V FLOPs in all, and the autograd backward only scales the
+// returned gradients. g_ent == nullopt: no entropy gradient. Returns
+// (logp, ent, grad_hidden, grad_weight, grad_bias).
+template <class Epilogue, class GradStep>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grads(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double inv_t, int64_t ignore_index, const at::Tensor& g_lp,
+    const c10::optional<at::Tensor>& g_ent, bool need_grad_hidden, bool need_grad_weight, const Epilogue& ep,
+    GradStep&& grad_step) {
+  const int64_t n = hidden.size(0), v = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({n}, f32), ent = at::empty({n}, f32), lse = at::empty({n}, f32);
+  const Operands ops(weight, bias);
+  Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight);
   const int64_t rows = rows_per_chunk(n, v);
   at::Tensor zbuf = at::empty({rows, v}, f32);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
@@ -112,20 +175,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     at::Tensor z = zbuf.narrow(0, 0, r);
     const at::Tensor h = ops.rows(hidden, r0, r);
     chunk_logits(z, h, ops);
+    ep.forward(z, r0, inv_t, ignore_index, targets, logp, ent, lse);
+    grad_step(r0, r, logp, ent);
     ep.backward(z, r0, inv_t, ignore_index, targets, lse, ent, g_lp, g_ent);
-    // 16-bit operands on CUDA: dz is rounded to the input dtype for the tensor-core GEMMs (as
-    // the unfused PyTorch backward does), with fp32 accumulation and output.
-    const at::Tensor dz = ops.weight.scalar_type() == at::kFloat ? z : z.to(ops.weight.scalar_type());
-    if (need_grad_hidden) {
-      at::Tensor out = gh.narrow(0, r0, r);
-      gemm_f32(out, dz, ops.weight, /*accumulate=*/false);
-    }
-    if (need_grad_weight) gemm_f32(gw, dz.t(), h, /*accumulate=*/true);
-    if (bias.has_value()) gb.add_(z.sum(0));
+    grads.add_chunk(z, h, ops, r0);
   }
-  if (need_grad_hidden) gh = gh.to(hidden.scalar_type());
-  if (need_grad_weight) gw = gw.to(weight.scalar_type());
-  return {gh, gw, gb};
+  auto [gh, gw, gb] = grads.finish(hidden, weight);
+  return {logp, ent, gh, gw, gb};
 }
 
 }  // namespace linear_logprobs

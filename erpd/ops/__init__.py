@@ -1,5 +1,6 @@
 """Autograd functions and dispatch for each op; one module per op."""
 
 from erpd.ops.linear_logprobs import linear_logprobs
+from erpd.ops.policy_loss import policy_loss
 
-__all__ = ["linear_logprobs"]
+__all__ = ["linear_logprobs", "policy_loss"]
