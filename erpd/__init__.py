@@ -7,8 +7,8 @@ See README.md for the backends and the ERPD trainer.
 
 from erpd import nn, reference
 from erpd.backends import BackendUnavailableError, available
-from erpd.ops import linear_logprobs, policy_loss
+from erpd.ops import linear_logprobs, linear_policy_loss, policy_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "available", "linear_logprobs", "nn", "policy_loss", "reference"]
+__all__ = ["BackendUnavailableError", "available", "linear_logprobs", "linear_policy_loss", "nn", "policy_loss", "reference"]

@@ -327,8 +327,9 @@ def policy_loss(
     metrics["clipfrac"] = metrics["clipfrac_low"] + metrics["clipfrac_high"]
     metrics.update(
         ratio_mean=token_mean(ratio_v),
-        ratio_min=torch.where(any_valid, torch.where(valid, ratio_v, math.inf).amin(), one),
-        ratio_max=torch.where(any_valid, torch.where(valid, ratio_v, -math.inf).amax(), one),
+        # The extra ±inf entry keeps amin/amax defined on an empty batch; `where` then reports 1.
+        ratio_min=torch.where(any_valid, torch.cat([torch.where(valid, ratio_v, math.inf).flatten(), one.view(1) * math.inf]).amin(), one),
+        ratio_max=torch.where(any_valid, torch.cat([torch.where(valid, ratio_v, -math.inf).flatten(), one.view(1) * -math.inf]).amax(), one),
         approx_kl=token_mean((r_tok - 1.0 - log_r_tok).detach()),
     )
 

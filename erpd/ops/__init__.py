@@ -1,6 +1,7 @@
 """Autograd functions and dispatch for each op; one module per op."""
 
 from erpd.ops.linear_logprobs import linear_logprobs
+from erpd.ops.linear_policy_loss import linear_policy_loss
 from erpd.ops.policy_loss import policy_loss
 
-__all__ = ["linear_logprobs", "policy_loss"]
+__all__ = ["linear_logprobs", "linear_policy_loss", "policy_loss"]
