@@ -22,7 +22,7 @@ TORCH_LIBRARY(erpd, m) {
   // ---- policy losses (erpd/ops/policy_loss.py, erpd/ops/linear_policy_loss.py; per-token math in
   // csrc/policy_loss_math.h). Integer codes: method ppo 0, sapo 1, cispo 2, gspo 3, reinforce 4;
   // agg token-mean 0, seq-mean-token-mean 1, seq-mean-token-sum 2, seq-mean-token-sum-norm 3;
-  // kl_estimator k1 0, k2 1, k3 2. dual_clip <= 0: none; num_items (tensor, else the float if
+  // kl_estimator k1 0, k2 1, k3 2. mask: bool [B, T]. dual_clip <= 0: none; num_items (tensor, else the float if
   // > 0) replaces the local count of the normaliser. Each returns the loss, the stats vector
   // (1/normaliser, then the metrics) and the gradients, so the autograd backward is a scale.
   // Gradients of policy_loss_fwd exclude the 1/normaliser factor; linear_policy_loss_fwd's

@@ -2,7 +2,7 @@
 // the C++ CPU op (csrc/cpu/policy_loss.cpp) and the fused op (csrc/cpu/linear_policy_loss.cpp).
 // Torch-free, with host/device qualifiers, so that a CUDA kernel can include it as it is.
 //
-// Per valid token (mask != 0), with x = log p, x_old, advantage A, delta = x - x_old:
+// Per valid token (mask true), with x = log p, x_old, advantage A, delta = x - x_old:
 //   log r = clamp(delta, +-20)                       (gspo: the row's clamp(mean_t m delta, +-20))
 //   ppo/gspo   l = max(-A r, -A clip(r, lo, hi));  A < 0 and dual clip c: l = min(l, -c A)
 //              dl/dlog r = -A r where the unclipped branch is the max (and below c), else 0
@@ -100,7 +100,12 @@ struct Token {
   bool clip_low = false, clip_high = false;
 };
 
-ERPD_HD float clampf(float v, float lo, float hi) { return fminf(fmaxf(v, lo), hi); }
+// Comparisons, not fminf/fmaxf: without -ffast-math those are libm calls on the host (their
+// NaN rules need it), which made the per-token loop several times slower. NaN passes through.
+ERPD_HD float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+ERPD_HD float maxf(float a, float b) { return a < b ? b : a; }
+ERPD_HD double mind(double a, double b) { return b < a ? b : a; }
+ERPD_HD double maxd(double a, double b) { return a < b ? b : a; }
 
 ERPD_HD bool in_clamp(float v) { return v >= -kLogRatioClamp && v <= kLogRatioClamp; }
 
@@ -118,7 +123,7 @@ ERPD_HD Token token(const Params& p, float x, float x_old, float adv, float x_re
   o.ratio = r;
   if (p.method == kPPO || gspo) {
     const float u1 = -adv * r, u2 = -adv * clampf(r, p.lo, p.hi);
-    o.pol = fmaxf(u1, u2);
+    o.pol = maxf(u1, u2);
     o.dpol = (u1 >= u2 && passes) ? -adv * r : 0.f;
     if (p.dual_clip > 0.f && adv < 0.f && o.pol > -p.dual_clip * adv) {
       o.pol = -p.dual_clip * adv;
@@ -160,7 +165,7 @@ struct Batch {
   const float* logprobs;
   const float* old_logprobs;  // null: on-policy, x_old = x (the fused op's "old = sg(log p)")
   const float* advantages;    // [B] or [B, T]
-  const float* mask;          // 0 / 1
+  const bool* mask;
   const float* ref_logprobs;
   const float* entropy;
   const float* is_weights;
@@ -179,7 +184,7 @@ struct Acc {
   }
   ERPD_HD void merge(const Acc& o) {
     for (int k = 0; k < kNumParts; ++k) {
-      v[k] = k == kPartRatioMin ? fmin(v[k], o.v[k]) : k == kPartRatioMax ? fmax(v[k], o.v[k]) : v[k] + o.v[k];
+      v[k] = k == kPartRatioMin ? mind(v[k], o.v[k]) : k == kPartRatioMax ? maxd(v[k], o.v[k]) : v[k] + o.v[k];
     }
   }
   // One valid token with aggregation factor f, importance weight rho and entropy h.
@@ -191,8 +196,8 @@ struct Acc {
     v[kPartClipLow] += o.clip_low;
     v[kPartClipHigh] += o.clip_high;
     v[kPartRatioSum] += o.ratio;
-    v[kPartRatioMin] = fmin(v[kPartRatioMin], o.ratio);
-    v[kPartRatioMax] = fmax(v[kPartRatioMax], o.ratio);
+    v[kPartRatioMin] = mind(v[kPartRatioMin], o.ratio);
+    v[kPartRatioMax] = maxd(v[kPartRatioMax], o.ratio);
     v[kPartApproxKL] += o.approx_kl;
     v[kPartKLSum] += o.kl;
     v[kPartEntropySum] += h;
@@ -200,17 +205,18 @@ struct Acc {
 };
 
 ERPD_HD float row_factor(const Params& p, float length) {
-  return p.agg == kSeqMeanTokenMean ? 1.f / fmaxf(length, 1.f) : 1.f;
+  return p.agg == kSeqMeanTokenMean ? 1.f / maxf(length, 1.f) : 1.f;
 }
 
 // Tokens [t0, t1) of row b, whose aggregation factor is f: accumulates into `acc` and writes the
 // gradients (without 1/D). Not for gspo, whose gradients need the whole row (see process_row).
-ERPD_HD void process_segment(const Params& p, const Batch& in, int64_t b, int64_t t0, int64_t t1, float f, Acc& acc) {
+ERPD_HD void process_segment(const Params& p, const Batch& in, int64_t b, int64_t t0, int64_t t1, float f, Acc& out) {
+  Acc acc;  // local, so that the sums stay in registers rather than in the caller's memory
   const int64_t base = b * in.T;
   const float adv_row = in.adv_per_row ? in.advantages[b] : 0.f;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t i = base + t;
-    if (in.mask[i] == 0.f) {
+    if (!in.mask[i]) {
       in.grad_logprobs[i] = 0.f;
       if (in.grad_entropy) in.grad_entropy[i] = 0.f;
       continue;
@@ -224,34 +230,36 @@ ERPD_HD void process_segment(const Params& p, const Batch& in, int64_t b, int64_
     in.grad_logprobs[i] = f * (rho * o.dpol + p.kl_coef * o.dkl);
     if (in.grad_entropy) in.grad_entropy[i] = -p.entropy_coef * f;
   }
+  out.merge(acc);
 }
 
 // A whole row: its length (and gspo's mean log-ratio) first, then process_segment, or gspo's
 // three passes.
-ERPD_HD void process_row(const Params& p, const Batch& in, int64_t b, Acc& acc) {
+ERPD_HD void process_row(const Params& p, const Batch& in, int64_t b, Acc& out) {
   const int64_t base = b * in.T;
-  float length = 0.f;
+  double length = 0.0;
   double sum_delta = 0.0;
   const bool gspo = p.method == kGSPO;
   if (p.agg == kSeqMeanTokenMean || gspo) {
     for (int64_t t = 0; t < in.T; ++t) {
       const int64_t i = base + t;
-      if (in.mask[i] == 0.f) continue;
+      if (!in.mask[i]) continue;
       length += 1.f;
       if (gspo && in.old_logprobs) sum_delta += double(in.logprobs[i]) - in.old_logprobs[i];
     }
   }
   const float f = row_factor(p, length);
   if (!gspo) {
-    process_segment(p, in, b, 0, in.T, f, acc);
+    process_segment(p, in, b, 0, in.T, f, out);
     return;
   }
-  const float seq_log_ratio = float(sum_delta / fmax(length, 1.0));
+  Acc acc;
+  const float seq_log_ratio = float(sum_delta / maxd(length, 1.0));
   const float adv_row = in.adv_per_row ? in.advantages[b] : 0.f;
   double g_seq = 0.0;  // sum_t m rho dl/dlog s
   for (int64_t t = 0; t < in.T; ++t) {
     const int64_t i = base + t;
-    if (in.mask[i] == 0.f) {
+    if (!in.mask[i]) {
       in.grad_logprobs[i] = 0.f;
       if (in.grad_entropy) in.grad_entropy[i] = 0.f;
       continue;
@@ -267,11 +275,12 @@ ERPD_HD void process_row(const Params& p, const Batch& in, int64_t b, Acc& acc) 
     in.grad_logprobs[i] = f * p.kl_coef * o.dkl;  // the policy part is added below
     if (in.grad_entropy) in.grad_entropy[i] = -p.entropy_coef * f;
   }
-  const float g_pol = float(double(f) * g_seq / fmax(length, 1.0));
+  const float g_pol = float(double(f) * g_seq / maxd(length, 1.0));
   for (int64_t t = 0; t < in.T; ++t) {
     const int64_t i = base + t;
-    if (in.mask[i] != 0.f) in.grad_logprobs[i] += g_pol;
+    if (in.mask[i]) in.grad_logprobs[i] += g_pol;
   }
+  out.merge(acc);
 }
 
 // The batch normaliser D (see erpd.reference.policy_agg_weights): the count is `num_items` when
@@ -279,14 +288,14 @@ ERPD_HD void process_row(const Params& p, const Batch& in, int64_t b, Acc& acc) 
 // times `norm_scale` (seq-mean-token-sum-norm's length constant, 1 otherwise).
 ERPD_HD double inv_norm(const Params& p, double n_valid, int64_t rows, float num_items, float norm_scale) {
   const double count = num_items > 0.f ? double(num_items) : (p.agg == kTokenMean ? n_valid : double(rows));
-  return 1.0 / (fmax(count, 1.0) * double(norm_scale));
+  return 1.0 / (maxd(count, 1.0) * double(norm_scale));
 }
 
 ERPD_HD void finalize(const Params& p, const Acc& total, int64_t rows, float num_items, float norm_scale, float* loss,
                       float* stats) {
   const double n = total.v[kPartCount];
   const double inv = inv_norm(p, n, rows, num_items, norm_scale);
-  const double inv_n = 1.0 / fmax(n, 1.0);
+  const double inv_n = 1.0 / maxd(n, 1.0);
   *loss = float((total.v[kPartPolicy] + p.kl_coef * total.v[kPartKL] - p.entropy_coef * total.v[kPartEntropy]) * inv);
   stats[kInvNorm] = float(inv);
   stats[kPgLoss] = float(total.v[kPartPolicy] * inv);

@@ -8,6 +8,7 @@ fallback.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -43,6 +44,7 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.lru_cache(maxsize=None)
 def _missing_kernel(op: str | None, key: str) -> str | None:
     """erpd._C can import without an op's kernels for a dispatch key: say so instead of failing
     later inside the dispatcher."""

@@ -130,7 +130,7 @@ def _policy_loss_fwd_kernel(
         for t0 in range(0, T, BLOCK_T):
             offs = t0 + ar
             inb = offs < T
-            valid = tl.load(mask_ptr + base + offs, mask=inb, other=0.0) != 0
+            valid = tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0
             length += tl.sum(valid.to(tl.float32), axis=0)
             if GSPO_:
                 x = tl.load(lp_ptr + base + offs, mask=inb, other=0.0)
@@ -162,7 +162,7 @@ def _policy_loss_fwd_kernel(
     for t0 in range(0, T, BLOCK_T):
         offs = t0 + ar
         inb = offs < T
-        valid = tl.load(mask_ptr + base + offs, mask=inb, other=0.0) != 0
+        valid = tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0
         # Padding values (NaN, -inf) never reach arithmetic that a valid token reads.
         x = tl.where(valid, tl.load(lp_ptr + base + offs, mask=inb, other=0.0), 0.0)
         x_old = tl.where(valid, tl.load(old_ptr + base + offs, mask=inb, other=0.0), 0.0)
@@ -214,7 +214,7 @@ def _policy_loss_fwd_kernel(
         for t0 in range(0, T, BLOCK_T):
             offs = t0 + ar
             inb = offs < T
-            valid = tl.load(mask_ptr + base + offs, mask=inb, other=0.0) != 0
+            valid = tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0
             g = tl.load(glp_ptr + base + offs, mask=inb, other=0.0)
             tl.store(glp_ptr + base + offs, tl.where(valid, g + g_seq, 0.0), mask=inb)
 
@@ -303,7 +303,7 @@ def policy_loss_fwd(
     """(loss [] f32, stats [NUM_STATS] f32, grad_logprobs [B, T] f32, grad_entropy [B, T] f32 | empty).
 
     The same contract as the C++ op `erpd::policy_loss_fwd` (csrc/bindings.cpp): float32
-    contiguous [B, T] inputs (advantages [B] or [B, T], mask 0/1), gradients without the 1/D
+    contiguous [B, T] inputs (advantages [B] or [B, T], mask bool), gradients without the 1/D
     factor, stats[0] = 1/D.
     """
     B, T = logprobs.shape
@@ -319,7 +319,7 @@ def policy_loss_fwd(
     with _on_device(dev):
         if B > 0:
             _policy_loss_fwd_kernel[(B,)](
-                logprobs, old_logprobs, advantages, mask,
+                logprobs, old_logprobs, advantages, mask.view(torch.uint8),
                 dummy if ref_logprobs is None else ref_logprobs,
                 dummy if entropy is None else entropy,
                 dummy if is_weights is None else is_weights,

@@ -44,12 +44,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
   const float items = policy_cpu::num_items(num_items, num_items_value);
 
   // Row lengths and the normaliser come from the mask alone.
-  const float* mk = mask.data_ptr<float>();
+  const bool* mk = mask.data_ptr<bool>();
   std::vector<float> row_f(B);
   double n_valid = 0.0;
   for (int64_t b = 0; b < B; ++b) {
     float len = 0.f;
-    for (int64_t t = 0; t < T; ++t) len += mk[b * T + t] != 0.f;
+    for (int64_t t = 0; t < T; ++t) len += mk[b * T + t];
     row_f[b] = policy::row_factor(p, len);
     n_valid += len;
   }

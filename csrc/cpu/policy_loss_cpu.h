@@ -24,7 +24,8 @@ inline void check_batch(const at::Tensor& logprobs, const c10::optional<at::Tens
   TORCH_CHECK(logprobs.dim() == 2, "logprobs must be [B, T]");
   const auto bt = logprobs.sizes();
   check_f32(logprobs, "logprobs", bt);
-  check_f32(mask, "mask", bt);
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.sizes() == bt,
+              "mask must be a contiguous bool tensor of shape ", bt);
   if (old_logprobs) check_f32(*old_logprobs, "old_logprobs", bt);
   if (advantages.dim() == 1) check_f32(advantages, "advantages", {bt[0]});
   else check_f32(advantages, "advantages", bt);
@@ -67,7 +68,7 @@ inline policy::Batch batch(const at::Tensor& logprobs, const at::Tensor* old_log
   in.logprobs = logprobs.data_ptr<float>();
   in.old_logprobs = old_logprobs ? old_logprobs->data_ptr<float>() : nullptr;
   in.advantages = advantages.data_ptr<float>();
-  in.mask = mask.data_ptr<float>();
+  in.mask = mask.data_ptr<bool>();
   in.ref_logprobs = ptr(ref_logprobs);
   in.entropy = ptr(entropy);
   in.is_weights = ptr(is_weights);

@@ -7,6 +7,7 @@ they run only when ``ERPD_CHECK_INPUTS=1`` or ``validate=True`` asks for them.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -180,7 +181,19 @@ class PolicyOptions:
         )
 
 
-def policy_options(
+def policy_options(**options) -> "PolicyOptions":
+    """Checks the options of policy_loss / linear_policy_loss (see _policy_options); the result
+    is cached per option tuple, since a trainer calls with the same options every step and the
+    checks would otherwise be a visible part of a small call's cost."""
+    try:
+        return _policy_options_cached(**options)
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise
+        return _policy_options(**options)  # e.g. a list where a number belongs: raise its clear error
+
+
+def _policy_options(
     *, method, agg, clip_low, clip_high, dual_clip, tau_pos, tau_neg, cispo_cap, cispo_floor, reinforce_cap,
     kl_coef, kl_estimator, entropy_coef, norm_length, has_ref: bool, has_entropy: bool | None,
 ) -> PolicyOptions:
@@ -217,6 +230,9 @@ def policy_options(
         method, agg, kl_estimator, clip_low, clip_high, dual_clip, tau_pos, tau_neg, cispo_cap, cispo_floor,
         reinforce_cap, kl_coef, entropy_coef, norm_length,
     )
+
+
+_policy_options_cached = functools.lru_cache(maxsize=256)(_policy_options)
 
 
 def num_items(x, device: torch.device) -> tuple[torch.Tensor | None, float]:

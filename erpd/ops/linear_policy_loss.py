@@ -181,7 +181,7 @@ def linear_policy_loss(
     run = make(
         hidden.reshape(B * T, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(), inv_t, ignore_index,
-        f32(old_logprobs), f32(advantages), valid.to(torch.float32), f32(ref_logprobs), f32(is_weights), n_tensor,
+        f32(old_logprobs), f32(advantages), valid.contiguous(), f32(ref_logprobs), f32(is_weights), n_tensor,
         opts.kernel_args(T, n_value),
     )
     loss, stats = _LinearPolicyLossFunction.apply(hidden, weight, bias, run)

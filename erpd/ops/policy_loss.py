@@ -8,7 +8,7 @@ extension has no CUDA kernel for this op.
 
 Both fused backends implement one function on float32 contiguous [B, T] inputs:
 
-    fwd(logprobs, old_logprobs, advantages [B] | [B, T], mask (0/1 float), ref_logprobs | None,
+    fwd(logprobs, old_logprobs, advantages [B] | [B, T], mask (bool), ref_logprobs | None,
         entropy | None, is_weights | None, num_items (0-dim f32) | None, method, agg, ratio_lo,
         ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
         num_items_value, norm_scale, need_grad_entropy)
@@ -178,7 +178,7 @@ def policy_loss(
 
     lp = logprobs.to(torch.float32).contiguous()
     ent = None if entropy is None else entropy.to(torch.float32).contiguous()
-    m = mask if mask.dtype == torch.float32 else mask.to(torch.float32)
+    m = mask if mask.dtype == torch.bool else mask != 0
     loss, stats = _PolicyLossFunction.apply(
         lp, ent, _f32(old_logprobs), _f32(advantages), m.contiguous(), _f32(ref_logprobs), _f32(is_weights),
         n_tensor, opts.kernel_args(logprobs.shape[1], n_value), _impl(name),
