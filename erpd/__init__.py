@@ -5,10 +5,12 @@
 See README.md for the backends and the ERPD trainer.
 """
 
-from erpd import nn, reference
+from erpd import adapters, nn, reference
 from erpd.backends import BackendUnavailableError, available
 from erpd.ops import linear_logprobs, linear_policy_loss, policy_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "available", "linear_logprobs", "linear_policy_loss", "nn", "policy_loss", "reference"]
+__all__ = [
+    "BackendUnavailableError", "adapters", "available", "linear_logprobs", "linear_policy_loss", "nn", "policy_loss", "reference",
+]
