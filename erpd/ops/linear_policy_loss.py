@@ -37,7 +37,10 @@ class _LinearPolicyLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, run):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         loss, stats, gh, gw, gb = run(need_h, need_w)
-        ctx.save_for_backward(gh if need_h else None, gw if need_w else None, gb if need_b else None)
+        # Held as attributes, not saved tensors: the backward scales them in place and hands them
+        # to autograd, which then adopts them as .grad (or adds them into it) without a copy, so
+        # no second [V, H] buffer exists at any point.
+        ctx.grads = (gh if need_h else None, gw if need_w else None, gb if need_b else None)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.hidden_shape = hidden.shape
         ctx.mark_non_differentiable(stats)
@@ -46,11 +49,20 @@ class _LinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         # The whole backward: the gradients were computed (and normalized) in the forward.
-        gh, gw, gb = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        gb = None if gb is None else (gb * grad_loss).to(ctx.bias_dtype)
-        gh = None if gh is None else scale(gh).view(ctx.hidden_shape)
-        return gh, scale(gw), gb, None
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_policy_loss: a second backward through the same call; its gradients are computed in "
+                "the forward and handed over by the first backward (retain_graph=True is not supported)"
+            )
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        if gh is not None:
+            gh = gh.mul_(grad_loss).view(ctx.hidden_shape)
+        if gw is not None:
+            gw = gw.mul_(grad_loss)
+        if gb is not None:
+            gb = (gb * grad_loss).to(ctx.bias_dtype)
+        return gh, gw, gb, None
 
 
 def _run_cpu(h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_tensor, args):

@@ -172,6 +172,16 @@ def test_chunks_that_split_sequences(monkeypatch, chunk_bytes, method):
     check_backend(x, "cpu", method=method, agg="seq-mean-token-mean", kl_coef=0.1, entropy_coef=0.05)
 
 
+def test_second_backward_is_a_clear_error(cpu_backend):
+    x = make_linear_policy_inputs(**TINY, seed=39)
+    lin = x.linear
+    loss, _ = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages, x.mask,
+                                      backend=cpu_backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True is not supported"):
+        loss.backward()
+
+
 def test_module_form(cpu_backend):
     x = make_linear_policy_inputs(**TINY, seed=37)
     mod = erpd.nn.LinearPolicyLoss(temperature=0.8, method="cispo", agg="seq-mean-token-sum", backend=cpu_backend)
