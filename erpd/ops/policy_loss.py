@@ -59,7 +59,10 @@ def metrics_from_stats(stats: torch.Tensor, has_ref: bool, has_entropy: bool) ->
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+    """float32 contiguous (the common case passes through without a call into torch)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 class _PolicyLossFunction(torch.autograd.Function):
@@ -176,8 +179,7 @@ def policy_loss(
     if logprobs.dtype == torch.float64:
         raise TypeError(f"backend={name!r} supports fp32/bf16/fp16 inputs; float64 runs only on backend='torch'")
 
-    lp = logprobs.to(torch.float32).contiguous()
-    ent = None if entropy is None else entropy.to(torch.float32).contiguous()
+    lp, ent = _f32(logprobs), _f32(entropy)  # differentiable: autograd casts the gradients back
     m = mask if mask.dtype == torch.bool else mask != 0
     loss, stats = _PolicyLossFunction.apply(
         lp, ent, _f32(old_logprobs), _f32(advantages), m.contiguous(), _f32(ref_logprobs), _f32(is_weights),
