@@ -189,7 +189,9 @@ def test_policy_loss(benchmark, provider: Provider, shape: Shape, mode: str):
 
 
 def pointwise_overhead(device: str, repeats: int = 200, b: int = 8, t: int = 1024) -> list[str]:
-    """Markdown rows: µs per eager erpd.policy_loss call (fwd, fwd+bwd) for each backend here."""
+    """Markdown rows: µs per eager erpd.policy_loss call (fwd, fwd+bwd) for each backend here, with
+    torch's default thread count and with one thread (the reference's many small ops pay for
+    the OpenMP pool on a busy machine)."""
     x = make_policy_inputs(b, t, seed=0, device=device)
     lp = x.logprobs.detach().nan_to_num(-1.0).requires_grad_()
     old = x.old_logprobs.nan_to_num(-1.0)
@@ -211,18 +213,34 @@ def pointwise_overhead(device: str, repeats: int = 200, b: int = 8, t: int = 102
     names = [n for n in ("torch", "cpu", "triton") if n == "torch" or backends.why_unavailable(n, torch.device(device), "policy_loss") is None]
     if _interpreted(device):
         names = [n for n in names if n != "triton"]  # interpreter timings mean nothing
-    for name in names:
-        for validate in (None, False):
-            def fwd():
-                return erpd.policy_loss(lp, old, x.advantages, x.mask, backend=name, validate=validate, **LOSS)
+    default_threads = torch.get_num_threads()
+    try:
+        for threads in dict.fromkeys((default_threads, 1)):
+            torch.set_num_threads(threads)
+            for name in names:
+                for validate in (None, False):
+                    def fwd():
+                        return erpd.policy_loss(lp, old, x.advantages, x.mask, backend=name, validate=validate, **LOSS)
 
-            def fwd_bwd():
-                loss, _ = fwd()
-                torch.autograd.grad(loss, lp)
+                    def fwd_bwd():
+                        loss, _ = fwd()
+                        torch.autograd.grad(loss, lp)
 
-            label = "default value checks" if validate is None else "validate=False"
-            rows.append(f"| {name} | {label} | {timed(fwd):.0f} | {timed(fwd_bwd):.0f} |")
+                    label = "default value checks" if validate is None else "validate=False"
+                    rows.append(f"| {name} | {threads} | {label} | {timed(fwd):.0f} | {timed(fwd_bwd):.0f} |")
+    finally:
+        torch.set_num_threads(default_threads)
     return rows
+
+
+def pointwise_section(device: str) -> str:
+    over = pointwise_overhead(device)
+    return (
+        f"\n### erpd.policy_loss alone, B=8, T=1024 ({device})\n\n"
+        "µs per eager call (median of 7 × 200 calls, in the script's own process); `torch` is the reference "
+        "implementation. Default value checks (mask 0/1, no NaN at valid positions) run on CPU tensors only.\n\n"
+        "| backend | threads | checks | fwd µs | fwd+bwd µs |\n|---|--:|---|--:|--:|\n" + "\n".join(over) + "\n"
+    )
 
 
 # --- script -----------------------------------------------------------------------------------
@@ -234,8 +252,22 @@ def main(argv: list[str] | None = None) -> int:
     device0 = _harness.default_device()
     default_shapes = "cpu-small,cpu-target" if device0 == "cpu" else "gpu"
     _harness.add_cli_args(ap, default_shapes=default_shapes, provider_names=PROVIDER_NAMES)
+    ap.add_argument("--pointwise-only", action="store_true",
+                    help="only time the pointwise erpd.policy_loss (B=8, T=1024); --out gets that section alone")
     args = ap.parse_args(argv)
     device = args.device or device0
+    if args.pointwise_only:
+        env = _bench.environment(device, args.threads)
+        env["command"] = "python -m benchmarks.bench_policy_loss " + " ".join(argv)
+        text = "## erpd.policy_loss eager cost\n\n" + "".join(f"- **{k}**: {v}\n" for k, v in env.items())
+        text += pointwise_section(device)
+        if hasattr(os, "getloadavg"):
+            text += "\nload average at the end (1/5/15 min): " + " / ".join(f"{x:.2f}" for x in os.getloadavg()) + "\n"
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return 0
     shapes = _harness.select_shapes(args.shapes)
     providers = _harness.pick_providers(args.providers, PROVIDERS)
     if args.providers == ap.get_default("providers"):
@@ -296,13 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if lines:
         text += "\nSummary:\n\n" + "".join(f"- {c}\n" for c in lines)
 
-    over = pointwise_overhead(device)
-    text += (
-        f"\n### erpd.policy_loss alone, B=8, T=1024 ({device}, this process, {torch.get_num_threads()} threads)\n\n"
-        "µs per eager call (median of 7 × 200 calls); `torch` is the reference implementation. Default value checks "
-        "(mask 0/1, no NaN at valid positions) run on CPU tensors only.\n\n"
-        "| backend | checks | fwd µs | fwd+bwd µs |\n|---|---|--:|--:|\n" + "\n".join(over) + "\n"
-    )
+    text += pointwise_section(device)
     print(text)
     _harness.write(args.out, text, rows, env, ["python -m benchmarks.bench_policy_loss", *argv])
     return 0
