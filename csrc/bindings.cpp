@@ -18,6 +18,22 @@ TORCH_LIBRARY(erpd, m) {
       "Tensor entropy, Tensor grad_logprobs, Tensor? grad_entropy, float inv_temperature, "
       "int ignore_index, bool need_grad_hidden, bool need_grad_weight) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
+  // linear_kl (csrc/linear_kl_math.h): per-row divergence between the student's softmax and the
+  // teacher's, the teacher given as its own hidden states and head (fused) or as dense logits.
+  // mode 0 = KL(T||S), 1 = KL(S||T), 2 = generalized JSD with 0 < beta < 1. `aux` is the per-row
+  // scalar the backward needs.
+  m.def(
+      "linear_kl_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_hidden, "
+      "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_logits, Tensor targets, "
+      "float inv_temperature, int ignore_index, int mode, float beta) "
+      "-> (Tensor kl, Tensor lse_s, Tensor lse_t, Tensor aux)");
+  m.def(
+      "linear_kl_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_hidden, "
+      "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_logits, Tensor targets, "
+      "Tensor lse_s, Tensor lse_t, Tensor aux, Tensor grad_kl, float inv_temperature, int ignore_index, "
+      "int mode, float beta, bool need_grad_hidden, bool need_grad_weight) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -20,7 +20,7 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 # Per-op choice of `auto` on CUDA tensors. Issue 6's GPU benchmark run fills this from
 # benchmarks/results/; until a GPU table is committed, Triton is the default because it needs
 # no compiled extension.
-AUTO_CUDA: dict[str, str] = {"linear_logprobs": "triton"}
+AUTO_CUDA: dict[str, str] = {"linear_logprobs": "triton", "linear_kl": "triton"}
 
 
 class BackendUnavailableError(RuntimeError):
