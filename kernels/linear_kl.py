@@ -38,6 +38,8 @@ student's plus a large offset gives KL ~ 0 without subtracting two numbers of si
 Forward, jsd: log m needs both normalized log-probs, so a first pass gets lse_S and lse_T (the
 same kernel with the sum a switched off) and a second pass over the vocabulary recomputes both
 logit tiles and sums the two KL(.||M) terms, which are plain additive sums once the lse are known.
+It forms log p = (z - m) - log s from the first pass's m and log s rather than z - lse: an lse
+rounded to fp32 would shift every log p of a row by up to half an ulp of |lse|.
 
 Layout follows kernels/linear_logprobs.py. Forward grid: (row blocks, vocabulary splits); each
 program computes [BLOCK_M, BLOCK_N] student and teacher logit tiles with K-loops of `tl.dot` in
@@ -49,6 +51,8 @@ written (the dense teacher's logits are only read).
 
 Precision: all accumulation in fp32; on GPU 16-bit operands feed the tensor cores as they are,
 fp32 operands use 3xTF32; the interpreter upcasts everything to fp32 (as linear_logprobs does).
+The backward gets lse_S / lse_T as fp32 numbers, so its log p = z - lse carries up to half an
+ulp of |lse| (4e-6 at |lse| = 64) as a per-row offset; linear_logprobs has the same bound.
 """
 
 from __future__ import annotations
@@ -125,21 +129,36 @@ def _merge_kl_stats(m_w, s_w, m_o, s_o, a, m_w2, s_w2, m_o2, s_o2, a2):
 
 
 @triton.jit
-def _finalize_kl(m_w, s_w, m_o, s_o, a, valid, MODE: tl.constexpr):
-    """(kl, lse_S, lse_T) from merged statistics; ignored rows give kl 0 and their lse."""
+def _store_pass1(
+    kl_ptr, aux_ptr, lse_s_ptr, lse_t_ptr, stats_ptr, rows, row_mask, valid, N,
+    m_w, s_w, m_o, s_o, a, MODE: tl.constexpr,
+):
+    """Final outputs of the first forward pass from merged statistics: lse_S and lse_T, and kl
+    (= aux) in modes 0/1 (0 on ignored rows); in mode 2 also (m, log s) of both sides for the
+    second pass."""
     # s == 0 only on padding rows past N (never stored); keep log(0) and 0/0 out of them.
     s_w = tl.where(s_w > 0, s_w, 1.0)
     s_o = tl.where(s_o > 0, s_o, 1.0)
     log_sw = tl.log(s_w)
     log_so = tl.log(s_o)
-    kl = tl.where(valid, a / s_w - log_sw + log_so, 0.0)
     if MODE == 1:
-        lse_s = m_w + log_sw
-        lse_t = m_o + log_so
+        tl.store(lse_s_ptr + rows, m_w + log_sw, mask=row_mask)
+        tl.store(lse_t_ptr + rows, m_o + log_so, mask=row_mask)
     else:
-        lse_s = m_o + log_so
-        lse_t = m_w + log_sw
-    return kl, lse_s, lse_t
+        tl.store(lse_s_ptr + rows, m_o + log_so, mask=row_mask)
+        tl.store(lse_t_ptr + rows, m_w + log_sw, mask=row_mask)
+    if MODE == 2:
+        # The second pass forms log p = (z - m) - log s: subtracting an fp32-rounded lse = m + log s
+        # instead would shift every log p of the row by up to half an ulp of |lse|.
+        off = rows.to(tl.int64)
+        tl.store(stats_ptr + off, m_o, mask=row_mask)
+        tl.store(stats_ptr + N + off, log_so, mask=row_mask)
+        tl.store(stats_ptr + 2 * N + off, m_w, mask=row_mask)
+        tl.store(stats_ptr + 3 * N + off, log_sw, mask=row_mask)
+    else:
+        kl = tl.where(valid, a / s_w - log_sw + log_so, 0.0)
+        tl.store(kl_ptr + rows, kl, mask=row_mask)
+        tl.store(aux_ptr + rows, kl, mask=row_mask)
 
 
 @triton.jit
@@ -155,7 +174,8 @@ def _log_mixture(lp_s, lp_t, log_1mb, log_b):
 @triton.jit
 def _linear_kl_fwd_kernel(
     h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, tl_ptr, t_ptr,
-    kl_ptr, aux_ptr, lse_s_ptr, lse_t_ptr,  # [N] outputs (lse_* are inputs of PASS 2)
+    kl_ptr, aux_ptr, lse_s_ptr, lse_t_ptr,  # [N] outputs
+    stats_ptr,  # mode 2: [4, N] (m_S, log s_S, m_T, log s_T), written by PASS 1, read by PASS 2
     part_ptr,  # [5, n_split, N] partials, written unless FINALIZE
     N, H, HT, V, inv_t, ignore_index, beta, log_b, log_1mb, v_per_split, plane,  # plane = n_split * N
     MODE: tl.constexpr, PASS: tl.constexpr,
@@ -181,8 +201,11 @@ def _linear_kl_fwd_kernel(
         s_o = tl.zeros((BLOCK_M,), dtype=tl.float32)
         a = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
-        lse_s = tl.load(lse_s_ptr + rows, mask=row_mask, other=0.0)
-        lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+        r64 = rows.to(tl.int64)
+        m_s = tl.load(stats_ptr + r64, mask=row_mask, other=0.0)
+        log_ss = tl.load(stats_ptr + N + r64, mask=row_mask, other=0.0)
+        m_t = tl.load(stats_ptr + 2 * N + r64, mask=row_mask, other=0.0)
+        log_st = tl.load(stats_ptr + 3 * N + r64, mask=row_mask, other=0.0)
         k_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
         k_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
@@ -219,8 +242,8 @@ def _linear_kl_fwd_kernel(
                 a_blk = tl.sum(e_w * (zw_c - (zo - mo_blk[:, None])), axis=1)
             m_w, s_w, m_o, s_o, a = _merge_kl_stats(m_w, s_w, m_o, s_o, a, mw_blk, sw_blk, mo_blk, so_blk, a_blk)
         else:
-            lp_s = zs - lse_s[:, None]
-            lp_t = zt - lse_t[:, None]
+            lp_s = (zs - m_s[:, None]) - log_ss[:, None]
+            lp_t = (zt - m_t[:, None]) - log_st[:, None]
             log_m = _log_mixture(lp_s, lp_t, log_1mb, log_b)
             k_s += tl.sum(tl.where(col_mask[None, :], tl.exp(lp_s) * (lp_s - log_m), 0.0), axis=1)
             k_t += tl.sum(tl.where(col_mask[None, :], tl.exp(lp_t) * (lp_t - log_m), 0.0), axis=1)
@@ -228,12 +251,10 @@ def _linear_kl_fwd_kernel(
     off = split.to(tl.int64) * N + rows
     if PASS == 1:
         if FINALIZE:
-            kl, lse_s, lse_t = _finalize_kl(m_w, s_w, m_o, s_o, a, valid, MODE)
-            tl.store(lse_s_ptr + rows, lse_s, mask=row_mask)
-            tl.store(lse_t_ptr + rows, lse_t, mask=row_mask)
-            if MODE != 2:
-                tl.store(kl_ptr + rows, kl, mask=row_mask)
-                tl.store(aux_ptr + rows, kl, mask=row_mask)
+            _store_pass1(
+                kl_ptr, aux_ptr, lse_s_ptr, lse_t_ptr, stats_ptr, rows, row_mask, valid, N,
+                m_w, s_w, m_o, s_o, a, MODE,
+            )
         else:
             tl.store(part_ptr + off, m_w, mask=row_mask)
             tl.store(part_ptr + plane + off, s_w, mask=row_mask)
@@ -251,7 +272,7 @@ def _linear_kl_fwd_kernel(
 
 @triton.jit
 def _linear_kl_combine_kernel(
-    part_ptr, t_ptr, kl_ptr, aux_ptr, lse_s_ptr, lse_t_ptr,
+    part_ptr, t_ptr, kl_ptr, aux_ptr, lse_s_ptr, lse_t_ptr, stats_ptr,
     N, ignore_index, beta, n_split, plane,  # plane = n_split * N
     MODE: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -277,12 +298,10 @@ def _linear_kl_combine_kernel(
                 tl.load(part_ptr + 4 * plane + off, mask=row_mask, other=0.0),
             )
             off += N
-        kl, lse_s, lse_t = _finalize_kl(m_w, s_w, m_o, s_o, a, valid, MODE)
-        tl.store(lse_s_ptr + rows, lse_s, mask=row_mask)
-        tl.store(lse_t_ptr + rows, lse_t, mask=row_mask)
-        if MODE != 2:
-            tl.store(kl_ptr + rows, kl, mask=row_mask)
-            tl.store(aux_ptr + rows, kl, mask=row_mask)
+        _store_pass1(
+            kl_ptr, aux_ptr, lse_s_ptr, lse_t_ptr, stats_ptr, rows, row_mask, valid, N,
+            m_w, s_w, m_o, s_o, a, MODE,
+        )
     else:
         k_s = tl.zeros((BLOCK,), dtype=tl.float32)
         k_t = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -488,6 +507,7 @@ def linear_kl_fwd(
     split = triton.cdiv(v, v_per_split)
     finalize = split == 1
     part = kl if finalize else torch.empty(5, split, n, **f32)
+    stats = torch.empty(4, n, **f32) if mode == JSD else kl
 
     common = dict(
         MODE=mode, HAS_BIAS=bias is not None, FINALIZE=finalize, **t_flags,
@@ -496,11 +516,11 @@ def linear_kl_fwd(
     )
     args = (
         hidden, weight, hidden if bias is None else bias, *t_ptrs, targets,
-        kl, aux, lse_s, lse_t, part,
+        kl, aux, lse_s, lse_t, stats, part,
         n, h, ht, v, float(inv_temperature), int(ignore_index), beta_f, log_b, log_1mb, v_per_split, split * n,
     )
     combine_grid = (triton.cdiv(n, COMBINE_BLOCK),)
-    combine_args = (part, targets, kl, aux, lse_s, lse_t, n, int(ignore_index), beta_f, split, split * n)
+    combine_args = (part, targets, kl, aux, lse_s, lse_t, stats, n, int(ignore_index), beta_f, split, split * n)
     with _on_device(dev):
         # jsd: the second pass needs the final lse of both sides, so it starts after the first
         # pass (and its combine) has finished for every split.
