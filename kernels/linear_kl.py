@@ -129,6 +129,13 @@ def _merge_kl_stats(m_w, s_w, m_o, s_o, a, m_w2, s_w2, m_o2, s_o2, a2):
 
 
 @triton.jit
+def _nonneg(kl):
+    """A divergence is >= 0; rounding leaves ~-1e-8 where the distributions coincide. NaN stays
+    NaN (the comparison is false), as in the C++ and CUDA backends."""
+    return tl.where(kl < 0.0, 0.0, kl)
+
+
+@triton.jit
 def _store_pass1(
     kl_ptr, aux_ptr, lse_s_ptr, lse_t_ptr, stats_ptr, rows, row_mask, valid, N,
     m_w, s_w, m_o, s_o, a, MODE: tl.constexpr,
@@ -157,7 +164,7 @@ def _store_pass1(
         tl.store(stats_ptr + 3 * N + off, log_sw, mask=row_mask)
     else:
         kl = tl.where(valid, a / s_w - log_sw + log_so, 0.0)
-        tl.store(kl_ptr + rows, kl, mask=row_mask)
+        tl.store(kl_ptr + rows, _nonneg(kl), mask=row_mask)
         tl.store(aux_ptr + rows, kl, mask=row_mask)
 
 
@@ -263,7 +270,7 @@ def _linear_kl_fwd_kernel(
             tl.store(part_ptr + 4 * plane + off, a, mask=row_mask)
     else:
         if FINALIZE:
-            tl.store(kl_ptr + rows, tl.where(valid, beta * k_t + (1.0 - beta) * k_s, 0.0), mask=row_mask)
+            tl.store(kl_ptr + rows, _nonneg(tl.where(valid, beta * k_t + (1.0 - beta) * k_s, 0.0)), mask=row_mask)
             tl.store(aux_ptr + rows, tl.where(valid, k_s, 0.0), mask=row_mask)
         else:
             tl.store(part_ptr + off, k_s, mask=row_mask)
@@ -309,7 +316,7 @@ def _linear_kl_combine_kernel(
             k_s += tl.load(part_ptr + off, mask=row_mask, other=0.0)
             k_t += tl.load(part_ptr + plane + off, mask=row_mask, other=0.0)
             off += N
-        tl.store(kl_ptr + rows, tl.where(valid, beta * k_t + (1.0 - beta) * k_s, 0.0), mask=row_mask)
+        tl.store(kl_ptr + rows, _nonneg(tl.where(valid, beta * k_t + (1.0 - beta) * k_s, 0.0)), mask=row_mask)
         tl.store(aux_ptr + rows, tl.where(valid, k_s, 0.0), mask=row_mask)
 
 

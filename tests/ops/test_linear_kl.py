@@ -86,9 +86,10 @@ def test_close_teacher(kl_backend, direction):
 
 
 def test_realistic_vocab(kl_backend):
+    if kl_backend == "triton" and erpd.backends.triton_interpreting():
+        pytest.skip("the interpreter pays ~1 min per call at V=49152; the interp shapes cover the Triton tiling")
     s = by_name("smollm-vocab")
-    n = 8 if kl_backend == "triton" else s.n  # the interpreter pays per tile
-    x = make_linear_inputs(n, s.h, s.v, ignore_frac=0.2, seed=7)
+    x = make_linear_inputs(s.n, s.h, s.v, ignore_frac=0.2, seed=7)
     check_kl(x, make_kl_teacher(x, "fused", h=64, seed=8), kl_backend, direction="forward", temperature=0.9)
 
 
