@@ -65,6 +65,7 @@ import triton.language as tl
 
 from erpd.kernels.linear_logprobs import (
     COMBINE_BLOCK,
+    _add_tile_grads,
     _dot_precision,
     _fwd_split,
     _interpreting,
@@ -374,36 +375,10 @@ def _linear_kl_bwd_kernel(
         g = tl.load(g_ptr + rows, mask=valid, other=0.0) * inv_t
         dz = tl.where(valid[:, None] & col_mask[None, :], dz * g[:, None], 0.0)
 
-        if NEED_DB:
-            tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
-
-        if NEED_DH or NEED_DW:
-            if UPCAST:
-                dz_op = dz
-            else:
-                dz_op = dz.to(h_ptr.dtype.element_ty)
-            h_base = h_ptr + rows.to(tl.int64)[:, None] * H
-            w_base = w_ptr + cols.to(tl.int64)[:, None] * H
-            dh_base = dh_ptr + rows.to(tl.int64)[:, None] * H
-            dw_base = dw_ptr + cols.to(tl.int64)[:, None] * H
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                if EVEN_K:
-                    k_mask = tl.full((BLOCK_K,), 1, tl.int1)
-                else:
-                    k_mask = ks < H
-                if NEED_DH:
-                    w = tl.load(w_base + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                    if UPCAST:
-                        w = w.to(tl.float32)
-                    dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
-                    tl.atomic_add(dh_base + ks[None, :], dh, mask=valid[:, None] & k_mask[None, :], sem="relaxed")
-                if NEED_DW:
-                    x = tl.load(h_base + ks[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
-                    if UPCAST:
-                        x = x.to(tl.float32)
-                    dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)
-                    tl.atomic_add(dw_base + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
+        _add_tile_grads(
+            dz, rows, cols, valid, col_mask, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, H,
+            NEED_DH, NEED_DW, NEED_DB, UPCAST, EVEN_K, BLOCK_K, DOT_PRECISION,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
