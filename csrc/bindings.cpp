@@ -34,6 +34,29 @@ TORCH_LIBRARY(erpd, m) {
       "Tensor lse_s, Tensor lse_t, Tensor aux, Tensor grad_kl, float inv_temperature, int ignore_index, "
       "int mode, float beta, bool need_grad_hidden, bool need_grad_weight) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- policy losses (erpd/ops/policy_loss.py, erpd/ops/linear_policy_loss.py; per-token math in
+  // csrc/policy_loss_math.h). Integer codes: method ppo 0, sapo 1, cispo 2, gspo 3, reinforce 4;
+  // agg token-mean 0, seq-mean-token-mean 1, seq-mean-token-sum 2, seq-mean-token-sum-norm 3;
+  // kl_estimator k1 0, k2 1, k3 2. mask: bool [B, T]. dual_clip <= 0: none; num_items (tensor, else the float if
+  // > 0) replaces the local count of the normaliser. Each returns the loss, the stats vector
+  // (1/normaliser, then the metrics) and the gradients, so the autograd backward is a scale.
+  // Gradients of policy_loss_fwd exclude the 1/normaliser factor; linear_policy_loss_fwd's
+  // include it.
+  m.def(
+      "policy_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+      "Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, Tensor? num_items, int method, int agg, "
+      "float ratio_lo, float ratio_hi, float dual_clip, float tau_pos, float tau_neg, float kl_coef, "
+      "int kl_estimator, float entropy_coef, float num_items_value, float norm_scale, bool need_grad_entropy) "
+      "-> (Tensor loss, Tensor stats, Tensor grad_logprobs, Tensor grad_entropy)");
+  m.def(
+      "linear_policy_loss_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float inv_temperature, "
+      "int ignore_index, Tensor? old_logprobs, Tensor advantages, Tensor mask, Tensor? ref_logprobs, "
+      "Tensor? is_weights, Tensor? num_items, int method, int agg, float ratio_lo, float ratio_hi, "
+      "float dual_clip, float tau_pos, float tau_neg, float kl_coef, int kl_estimator, float entropy_coef, "
+      "float num_items_value, float norm_scale, bool need_grad_hidden, bool need_grad_weight) "
+      "-> (Tensor loss, Tensor stats, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // ---- end policy losses
 }
 
 PYBIND11_MODULE(_C, m) {

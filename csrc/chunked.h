@@ -57,39 +57,40 @@ inline void chunk_logits(at::Tensor& z, const at::Tensor& h, const Operands& ops
   if (ops.bias.has_value()) z.add_(*ops.bias);
 }
 
-// fp32 gradient accumulators, cast to the input dtypes once at the end (finish_grads).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> grad_buffers(
-    const at::Tensor& hidden, const at::Tensor& weight, bool has_bias, bool need_grad_hidden, bool need_grad_weight) {
-  const auto f32 = hidden.options().dtype(at::kFloat);
-  const int64_t n = hidden.size(0), v = weight.size(0), hdim = hidden.size(1);
-  return {need_grad_hidden ? at::empty({n, hdim}, f32) : at::empty({0}, hidden.options()),
-          need_grad_weight ? at::zeros({v, hdim}, f32) : at::empty({0}, weight.options()),
-          has_bias ? at::zeros({v}, f32) : at::empty({0}, f32)};
-}
+// The gradient GEMMs of each chunk, into fp32 accumulators that are cast to the input dtype
+// once at the end.
+struct Grads {
+  at::Tensor gh, gw, gb;
+  bool need_h, need_w, has_bias;
 
-// Adds one chunk's gradients, given tdz = t * dz [r, V] (fp32) of rows [r0, r0 + r) and the
-// chunk's GEMM-dtype hidden rows h.
-inline void accumulate_grads(const at::Tensor& tdz, const at::Tensor& h, const Operands& ops, int64_t r0,
-                             bool need_grad_hidden, bool need_grad_weight, at::Tensor& gh, at::Tensor& gw,
-                             at::Tensor& gb) {
-  // 16-bit operands on CUDA: dz is rounded to the input dtype for the tensor-core GEMMs (as the
-  // unfused PyTorch backward does), with fp32 accumulation and output.
-  const at::Tensor dz = ops.weight.scalar_type() == at::kFloat ? tdz : tdz.to(ops.weight.scalar_type());
-  if (need_grad_hidden) {
-    at::Tensor out = gh.narrow(0, r0, tdz.size(0));
-    gemm_f32(out, dz, ops.weight, /*accumulate=*/false);
+  Grads(const at::Tensor& hidden, const at::Tensor& weight, bool has_bias, bool need_h, bool need_w)
+      : need_h(need_h), need_w(need_w), has_bias(has_bias) {
+    const int64_t n = hidden.size(0), v = weight.size(0), hdim = hidden.size(1);
+    const auto f32 = hidden.options().dtype(at::kFloat);
+    gh = need_h ? at::empty({n, hdim}, f32) : at::empty({0}, hidden.options());
+    gw = need_w ? at::zeros({v, hdim}, f32) : at::empty({0}, weight.options());
+    gb = has_bias ? at::zeros({v}, f32) : at::empty({0}, f32);
   }
-  if (need_grad_weight) gemm_f32(gw, dz.t(), h, /*accumulate=*/true);
-  if (gb.numel() > 0) gb.add_(tdz.sum(0));
-}
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(
-    at::Tensor gh, at::Tensor gw, at::Tensor gb, const at::Tensor& hidden, const at::Tensor& weight,
-    bool need_grad_hidden, bool need_grad_weight) {
-  if (need_grad_hidden) gh = gh.to(hidden.scalar_type());
-  if (need_grad_weight) gw = gw.to(weight.scalar_type());
-  return {gh, gw, gb};
-}
+  // z: the chunk's logits buffer, already overwritten with t * dz; h: the chunk's GEMM operand.
+  void add_chunk(const at::Tensor& z, const at::Tensor& h, const Operands& ops, int64_t r0) {
+    // 16-bit operands on CUDA: dz is rounded to the input dtype for the tensor-core GEMMs (as
+    // the unfused PyTorch backward does), with fp32 accumulation and output.
+    const at::Tensor dz = ops.weight.scalar_type() == at::kFloat ? z : z.to(ops.weight.scalar_type());
+    if (need_h) {
+      at::Tensor out = gh.narrow(0, r0, z.size(0));
+      gemm_f32(out, dz, ops.weight, /*accumulate=*/false);
+    }
+    if (need_w) gemm_f32(gw, dz.t(), h, /*accumulate=*/true);
+    if (has_bias) gb.add_(z.sum(0));
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(const at::Tensor& hidden, const at::Tensor& weight) {
+    if (need_h) gh = gh.to(hidden.scalar_type());
+    if (need_w) gw = gw.to(weight.scalar_type());
+    return {gh, gw, gb};
+  }
+};
 
 }  // namespace chunked
 }  // namespace erpd

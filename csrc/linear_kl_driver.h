@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const int64_t n = hidden.size(0), v = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
   const chunked::Operands ops(weight, bias);
-  auto [gh, gw, gb] = chunked::grad_buffers(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight);
+  chunked::Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight);
   const int64_t rows = chunked::rows_per_chunk(n, 2 * v);
   at::Tensor zs_buf = at::empty({rows, v}, f32), zt_buf = at::empty({rows, v}, f32);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
@@ -101,9 +101,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     chunked::chunk_logits(zs, h, ops);
     const at::Tensor zt = teacher.chunk(zt_b, r0, r);
     ep.backward(zs, zt, r0, inv_t, ignore_index, targets, mode, beta, lse_s, lse_t, aux, grad_kl);
-    chunked::accumulate_grads(zs, h, ops, r0, need_grad_hidden, need_grad_weight, gh, gw, gb);
+    grads.add_chunk(zs, h, ops, r0);
   }
-  return chunked::finish_grads(gh, gw, gb, hidden, weight, need_grad_hidden, need_grad_weight);
+  return grads.finish(hidden, weight);
 }
 
 }  // namespace linear_kl

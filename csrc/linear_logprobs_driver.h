@@ -12,7 +12,7 @@
 // Backward, with p = e^{z - lse}:
 //   dz_k = g_lp (delta_ky - p_k) - g_H p_k (log p_k + H)
 //   dh = t dz W,  dW = t dz^T h,  db = t sum_rows dz
-// The epilogue folds t into dz, so the gradient GEMMs (csrc/chunked.h) use alpha = 1.
+// The epilogue folds t into dz, so the gradient GEMMs (chunked::Grads) use alpha = 1.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,9 +25,9 @@
 namespace erpd {
 namespace linear_logprobs {
 
+using chunked::Grads;
 using chunked::Operands;
 using chunked::chunk_logits;
-using chunked::gemm_f32;
 using chunked::rows_per_chunk;
 
 // Epilogue interface (see csrc/cpu/linear_logprobs.cpp and csrc/cuda/linear_logprobs.cpp):
@@ -64,9 +64,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& g_lp, const c10::optional<at::Tensor>& g_ent, double inv_t,
     int64_t ignore_index, bool need_grad_hidden, bool need_grad_weight, const Epilogue& ep) {
   const int64_t n = hidden.size(0), v = weight.size(0);
-  const auto f32 = hidden.options().dtype(at::kFloat);
   const Operands ops(weight, bias);
-  auto [gh, gw, gb] = chunked::grad_buffers(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight);
+  Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight);
+  const int64_t rows = rows_per_chunk(n, v);
+  at::Tensor zbuf = at::empty({rows, v}, hidden.options().dtype(at::kFloat));
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t r = std::min(rows, n - r0);
+    at::Tensor z = zbuf.narrow(0, 0, r);
+    const at::Tensor h = ops.rows(hidden, r0, r);
+    chunk_logits(z, h, ops);
+    ep.backward(z, r0, inv_t, ignore_index, targets, lse, ent, g_lp, g_ent);
+    grads.add_chunk(z, h, ops, r0);
+  }
+  return grads.finish(hidden, weight);
+}
+
+// Forward that also produces the gradients, for a loss whose gradient w.r.t. each row's log-prob
+// (and entropy) is known as soon as that row's log-prob is: the token-level policy losses
+// (erpd.linear_policy_loss). Per chunk: the logits GEMM, the forward epilogue, then
+// `grad_step(r0, r, logp, ent)` fills rows [r0, r0 + r) of g_lp (and g_ent), the backward
+// epilogue turns the same logits into dz in place, and the dh, dW GEMMs follow. So each chunk's
+// logits are computed once: 6·N·H·V FLOPs in all, and the autograd backward only scales the
+// returned gradients. g_ent == nullopt: no entropy gradient. Returns
+// (logp, ent, grad_hidden, grad_weight, grad_bias).
+template <class Epilogue, class GradStep>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grads(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double inv_t, int64_t ignore_index, const at::Tensor& g_lp,
+    const c10::optional<at::Tensor>& g_ent, bool need_grad_hidden, bool need_grad_weight, const Epilogue& ep,
+    GradStep&& grad_step) {
+  const int64_t n = hidden.size(0), v = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({n}, f32), ent = at::empty({n}, f32), lse = at::empty({n}, f32);
+  const Operands ops(weight, bias);
+  Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight);
   const int64_t rows = rows_per_chunk(n, v);
   at::Tensor zbuf = at::empty({rows, v}, f32);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
@@ -74,10 +105,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     at::Tensor z = zbuf.narrow(0, 0, r);
     const at::Tensor h = ops.rows(hidden, r0, r);
     chunk_logits(z, h, ops);
+    ep.forward(z, r0, inv_t, ignore_index, targets, logp, ent, lse);
+    grad_step(r0, r, logp, ent);
     ep.backward(z, r0, inv_t, ignore_index, targets, lse, ent, g_lp, g_ent);
-    chunked::accumulate_grads(z, h, ops, r0, need_grad_hidden, need_grad_weight, gh, gw, gb);
+    grads.add_chunk(z, h, ops, r0);
   }
-  return chunked::finish_grads(gh, gw, gb, hidden, weight, need_grad_hidden, need_grad_weight);
+  auto [gh, gw, gb] = grads.finish(hidden, weight);
+  return {logp, ent, gh, gw, gb};
 }
 
 }  // namespace linear_logprobs

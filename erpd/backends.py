@@ -8,6 +8,7 @@ fallback.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -20,7 +21,15 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 # Per-op choice of `auto` on CUDA tensors. Issue 6's GPU benchmark run fills this from
 # benchmarks/results/; until a GPU table is committed, Triton is the default because it needs
 # no compiled extension.
-AUTO_CUDA: dict[str, str] = {"linear_logprobs": "triton", "linear_kl": "triton"}
+AUTO_CUDA: dict[str, str] = {"linear_logprobs": "triton", "linear_kl": "triton", "policy_loss": "triton", "linear_policy_loss": "triton"}
+
+# The compiled kernels (erpd::<name>) an op needs per dispatch key; ops not listed need
+# `<op>_fwd` and `<op>_bwd`. The policy losses compute their gradients in the forward, so their
+# backward is a scale in Python.
+KERNELS: dict[str, tuple[str, ...]] = {
+    "policy_loss": ("policy_loss_fwd",),
+    "linear_policy_loss": ("linear_policy_loss_fwd",),
+}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -35,14 +44,17 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.lru_cache(maxsize=None)
 def _missing_kernel(op: str | None, key: str) -> str | None:
     """erpd._C can import without an op's kernels for a dispatch key: say so instead of failing
     later inside the dispatcher."""
     if op is None:
         return None
-    for name in (f"erpd::{op}_fwd", f"erpd::{op}_bwd"):
+    for kernel in KERNELS.get(op, (f"{op}_fwd", f"{op}_bwd")):
+        name = f"erpd::{kernel}"
         if not torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
-            return f"erpd._C has no {key} kernel registered for {name}"
+            hint = " (backend='triton' runs this op on CUDA tensors)" if key == "CUDA" and op in AUTO_CUDA else ""
+            return f"erpd._C has no {key} kernel registered for {name}{hint}"
     return None
 
 

@@ -150,3 +150,220 @@ def linear_kl(
         kl = torch.where(targets != ignore_index, kl, kl.new_zeros(()))
     return kl
 
+
+
+# --------------------------------------------------------------------------------------------
+# policy losses
+# --------------------------------------------------------------------------------------------
+
+POLICY_METHODS = ("ppo", "sapo", "cispo", "gspo", "reinforce")
+POLICY_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+# Every exp() of a log-ratio takes it clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] (as verl and
+# OpenRLHF do), so a single runaway token cannot overflow float32; the ratio's gradient is 0 there.
+LOG_RATIO_CLAMP = 20.0
+
+
+def policy_agg_weights(
+    mask: torch.Tensor,
+    agg: str = "token-mean",
+    num_items: float | torch.Tensor | None = None,
+    norm_length: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    r"""Aggregation weights ``w [B, T]`` of :func:`policy_loss`: the loss is ``sum(w * per_token)``.
+
+    With :math:`m` the 0/1 mask, :math:`L_b = \sum_t m_{bt}` the length of sequence b and
+    :math:`B` the number of rows:
+
+    ==========================  ==================================  ==============================
+    ``agg``                     :math:`w_{bt}`                      count ``num_items`` replaces
+    ==========================  ==================================  ==============================
+    token-mean                  :math:`m_{bt} / N`                  :math:`N = \sum m` (tokens)
+    seq-mean-token-mean         :math:`m_{bt} / (B' L_b)`           :math:`B' = B` (sequences)
+    seq-mean-token-sum          :math:`m_{bt} / B'`                 :math:`B' = B`
+    seq-mean-token-sum-norm     :math:`m_{bt} / (B' \cdot T_n)`     :math:`B' = B`
+    ==========================  ==================================  ==============================
+
+    ``num_items`` is the count over the whole optimizer step (all gradient-accumulation
+    micro-batches, all ranks), so that the micro-batch losses sum to the one-batch loss. ``T_n``
+    is ``norm_length`` (Dr. GRPO's constant, e.g. the maximum completion length), by default the
+    padded length T. Counts (N, B', L_b) are clamped below at 1: an all-masked batch or sequence
+    gives weight 0, not NaN.
+    """
+    m = (mask != 0).to(dtype)
+    B, T = m.shape
+    if agg == "token-mean":
+        count = m.sum() if num_items is None else torch.as_tensor(num_items, dtype=dtype, device=m.device)
+        return m / count.clamp_min(1.0)
+    count = torch.as_tensor(float(B) if num_items is None else num_items, dtype=dtype, device=m.device).clamp_min(1.0)
+    if agg == "seq-mean-token-mean":
+        return m / (count * m.sum(1, keepdim=True).clamp_min(1.0))
+    if agg == "seq-mean-token-sum":
+        return m / count
+    if agg == "seq-mean-token-sum-norm":
+        return m / (count * float(T if norm_length is None else norm_length))
+    raise ValueError(f"agg must be one of {POLICY_AGGS}, got {agg!r}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    method: str = "ppo",
+    agg: str = "token-mean",
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    cispo_cap: float = 5.0,
+    cispo_floor: float | None = None,
+    reinforce_cap: float | None = None,
+    is_weights: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    num_items: float | torch.Tensor | None = None,
+    norm_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Token-level policy-gradient losses on ``[B, T]`` log-probs; returns ``(loss, metrics)``.
+
+    Notation, per token (b, t) with mask :math:`m`: :math:`x` = ``logprobs`` (differentiable),
+    :math:`x_{old}`, :math:`A` = advantage (``[B]`` broadcast over t, or ``[B, T]``),
+    :math:`\delta = \mathrm{clamp}(x - x_{old}, \pm 20)`, token ratio :math:`r = e^{\delta}`,
+    :math:`\mathrm{sg}` = stop-gradient.
+
+    Per-token policy loss :math:`\ell`:
+
+    * ``ppo``: :math:`\ell = \max(-A r,\ -A\,\mathrm{clip}(r, 1-\epsilon_{lo}, 1+\epsilon_{hi}))`
+      (``clip_low``, ``clip_high``; clip-higher when :math:`\epsilon_{hi} > \epsilon_{lo}`).
+      With ``dual_clip`` c > 1, for A < 0: :math:`\ell = \min(\ell, -c A)` (the gradient
+      vanishes once r > c).
+    * ``sapo``: :math:`\ell = -A \frac{4}{\tau}\sigma(\tau (r - 1))`, :math:`\tau` =
+      ``tau_pos`` if A > 0 else ``tau_neg``. Its gradient :math:`-4\sigma(1-\sigma) r A\,\nabla x`
+      is the plain policy gradient at r = 1 and decays smoothly away from it (SAPO, arXiv
+      2511.20347).
+    * ``cispo``: :math:`\ell = -\mathrm{sg}(\mathrm{clip}(r, f, c))\,A\,x` with c = ``cispo_cap``
+      (an absolute cap on r, as TRL and ScaleRL use it) and f = ``cispo_floor`` (None: no floor,
+      the one-sided form; verl's two-sided form is ``cispo_floor=1-ε_lo, cispo_cap=1+ε_hi``).
+    * ``reinforce``: :math:`\ell = -\mathrm{sg}(w)\,A\,x`, :math:`w = \min(r, C)` with C =
+      ``reinforce_cap`` (truncated importance sampling; None: no truncation). With
+      ``old_logprobs = logprobs.detach()`` this is plain REINFORCE, :math:`-A x`.
+    * ``gspo``: the ppo loss (with its clip and dual clip) on the sequence ratio
+      :math:`s_b = \exp(\mathrm{clamp}(\sum_t m\,(x - x_{old}) / L_b, \pm 20))`, the geometric mean
+      of the token ratios, applied to every token of the sequence: :math:`\ell_{bt} = \ell(s_b)`.
+      The gradient flows through :math:`s_b` into every token of the sequence.
+
+    Total loss, with aggregation weights :math:`w` from :func:`policy_agg_weights` (they depend
+    only on ``mask``, ``agg``, ``num_items`` and ``norm_length``), optional detached per-token
+    ``is_weights`` :math:`\rho` (rollout correction; 1 if None) multiplying the policy term only:
+
+    .. math::
+        L = \sum_{b,t} w_{bt} \left[\rho_{bt}\,\ell_{bt} + \beta\,k_{bt} - \gamma\,H_{bt}\right]
+
+    with :math:`\beta` = ``kl_coef``, :math:`\gamma` = ``entropy_coef``, :math:`H` = ``entropy``
+    (differentiable, if given), and the ``kl_estimator`` of KL(π‖π_ref) from ``ref_logprobs``
+    :math:`x_{ref}`, with :math:`d = x_{ref} - x`: ``k1`` :math:`= -d`, ``k2`` :math:`= d^2/2`,
+    ``k3`` :math:`= e^{d} - d - 1` (d clamped to ±20).
+
+    Tokens with mask 0 contribute nothing and get zero gradient, whatever their values (NaN
+    included). ``metrics`` (detached 0-dim tensors; means over valid tokens of this batch):
+    ``pg_loss`` (the :math:`\rho\ell` term, aggregated like the loss), ``clipfrac_low`` (A < 0
+    and r below the lower bound: ppo/gspo 1-ε_lo, cispo the floor), ``clipfrac_high`` (A > 0
+    and r above the upper bound: ppo/gspo 1+ε_hi, cispo/reinforce the cap), ``clipfrac``
+    (their sum), ``ratio_mean/min/max`` (of the ratio the loss uses: r, or s_b for gspo;
+    1 when no token is valid), ``approx_kl`` (mean of :math:`(r-1) - \log r`, the k3 estimate of
+    KL(π_old‖π) with token ratios), and when given ``kl_ref`` (mean of k) and ``entropy``.
+    """
+    acc = _acc_dtype(logprobs)
+    valid = mask != 0
+    B, T = logprobs.shape
+    zero = torch.zeros((), dtype=acc, device=logprobs.device)
+    # Select before any arithmetic, so padding values (NaN, -inf) never reach a gradient.
+    x = torch.where(valid, logprobs.to(acc), zero)
+    x_old = torch.where(valid, old_logprobs.detach().to(acc), zero)
+    adv = advantages.detach().to(acc)
+    adv = torch.where(valid, adv[:, None].expand(B, T) if adv.dim() == 1 else adv, zero)
+    w = policy_agg_weights(mask, agg, num_items, norm_length, dtype=acc)
+    m = valid.to(acc)
+    n_valid = m.sum()
+    clip_high = clip_low if clip_high is None else clip_high
+    lim = LOG_RATIO_CLAMP
+
+    log_r_tok = (x - x_old).clamp(-lim, lim)
+    r_tok = log_r_tok.exp()
+    if method == "gspo":
+        seq_log_r = ((x - x_old) * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
+        ratio = seq_log_r.clamp(-lim, lim).exp().expand(B, T)
+    else:
+        ratio = r_tok
+
+    if method in ("ppo", "gspo"):
+        lo, hi = 1.0 - clip_low, 1.0 + clip_high
+        per_tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(lo, hi))
+        if dual_clip is not None:
+            per_tok = torch.where(adv < 0, torch.minimum(per_tok, -dual_clip * adv), per_tok)
+        clip_lo, clip_hi = (ratio < lo) & (adv < 0), (ratio > hi) & (adv > 0)
+    elif method == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+        per_tok = -adv * (4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0))
+        clip_lo = clip_hi = torch.zeros_like(valid)
+    elif method in ("cispo", "reinforce"):
+        lo = (0.0 if cispo_floor is None else cispo_floor) if method == "cispo" else 0.0
+        hi = cispo_cap if method == "cispo" else (math.inf if reinforce_cap is None else reinforce_cap)
+        weight = ratio.detach().clamp(lo, hi)
+        per_tok = -weight * adv * x
+        clip_lo, clip_hi = (ratio < lo) & (adv < 0), (ratio > hi) & (adv > 0)
+    else:
+        raise ValueError(f"method must be one of {POLICY_METHODS}, got {method!r}")
+
+    rho = None if is_weights is None else torch.where(valid, is_weights.detach().to(acc), zero)
+    pg_tok = per_tok if rho is None else rho * per_tok
+    pg_loss = (w * pg_tok).sum()
+    loss = pg_loss
+
+    def token_mean(v):
+        return (v * m).sum() / n_valid.clamp_min(1.0)
+
+    metrics = {"pg_loss": pg_loss.detach()}
+    ratio_v = torch.where(valid, ratio.detach(), zero)
+    any_valid = n_valid > 0
+    one = torch.ones((), dtype=acc, device=logprobs.device)
+    metrics.update(
+        clipfrac_low=token_mean(clip_lo.to(acc)),
+        clipfrac_high=token_mean(clip_hi.to(acc)),
+    )
+    metrics["clipfrac"] = metrics["clipfrac_low"] + metrics["clipfrac_high"]
+    metrics.update(
+        ratio_mean=token_mean(ratio_v),
+        # The extra ±inf entry keeps amin/amax defined on an empty batch; `where` then reports 1.
+        ratio_min=torch.where(any_valid, torch.cat([torch.where(valid, ratio_v, math.inf).flatten(), one.view(1) * math.inf]).amin(), one),
+        ratio_max=torch.where(any_valid, torch.cat([torch.where(valid, ratio_v, -math.inf).flatten(), one.view(1) * -math.inf]).amax(), one),
+        approx_kl=token_mean((r_tok - 1.0 - log_r_tok).detach()),
+    )
+
+    if ref_logprobs is not None:
+        x_ref = torch.where(valid, ref_logprobs.detach().to(acc), zero)
+        d = x_ref - x
+        if kl_estimator == "k1":
+            kl = -d
+        elif kl_estimator == "k2":
+            kl = 0.5 * d * d
+        elif kl_estimator == "k3":
+            d = d.clamp(-lim, lim)
+            kl = d.exp() - d - 1.0
+        else:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+        if kl_coef != 0.0:
+            loss = loss + kl_coef * (w * kl).sum()
+        metrics["kl_ref"] = token_mean(kl.detach())
+    if entropy is not None:
+        ent = torch.where(valid, entropy.to(acc), zero)
+        if entropy_coef != 0.0:
+            loss = loss - entropy_coef * (w * ent).sum()
+        metrics["entropy"] = token_mean(ent.detach())
+    return loss, {k: v.detach() for k, v in metrics.items()}

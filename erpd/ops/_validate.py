@@ -7,8 +7,10 @@ they run only when ``ERPD_CHECK_INPUTS=1`` or ``validate=True`` asks for them.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from dataclasses import dataclass
 from numbers import Real
 
 import torch
@@ -179,3 +181,201 @@ def probability(x, name: str) -> float:
     if not 0.0 <= x <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {x}")
     return x
+
+
+# --------------------------------------------------------------------------------------------
+# policy losses
+# --------------------------------------------------------------------------------------------
+
+# Names -> the integer codes of the kernels (csrc/policy_loss_math.h, kernels/policy_loss.py).
+POLICY_METHODS = {"ppo": 0, "sapo": 1, "cispo": 2, "gspo": 3, "reinforce": 4}
+POLICY_AGGS = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
+KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2}
+
+
+def _name(value, name: str, allowed: dict) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def real(x, name: str, *, gt: float | None = None, ge: float | None = None, lt: float | None = None) -> float:
+    """A finite real number within the given bounds."""
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if gt is not None and not x > gt:
+        raise ValueError(f"{name} must be > {gt}, got {x}")
+    if ge is not None and not x >= ge:
+        raise ValueError(f"{name} must be >= {ge}, got {x}")
+    if lt is not None and not x < lt:
+        raise ValueError(f"{name} must be < {lt}, got {x}")
+    return x
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """Checked options of the policy losses, with the kernels' view of them."""
+
+    method: str
+    agg: str
+    kl_estimator: str
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None
+    tau_pos: float
+    tau_neg: float
+    cispo_cap: float
+    cispo_floor: float | None
+    reinforce_cap: float | None
+    kl_coef: float
+    entropy_coef: float
+    norm_length: int | None
+
+    def ratio_bounds(self) -> tuple[float, float]:
+        """(lo, hi) of the ratio clip in the kernels' terms (unused by sapo)."""
+        if self.method in ("ppo", "gspo"):
+            return 1.0 - self.clip_low, 1.0 + self.clip_high
+        if self.method == "cispo":
+            return (0.0 if self.cispo_floor is None else self.cispo_floor), self.cispo_cap
+        if self.method == "reinforce":
+            return 0.0, (math.inf if self.reinforce_cap is None else self.reinforce_cap)
+        return 0.0, math.inf
+
+    def kernel_args(self, seq_len: int, num_items_value: float) -> tuple:
+        """The scalar arguments of erpd::policy_loss_fwd / linear_policy_loss_fwd, from `method` to `norm_scale`."""
+        lo, hi = self.ratio_bounds()
+        norm_scale = float(seq_len if self.norm_length is None else self.norm_length) if self.agg == "seq-mean-token-sum-norm" else 1.0
+        return (
+            POLICY_METHODS[self.method], POLICY_AGGS[self.agg], lo, hi,
+            0.0 if self.dual_clip is None else self.dual_clip, self.tau_pos, self.tau_neg,
+            self.kl_coef, KL_ESTIMATORS[self.kl_estimator], self.entropy_coef, num_items_value, max(norm_scale, 1.0),
+        )
+
+    def reference_kwargs(self) -> dict:
+        return dict(
+            method=self.method, agg=self.agg, clip_low=self.clip_low, clip_high=self.clip_high,
+            dual_clip=self.dual_clip, tau_pos=self.tau_pos, tau_neg=self.tau_neg, cispo_cap=self.cispo_cap,
+            cispo_floor=self.cispo_floor, reinforce_cap=self.reinforce_cap, kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef, norm_length=self.norm_length,
+        )
+
+
+def policy_options(**options) -> "PolicyOptions":
+    """Checks the options of policy_loss / linear_policy_loss (see _policy_options); the result
+    is cached per option tuple, since a trainer calls with the same options every step and the
+    checks would otherwise be a visible part of a small call's cost."""
+    try:
+        return _policy_options_cached(**options)
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise
+        return _policy_options(**options)  # e.g. a list where a number belongs: raise its clear error
+
+
+def _policy_options(
+    *, method, agg, clip_low, clip_high, dual_clip, tau_pos, tau_neg, cispo_cap, cispo_floor, reinforce_cap,
+    kl_coef, kl_estimator, entropy_coef, norm_length, has_ref: bool, has_entropy: bool | None,
+) -> PolicyOptions:
+    """Checks the options of policy_loss / linear_policy_loss (`has_entropy` None: the op
+    computes the entropy itself)."""
+    method = _name(method, "method", POLICY_METHODS)
+    agg = _name(agg, "agg", POLICY_AGGS)
+    kl_estimator = _name(kl_estimator, "kl_estimator", KL_ESTIMATORS)
+    clip_low = real(clip_low, "clip_low", ge=0.0, lt=1.0)
+    clip_high = clip_low if clip_high is None else real(clip_high, "clip_high", ge=0.0)
+    if dual_clip is not None:
+        if method not in ("ppo", "gspo"):
+            raise ValueError(f"dual_clip applies to method='ppo' or 'gspo', not {method!r}")
+        dual_clip = real(dual_clip, "dual_clip", gt=1.0)
+    tau_pos = real(tau_pos, "tau_pos", gt=0.0)
+    tau_neg = real(tau_neg, "tau_neg", gt=0.0)
+    cispo_cap = real(cispo_cap, "cispo_cap", gt=0.0)
+    if cispo_floor is not None:
+        cispo_floor = real(cispo_floor, "cispo_floor", ge=0.0, lt=cispo_cap)
+    if reinforce_cap is not None:
+        reinforce_cap = real(reinforce_cap, "reinforce_cap", gt=0.0)
+    kl_coef = real(kl_coef, "kl_coef")
+    entropy_coef = real(entropy_coef, "entropy_coef")
+    if kl_coef != 0.0 and not has_ref:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
+    if entropy_coef != 0.0 and has_entropy is False:
+        raise ValueError(f"entropy_coef={entropy_coef} needs entropy")
+    if norm_length is not None:
+        if agg != "seq-mean-token-sum-norm":
+            raise ValueError(f"norm_length applies to agg='seq-mean-token-sum-norm' only, got agg={agg!r}")
+        if isinstance(norm_length, bool) or not isinstance(norm_length, int) or norm_length <= 0:
+            raise ValueError(f"norm_length must be a positive int, got {norm_length!r}")
+    return PolicyOptions(
+        method, agg, kl_estimator, clip_low, clip_high, dual_clip, tau_pos, tau_neg, cispo_cap, cispo_floor,
+        reinforce_cap, kl_coef, entropy_coef, norm_length,
+    )
+
+
+_policy_options_cached = functools.lru_cache(maxsize=256)(_policy_options)
+
+
+def num_items(x, device: torch.device) -> tuple[torch.Tensor | None, float]:
+    """(tensor or None, value): a tensor `num_items` is read by the kernel (no host sync); a
+    number must be > 0. value 0.0 means "not given"."""
+    if x is None:
+        return None, 0.0
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"num_items must be a number or a one-element tensor, got shape {tuple(x.shape)}")
+        if x.dtype == torch.bool or x.dtype.is_complex:
+            raise TypeError(f"num_items must be a real tensor, got {x.dtype}")
+        if x.device != device:
+            raise ValueError(f"num_items is on {x.device} but the batch is on {device}")
+        return x.detach().reshape(()).to(torch.float32), 0.0
+    return None, real(x, "num_items", gt=0.0)
+
+
+def _floating(x, name: str, shape: tuple, *alt_shapes: tuple) -> torch.Tensor:
+    x = tensor(x, name)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if tuple(x.shape) != shape and tuple(x.shape) not in alt_shapes:
+        want = " or ".join(str(list(s)) for s in (shape, *alt_shapes))
+        raise ValueError(f"{name} must have shape {want}, got {list(x.shape)}")
+    return x
+
+
+def policy_tensors(
+    shape: tuple[int, int], device: torch.device, old_logprobs, advantages, mask, ref_logprobs, entropy,
+    is_weights, check_values: bool, *, old_optional: bool = False,
+):
+    """Checks the [B, T] side inputs of the policy losses; returns them (mask unchanged)."""
+    B, T = shape
+    if old_logprobs is not None or not old_optional:
+        old_logprobs = _floating(old_logprobs, "old_logprobs", (B, T))
+    advantages = _floating(advantages, "advantages", (B,), (B, T))
+    mask = tensor(mask, "mask")
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"mask must have shape {[B, T]}, got {list(mask.shape)}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"mask must be bool, integer or floating, got {mask.dtype}")
+    ref_logprobs = None if ref_logprobs is None else _floating(ref_logprobs, "ref_logprobs", (B, T))
+    entropy = None if entropy is None else _floating(entropy, "entropy", (B, T))
+    is_weights = None if is_weights is None else _floating(is_weights, "is_weights", (B, T))
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
+                    ("ref_logprobs", ref_logprobs), ("entropy", entropy), ("is_weights", is_weights)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the batch is on {device}")
+    if check_values and mask.numel() > 0:
+        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+            bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+            raise ValueError(f"mask must hold only 0 and 1 (or be bool), found {bad}")
+        valid = mask != 0
+        for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages),
+                        ("ref_logprobs", ref_logprobs), ("is_weights", is_weights)):
+            if t is None:
+                continue
+            where = valid.any(1) if t.dim() == 1 else valid
+            if bool((torch.isnan(t) & where).any()):
+                raise ValueError(f"{name} has NaN at {int((torch.isnan(t) & where).sum())} valid (mask=1) position(s)")
+        if is_weights is not None and bool(((is_weights < 0) & valid).any()):
+            raise ValueError("is_weights must be >= 0 at valid (mask=1) positions")
+    return old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights

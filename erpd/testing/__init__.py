@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from erpd import reference
 from erpd.testing.shapes import SHAPES, Shape, shapes
 
 __all__ = [
     "SHAPES", "Shape", "shapes", "LinearInputs", "make_linear_inputs", "naive_linear_logprobs",
     "make_kl_teacher", "naive_linear_kl", "max_err", "assert_within_rule",
+    "PolicyInputs", "make_policy_inputs", "LinearPolicyInputs", "make_linear_policy_inputs",
 ]
 
 
@@ -145,3 +147,144 @@ def assert_within_rule(actual, expected64, baseline, *, name: str, factor: float
     scale = expected64.detach().abs().max().item() if expected64.numel() else 0.0
     bound = factor * e_base + floor * max(scale, 1.0)
     assert e_act <= bound, f"{name}: max error {e_act:.3e} > bound {bound:.3e} (plain PyTorch error {e_base:.3e}, scale {scale:.3e})"
+
+
+@dataclass
+class PolicyInputs:
+    """A [B, T] batch for erpd.policy_loss: `logprobs` (and `entropy`) are leaves requiring grad."""
+
+    logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
+
+    def kwargs(self) -> dict:
+        return dict(ref_logprobs=self.ref_logprobs, entropy=self.entropy, is_weights=self.is_weights)
+
+    def cast(self, dtype: torch.dtype) -> "PolicyInputs":
+        """Fresh leaves of the differentiable inputs in `dtype` (the others keep their dtype)."""
+        d = lambda t: None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)  # noqa: E731
+        return PolicyInputs(d(self.logprobs), self.old_logprobs, self.advantages, self.mask, self.ref_logprobs,
+                            d(self.entropy), self.is_weights)
+
+    def rows(self, sl: slice) -> "PolicyInputs":
+        """Fresh leaves of a row slice (a gradient-accumulation micro-batch)."""
+        r = lambda t: None if t is None else t[sl].detach().clone().requires_grad_(t.requires_grad)  # noqa: E731
+        c = lambda t: None if t is None else t[sl]  # noqa: E731
+        return PolicyInputs(r(self.logprobs), c(self.old_logprobs), c(self.advantages), c(self.mask),
+                            c(self.ref_logprobs), r(self.entropy), c(self.is_weights))
+
+
+def make_policy_inputs(
+    b: int,
+    t: int,
+    *,
+    seed: int = 0,
+    drift: float = 0.3,
+    per_token_advantages: bool = False,
+    ref: bool = False,
+    entropy: bool = False,
+    is_weights: bool = False,
+    pad_frac: float = 0.25,
+    device: str | torch.device = "cpu",
+) -> PolicyInputs:
+    """Random policy-loss inputs: log-probs of sampled tokens, an old policy `drift` away in
+    log-ratio (so ratios spread over and beyond a 0.2 clip), GRPO-like advantages, right-padded
+    sequences of random lengths (one fully padded row when b > 2) whose padding holds NaN, as
+    real padding may."""
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(b, t, generator=g) * 4.0 - 0.05
+    old = lp + torch.randn(b, t, generator=g) * drift
+    adv = torch.randn(b, t, generator=g) if per_token_advantages else torch.randn(b, generator=g)
+    lengths = (torch.rand(b, generator=g) * t * (1.0 - pad_frac) + t * pad_frac).long().clamp(1, t)
+    if b > 2:
+        lengths[1] = 0
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    pad = ~mask
+    lp, old = lp.masked_fill(pad, float("nan")), old.masked_fill(pad, float("nan"))
+    out = PolicyInputs(lp, old, adv, mask)
+    if ref:
+        out.ref_logprobs = (lp + torch.randn(b, t, generator=g) * drift).masked_fill(pad, float("nan"))
+    if entropy:
+        out.entropy = torch.rand(b, t, generator=g) * 3.0
+    if is_weights:
+        out.is_weights = torch.rand(b, t, generator=g) * 1.5 + 0.25
+    dev = lambda x: None if x is None else x.to(device)  # noqa: E731
+    out = PolicyInputs(*(dev(getattr(out, f)) for f in ("logprobs", "old_logprobs", "advantages", "mask", "ref_logprobs", "entropy", "is_weights")))
+    out.logprobs.requires_grad_()
+    if out.entropy is not None:
+        out.entropy.requires_grad_()
+    return out
+
+
+@dataclass
+class LinearPolicyInputs:
+    """A [B, T] batch for erpd.linear_policy_loss: LM-head inputs (hidden [B, T, H]) plus the
+    policy-loss side inputs, with old / ref log-probs drawn around the true log-probs."""
+
+    linear: LinearInputs
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
+
+    def clone(self) -> "LinearPolicyInputs":
+        return LinearPolicyInputs(self.linear.clone(), self.old_logprobs, self.advantages, self.mask,
+                                  self.ref_logprobs, self.is_weights)
+
+    def to64(self) -> "LinearPolicyInputs":
+        d = lambda t: None if t is None else t.double()  # noqa: E731
+        return LinearPolicyInputs(self.linear.to64(), d(self.old_logprobs), d(self.advantages), self.mask,
+                                  d(self.ref_logprobs), d(self.is_weights))
+
+    def rows(self, sl: slice) -> "LinearPolicyInputs":
+        """A micro-batch of sequences; the LM head is shared (the same leaf), hidden is fresh."""
+        x = self.linear
+        h = x.hidden[sl].detach().clone().requires_grad_(x.hidden.requires_grad)
+        c = lambda t: None if t is None else t[sl]  # noqa: E731
+        return LinearPolicyInputs(LinearInputs(h, x.weight, x.targets[sl], x.bias), c(self.old_logprobs),
+                                  c(self.advantages), c(self.mask), c(self.ref_logprobs), c(self.is_weights))
+
+
+def make_linear_policy_inputs(
+    b: int,
+    t: int,
+    h: int,
+    v: int,
+    *,
+    seed: int = 0,
+    drift: float = 0.3,
+    temperature: float = 1.0,
+    bias: bool = False,
+    ignore_frac: float = 0.0,
+    per_token_advantages: bool = False,
+    ref: bool = False,
+    is_weights: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LinearPolicyInputs:
+    x = make_linear_inputs((b, t), h, v, dtype=dtype, device=device, bias=bias, ignore_frac=ignore_frac, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        lp, _ = reference.linear_logprobs(
+            x.hidden.double(), x.weight.double(), x.targets, bias=None if x.bias is None else x.bias.double(),
+            temperature=temperature,
+        )
+    lp = lp.float().cpu()
+    old = lp + torch.randn(b, t, generator=g) * drift
+    adv = torch.randn(b, t, generator=g) if per_token_advantages else torch.randn(b, generator=g)
+    lengths = (torch.rand(b, generator=g) * t * 0.7 + t * 0.3).long().clamp(1, t)
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    out = LinearPolicyInputs(x, old, adv, mask)
+    if ref:
+        out.ref_logprobs = lp + torch.randn(b, t, generator=g) * drift
+    if is_weights:
+        out.is_weights = torch.rand(b, t, generator=g) * 1.5 + 0.25
+    for f in ("old_logprobs", "advantages", "mask", "ref_logprobs", "is_weights"):
+        if getattr(out, f) is not None:
+            setattr(out, f, getattr(out, f).to(device))
+    return out

@@ -1,0 +1,88 @@
+// Argument handling shared by the CPU policy-loss ops (csrc/cpu/policy_loss.cpp and
+// csrc/cpu/linear_policy_loss.cpp): checks, parameters, and the raw-pointer view of a batch that
+// csrc/policy_loss_math.h works on. The Python wrappers (erpd/ops/) validate user input with
+// clear messages; these checks only guard the raw-pointer code against a direct call.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "policy_loss_math.h"
+
+namespace erpd {
+namespace policy_cpu {
+
+inline void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+inline void check_batch(const at::Tensor& logprobs, const c10::optional<at::Tensor>& old_logprobs,
+                        const at::Tensor& advantages, const at::Tensor& mask,
+                        const c10::optional<at::Tensor>& ref_logprobs, const c10::optional<at::Tensor>& entropy,
+                        const c10::optional<at::Tensor>& is_weights) {
+  TORCH_CHECK(logprobs.dim() == 2, "logprobs must be [B, T]");
+  const auto bt = logprobs.sizes();
+  check_f32(logprobs, "logprobs", bt);
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.sizes() == bt,
+              "mask must be a contiguous bool tensor of shape ", bt);
+  if (old_logprobs) check_f32(*old_logprobs, "old_logprobs", bt);
+  if (advantages.dim() == 1) check_f32(advantages, "advantages", {bt[0]});
+  else check_f32(advantages, "advantages", bt);
+  if (ref_logprobs) check_f32(*ref_logprobs, "ref_logprobs", bt);
+  if (entropy) check_f32(*entropy, "entropy", bt);
+  if (is_weights) check_f32(*is_weights, "is_weights", bt);
+}
+
+inline policy::Params make_params(int64_t method, int64_t agg, double lo, double hi, double dual_clip, double tau_pos,
+                                  double tau_neg, double kl_coef, int64_t kl_estimator, double entropy_coef,
+                                  bool has_ref, bool has_entropy) {
+  TORCH_CHECK(method >= policy::kPPO && method <= policy::kReinforce, "unknown policy-loss method code ", method);
+  TORCH_CHECK(agg >= policy::kTokenMean && agg <= policy::kSeqMeanTokenSumNorm, "unknown aggregation code ", agg);
+  TORCH_CHECK(kl_estimator >= policy::kK1 && kl_estimator <= policy::kK3, "unknown KL estimator code ", kl_estimator);
+  policy::Params p;
+  p.method = method;
+  p.agg = agg;
+  p.kl_estimator = kl_estimator;
+  p.lo = float(lo);
+  p.hi = float(hi);
+  p.dual_clip = float(dual_clip);
+  p.tau_pos = float(tau_pos);
+  p.tau_neg = float(tau_neg);
+  p.kl_coef = float(kl_coef);
+  p.entropy_coef = float(entropy_coef);
+  p.has_ref = has_ref;
+  p.has_entropy = has_entropy;
+  return p;
+}
+
+inline const float* ptr(const c10::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
+
+// `old_logprobs` / `grad_entropy` may be null (on-policy; no entropy gradient).
+inline policy::Batch batch(const at::Tensor& logprobs, const at::Tensor* old_logprobs,
+                           const at::Tensor& advantages, const at::Tensor& mask,
+                           const c10::optional<at::Tensor>& ref_logprobs, const c10::optional<at::Tensor>& entropy,
+                           const c10::optional<at::Tensor>& is_weights, at::Tensor& grad_logprobs,
+                           at::Tensor* grad_entropy) {
+  policy::Batch in;
+  in.logprobs = logprobs.data_ptr<float>();
+  in.old_logprobs = old_logprobs ? old_logprobs->data_ptr<float>() : nullptr;
+  in.advantages = advantages.data_ptr<float>();
+  in.mask = mask.data_ptr<bool>();
+  in.ref_logprobs = ptr(ref_logprobs);
+  in.entropy = ptr(entropy);
+  in.is_weights = ptr(is_weights);
+  in.adv_per_row = advantages.dim() == 1;
+  in.T = logprobs.size(1);
+  in.grad_logprobs = grad_logprobs.data_ptr<float>();
+  in.grad_entropy = grad_entropy ? grad_entropy->data_ptr<float>() : nullptr;
+  return in;
+}
+
+// A tensor `num_items` (a CPU scalar here) wins over the float; <= 0 means "not given".
+inline float num_items(const c10::optional<at::Tensor>& t, double value) {
+  return t ? t->to(at::kFloat).item<float>() : float(value);
+}
+
+}  // namespace policy_cpu
+}  // namespace erpd

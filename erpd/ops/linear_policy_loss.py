@@ -1,0 +1,200 @@
+"""`linear_policy_loss`: the policy losses of `erpd.policy_loss` fused with the log-prob computation.
+
+A token-level policy loss is a function of each token's log-prob (and entropy) with weights that
+depend on the mask only, so its gradient w.r.t. the log-prob is known as soon as the log-prob
+is. The fused backends therefore compute dhidden, dweight (and dbias) *in the forward* and save
+them; the autograd backward only multiplies them by grad_output, with no pass over the
+vocabulary (Liger's chunked losses do the same with autograd per chunk).
+
+Backends:
+  cpu     one C++ call (csrc/cpu/linear_policy_loss.cpp) on the chunked driver's
+          forward_with_grads: per row chunk, the logits GEMM, the log-prob/entropy epilogue, the
+          policy-loss gradient of the chunk's tokens (csrc/policy_loss_math.h), dz in place, and
+          the dh, dW GEMMs: 6·N·H·V FLOPs. gspo needs each sequence's mean log-ratio before any
+          of its gradients, so it runs a log-prob pass first, then the gradient pass (8·N·H·V).
+  triton  the Triton kernels composed inside the forward: linear_logprobs forward, the policy
+          loss kernel, linear_logprobs backward (8·N·H·V; the backward is still a scale). A
+          single-pass Triton kernel would need the policy math in the logits tile loop.
+  torch   the reference composition (erpd.reference.linear_logprobs + policy_loss) through
+          ordinary autograd, which recomputes nothing but materializes the [N, V] logits.
+  cuda    not available: there is no CUDA kernel for the policy math; `auto` picks triton on
+          CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from erpd import backends, reference
+from erpd.ops import _validate
+from erpd.ops.policy_loss import metrics_from_stats
+
+OP = "linear_policy_loss"
+
+
+class _LinearPolicyLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, run):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        loss, stats, gh, gw, gb = run(need_h, need_w)
+        # Held as attributes, not saved tensors: the backward scales them in place and hands them
+        # to autograd, which then adopts them as .grad (or adds them into it) without a copy, so
+        # no second [V, H] buffer exists at any point.
+        ctx.grads = (gh if need_h else None, gw if need_w else None, gb if need_b else None)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.hidden_shape = hidden.shape
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        # The whole backward: the gradients were computed (and normalized) in the forward.
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_policy_loss: a second backward through the same call; its gradients are computed in "
+                "the forward and handed over by the first backward (retain_graph=True is not supported)"
+            )
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        if gh is not None:
+            gh = gh.mul_(grad_loss).view(ctx.hidden_shape)
+        if gw is not None:
+            gw = gw.mul_(grad_loss)
+        if gb is not None:
+            gb = (gb * grad_loss).to(ctx.bias_dtype)
+        return gh, gw, gb, None
+
+
+def _run_cpu(h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_tensor, args):
+    def run(need_h, need_w):
+        return torch.ops.erpd.linear_policy_loss_fwd(
+            h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_tensor, *args, need_h, need_w,
+        )
+
+    return run
+
+
+def _run_triton(h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_tensor, args):
+    from erpd.kernels import linear_logprobs as kl
+    from erpd.kernels import policy_loss as kp
+
+    B, T = mask.shape
+
+    def run(need_h, need_w):
+        lp, ent, lse = kl.linear_logprobs_fwd(h2, w, b, t1, inv_t, ignore_index)
+        lp2, ent2 = lp.view(B, T), ent.view(B, T)
+        with_grad_entropy = args[9] != 0.0
+        loss, stats, g_lp, g_ent = kp.policy_loss_fwd(
+            lp2, lp2 if old is None else old, adv, mask, ref, ent2, isw, n_tensor, *args, with_grad_entropy,
+        )
+        # The policy kernel leaves out 1/D (stats[0]); the GEMMs below need the true gradients.
+        g_lp.mul_(stats[0])
+        if with_grad_entropy:
+            g_ent.mul_(stats[0])
+        gh, gw, gb = kl.linear_logprobs_bwd(
+            h2, w, b, t1, lse, ent, g_lp.view(-1), g_ent.view(-1) if with_grad_entropy else None,
+            inv_t, ignore_index, need_h, need_w,
+        )
+        return loss, stats, gh, gw, gb
+
+    return run
+
+
+def linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    method: str = "ppo",
+    agg: str = "token-mean",
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    cispo_cap: float = 5.0,
+    cispo_floor: float | None = None,
+    reinforce_cap: float | None = None,
+    is_weights: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    num_items: float | torch.Tensor | None = None,
+    norm_length: int | None = None,
+    backend: str = "auto",
+    validate: bool | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Policy loss straight from hidden states and the LM head, gradients computed in the forward.
+
+    Equals ``erpd.policy_loss(logprobs, old_logprobs, advantages, mask', entropy=entropy, ...)``
+    with ``logprobs, entropy = erpd.linear_logprobs(hidden, weight, targets, bias=bias,
+    temperature=temperature, ignore_index=ignore_index, with_entropy=True)`` and
+    ``mask' = mask & (targets != ignore_index)``, without materializing the logits and without a
+    second pass over the vocabulary in the backward.
+
+    Args:
+        hidden: ``[B, T, H]`` final hidden states of the completion tokens.
+        weight: ``[V, H]`` LM head (``bias``: optional ``[V]``); same dtype as ``hidden``.
+        targets: ``[B, T]`` the sampled token ids (``ignore_index`` entries are masked out).
+        old_logprobs: ``[B, T]``, or None for on-policy (the ratio is exp(x - sg(x)) = 1 with
+            the policy gradient, as TRL does when it does not reuse a batch).
+        advantages, mask, method, agg, ..., backend, validate: as in :func:`erpd.policy_loss`;
+            the entropy is computed here (it is always in the metrics), ``entropy_coef`` adds
+            the bonus.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`erpd.policy_loss` (``entropy`` always among the metrics).
+        Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+    """
+    hidden, weight, bias = _validate.linear_head(hidden, weight, bias)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [B, T, H], got {list(hidden.shape)}")
+    inv_t = 1.0 / _validate.temperature(temperature)
+    ignore_index = _validate.index(ignore_index, "ignore_index")
+    dev = hidden.device
+    check_values = _validate.want_value_checks(dev, validate)
+    targets = _validate.targets(targets, hidden, weight.shape[0], ignore_index, check_values)
+    B, T = targets.shape
+    old_logprobs, advantages, mask, ref_logprobs, _, is_weights = _validate.policy_tensors(
+        (B, T), dev, old_logprobs, advantages, mask, ref_logprobs, None, is_weights, check_values, old_optional=True,
+    )
+    opts = _validate.policy_options(
+        method=method, agg=agg, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, tau_pos=tau_pos,
+        tau_neg=tau_neg, cispo_cap=cispo_cap, cispo_floor=cispo_floor, reinforce_cap=reinforce_cap,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, norm_length=norm_length,
+        has_ref=ref_logprobs is not None, has_entropy=None,
+    )
+    n_tensor, n_value = _validate.num_items(num_items, dev)
+    name = backends.resolve(backend, dev, OP)
+    valid = (mask != 0) & (targets != ignore_index)
+
+    if name == "torch" or B * T == 0:
+        # (An empty batch takes this path on every backend: nothing to fuse.)
+        lp, ent = reference.linear_logprobs(
+            hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index, with_entropy=True,
+        )
+        return reference.policy_loss(
+            lp, lp.detach() if old_logprobs is None else old_logprobs, advantages, valid,
+            is_weights=is_weights, ref_logprobs=ref_logprobs, entropy=ent,
+            num_items=num_items if n_tensor is None else n_tensor, **opts.reference_kwargs(),
+        )
+    if hidden.dtype == torch.float64:
+        raise TypeError(f"backend={name!r} supports fp32/bf16/fp16 inputs; float64 runs only on backend='torch'")
+
+    f32 = lambda t: None if t is None else t.detach().to(torch.float32).contiguous()  # noqa: E731
+    make = _run_triton if name == "triton" else _run_cpu
+    run = make(
+        hidden.reshape(B * T, hidden.shape[-1]).contiguous(), weight.contiguous(),
+        None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(), inv_t, ignore_index,
+        f32(old_logprobs), f32(advantages), valid.contiguous(), f32(ref_logprobs), f32(is_weights), n_tensor,
+        opts.kernel_args(T, n_value),
+    )
+    loss, stats = _LinearPolicyLossFunction.apply(hidden, weight, bias, run)
+    return loss, metrics_from_stats(stats, ref_logprobs is not None, True)

@@ -1,0 +1,340 @@
+r"""Policy losses in Triton: per-token loss, its gradient w.r.t. the log-prob, and the metrics, in one pass.
+
+Math (erpd.reference.policy_loss is the definition; csrc/policy_loss_math.h is the C++ twin). Per
+valid token with log-prob x, old log-prob x_old, advantage A and delta = x - x_old:
+
+    log r = clamp(delta, +-20)                  (gspo: the row's clamp(mean_t m delta, +-20))
+    ppo/gspo   l = max(-A r, -A clip(r, lo, hi)),  A < 0 and dual clip c: l = min(l, -c A)
+               dl/dlog r = -A r where the unclipped branch is the max (and below c), else 0
+    sapo       l = -A (4/tau) s,  s = sigmoid(tau (r - 1)),  dl/dlog r = -4 A s (1 - s) r
+    cispo /    l = -sg(clip(r, lo, hi)) A x,  dl/dx = -clip(r, lo, hi) A
+    reinforce
+    KL, d = x_ref - x: k1 = -d (dk/dx = 1), k2 = d^2/2 (-d), k3 = e^d - d - 1 (1 - e^d; d clamped to +-20)
+
+The loss is sum_t m_t f_b / D [rho_t l_t + kl_coef k_t - entropy_coef H_t], with f_b = 1/L_b
+for seq-mean-token-mean (L_b = valid tokens of row b) and 1 otherwise, and D the batch
+normaliser. gspo's gradient reaches every token of a row through its sequence ratio s_b:
+dL/dx_t = m_t f_b / D * (sum_t' m rho dl_t'/dlog s) / L_b.
+
+Layout. `_policy_loss_fwd_kernel` runs one program per row (sequence), BLOCK_T tokens at a time:
+a first pass for the row's length (and gspo's mean log-ratio) when the method or aggregation
+needs it, then the per-token pass, which writes dL/dx (and dL/dH) *without* 1/D and row
+partial sums; gspo adds a third pass writing its sequence-level gradient. D can need the whole
+batch's token count, which no row program has, so `_policy_loss_finalize_kernel` (one program)
+reduces the [B, NUM_PARTS] partials, computes D, and writes the loss, 1/D and the metrics; the
+autograd backward scales the saved gradients by grad_output / D. Two launches per call, no host
+synchronization. Everything accumulates in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["policy_loss_fwd", "NUM_STATS"]
+
+# Codes shared with csrc/policy_loss_math.h and erpd/ops/policy_loss.py.
+PPO, SAPO, CISPO, GSPO, REINFORCE = 0, 1, 2, 3, 4
+TOKEN_MEAN, SEQ_MEAN_TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_SUM_NORM = 0, 1, 2, 3
+K1, K2, K3 = 0, 1, 2
+# Row partials: weighted sums (policy, kl, entropy), count, clip counts, ratio sum/min/max,
+# approx-kl sum, kl sum, entropy sum.
+NUM_PARTS = 12
+NUM_STATS = 12
+LOG_RATIO_CLAMP = 20.0
+
+
+@triton.jit
+def _token_terms(
+    x, x_old, adv, x_ref, seq_log_r, lo, hi, dual_clip, tau_pos, tau_neg,
+    METHOD: tl.constexpr, KL_EST: tl.constexpr, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr,
+    CLAMP: tl.constexpr,
+):
+    """(l, dl, ratio, approx_kl, clip_low, clip_high, k, dk) of a block of tokens (see the module docstring)."""
+    delta = x - x_old
+    log_rt = tl.minimum(tl.maximum(delta, -CLAMP), CLAMP)
+    rt = tl.exp(log_rt)
+    approx_kl = (rt - 1.0) - log_rt
+    if METHOD == 3:  # gspo: the row's sequence ratio
+        raw = seq_log_r + tl.zeros_like(delta)
+        r = tl.exp(tl.minimum(tl.maximum(raw, -CLAMP), CLAMP))
+    else:
+        raw = delta
+        r = rt
+    passes = (raw >= -CLAMP) & (raw <= CLAMP)
+    if METHOD == 0 or METHOD == 3:
+        u1 = -adv * r
+        u2 = -adv * tl.minimum(tl.maximum(r, lo), hi)
+        pol = tl.maximum(u1, u2)
+        d = tl.where((u1 >= u2) & passes, -adv * r, 0.0)
+        if HAS_DUAL:
+            hit = (adv < 0) & (pol > -dual_clip * adv)
+            pol = tl.where(hit, -dual_clip * adv, pol)
+            d = tl.where(hit, 0.0, d)
+        clip_lo = (adv < 0) & (r < lo)
+        clip_hi = (adv > 0) & (r > hi)
+    elif METHOD == 1:  # sapo
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        s = tl.sigmoid(tau * (r - 1.0))
+        pol = -adv * (4.0 / tau) * s
+        d = tl.where(passes, -4.0 * adv * s * (1.0 - s) * r, 0.0)
+        clip_lo = tl.zeros_like(adv) > 1.0  # sapo has no clip: all False
+        clip_hi = clip_lo
+    else:  # cispo, reinforce: a detached, clipped weight on -A x
+        w = tl.minimum(tl.maximum(r, lo), hi)
+        pol = -w * adv * x
+        d = -w * adv
+        clip_lo = (adv < 0) & (r < lo)
+        clip_hi = (adv > 0) & (r > hi)
+    if HAS_REF:
+        dd = x_ref - x
+        if KL_EST == 0:
+            kl = -dd
+            dkl = tl.full(dd.shape, 1.0, tl.float32)
+        elif KL_EST == 1:
+            kl = 0.5 * dd * dd
+            dkl = -dd
+        else:
+            dc = tl.minimum(tl.maximum(dd, -CLAMP), CLAMP)
+            e = tl.exp(dc)
+            kl = e - dc - 1.0
+            dkl = tl.where((dd >= -CLAMP) & (dd <= CLAMP), 1.0 - e, 0.0)
+    else:
+        kl = tl.zeros_like(delta)
+        dkl = kl
+    return pol, d, r, approx_kl, clip_lo, clip_hi, kl, dkl
+
+
+@triton.jit
+def _policy_loss_fwd_kernel(
+    lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, isw_ptr,
+    glp_ptr, gent_ptr, part_ptr,
+    T, lo, hi, dual_clip, tau_pos, tau_neg, kl_coef, ent_coef,
+    METHOD: tl.constexpr, AGG: tl.constexpr, KL_EST: tl.constexpr,
+    HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_DUAL: tl.constexpr,
+    NEED_GENT: tl.constexpr, ADV_PER_ROW: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    CLAMP: tl.constexpr = 20.0
+    GSPO_: tl.constexpr = METHOD == 3
+    b = tl.program_id(0)
+    base = b.to(tl.int64) * T
+    ar = tl.arange(0, BLOCK_T)
+
+    # Pass 1: the row's length (seq-mean-token-mean, gspo) and mean log-ratio (gspo).
+    length = 0.0
+    sum_delta = 0.0
+    if AGG == 1 or GSPO_:
+        for t0 in range(0, T, BLOCK_T):
+            offs = t0 + ar
+            inb = offs < T
+            valid = tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0
+            length += tl.sum(valid.to(tl.float32), axis=0)
+            if GSPO_:
+                x = tl.load(lp_ptr + base + offs, mask=inb, other=0.0)
+                x_old = tl.load(old_ptr + base + offs, mask=inb, other=0.0)
+                sum_delta += tl.sum(tl.where(valid, x - x_old, 0.0), axis=0)
+    if AGG == 1:
+        f = 1.0 / tl.maximum(length, 1.0)
+    else:
+        f = 1.0
+    seq_log_r = sum_delta / tl.maximum(length, 1.0)
+    if ADV_PER_ROW:
+        adv_row = tl.load(adv_ptr + b)
+
+    # Pass 2: per-token terms; per-lane accumulators, reduced once at the end.
+    zero = tl.zeros((BLOCK_T,), tl.float32)
+    a_pol = zero
+    a_kl = zero
+    a_ent = zero
+    a_n = zero
+    a_clo = zero
+    a_chi = zero
+    a_r = zero
+    a_rmin = zero + float("inf")
+    a_rmax = zero - float("inf")
+    a_akl = zero
+    a_k = zero
+    a_h = zero
+    a_gseq = zero
+    for t0 in range(0, T, BLOCK_T):
+        offs = t0 + ar
+        inb = offs < T
+        valid = tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0
+        # Padding values (NaN, -inf) never reach arithmetic that a valid token reads.
+        x = tl.where(valid, tl.load(lp_ptr + base + offs, mask=inb, other=0.0), 0.0)
+        x_old = tl.where(valid, tl.load(old_ptr + base + offs, mask=inb, other=0.0), 0.0)
+        if ADV_PER_ROW:
+            adv = tl.where(valid, adv_row, 0.0)
+        else:
+            adv = tl.where(valid, tl.load(adv_ptr + base + offs, mask=inb, other=0.0), 0.0)
+        if HAS_REF:
+            x_ref = tl.where(valid, tl.load(ref_ptr + base + offs, mask=inb, other=0.0), 0.0)
+        else:
+            x_ref = zero
+        pol, d, r, akl, clo, chi, kl, dkl = _token_terms(
+            x, x_old, adv, x_ref, seq_log_r, lo, hi, dual_clip, tau_pos, tau_neg,
+            METHOD, KL_EST, HAS_REF, HAS_DUAL, CLAMP,
+        )
+        if HAS_ISW:
+            rho = tl.where(valid, tl.load(isw_ptr + base + offs, mask=inb, other=0.0), 0.0)
+        else:
+            rho = zero + 1.0
+        if HAS_ENT:
+            h = tl.where(valid, tl.load(ent_ptr + base + offs, mask=inb, other=0.0), 0.0)
+        else:
+            h = zero
+        vf = valid.to(tl.float32)
+        a_pol += tl.where(valid, rho * pol, 0.0)
+        a_kl += tl.where(valid, kl, 0.0)
+        a_ent += h
+        a_n += vf
+        a_clo += tl.where(valid & clo, 1.0, 0.0)
+        a_chi += tl.where(valid & chi, 1.0, 0.0)
+        a_r += tl.where(valid, r, 0.0)
+        a_rmin = tl.minimum(a_rmin, tl.where(valid, r, float("inf")))
+        a_rmax = tl.maximum(a_rmax, tl.where(valid, r, -float("inf")))
+        a_akl += tl.where(valid, akl, 0.0)
+        a_k += tl.where(valid, kl, 0.0)
+        a_h += h
+        g = kl_coef * dkl
+        if GSPO_:
+            a_gseq += tl.where(valid, rho * d, 0.0)
+        else:
+            g += rho * d
+        tl.store(glp_ptr + base + offs, tl.where(valid, f * g, 0.0), mask=inb)
+        if NEED_GENT:
+            tl.store(gent_ptr + base + offs, tl.where(valid, -ent_coef * f, 0.0), mask=inb)
+
+    if GSPO_:
+        # Pass 3: every token of the row gets the sequence ratio's share of the gradient.
+        g_seq = f * tl.sum(a_gseq, axis=0) / tl.maximum(length, 1.0)
+        for t0 in range(0, T, BLOCK_T):
+            offs = t0 + ar
+            inb = offs < T
+            valid = tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0
+            g = tl.load(glp_ptr + base + offs, mask=inb, other=0.0)
+            tl.store(glp_ptr + base + offs, tl.where(valid, g + g_seq, 0.0), mask=inb)
+
+    out = part_ptr + b.to(tl.int64) * 12
+    tl.store(out + 0, f * tl.sum(a_pol, axis=0))
+    tl.store(out + 1, f * tl.sum(a_kl, axis=0))
+    tl.store(out + 2, f * tl.sum(a_ent, axis=0))
+    tl.store(out + 3, tl.sum(a_n, axis=0))
+    tl.store(out + 4, tl.sum(a_clo, axis=0))
+    tl.store(out + 5, tl.sum(a_chi, axis=0))
+    tl.store(out + 6, tl.sum(a_r, axis=0))
+    tl.store(out + 7, tl.min(a_rmin, axis=0))
+    tl.store(out + 8, tl.max(a_rmax, axis=0))
+    tl.store(out + 9, tl.sum(a_akl, axis=0))
+    tl.store(out + 10, tl.sum(a_k, axis=0))
+    tl.store(out + 11, tl.sum(a_h, axis=0))
+
+
+@triton.jit
+def _policy_loss_finalize_kernel(
+    part_ptr, loss_ptr, stats_ptr, num_items_ptr,
+    B, num_items_value, norm_scale, kl_coef, ent_coef,
+    AGG: tl.constexpr, NUM_ITEMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    cols = tl.arange(0, 16)
+    col_ok = cols < 12
+    s = tl.zeros((16,), tl.float32)
+    mn = tl.full((16,), float("inf"), tl.float32)
+    mx = tl.full((16,), -float("inf"), tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        ok = (rows < B)[:, None] & col_ok[None, :]
+        v = tl.load(part_ptr + rows.to(tl.int64)[:, None] * 12 + cols[None, :], mask=ok, other=0.0)
+        s += tl.sum(v, axis=0)
+        mn = tl.minimum(mn, tl.min(tl.where(ok, v, float("inf")), axis=0))
+        mx = tl.maximum(mx, tl.max(tl.where(ok, v, -float("inf")), axis=0))
+    pol = tl.sum(tl.where(cols == 0, s, 0.0), axis=0)
+    kl = tl.sum(tl.where(cols == 1, s, 0.0), axis=0)
+    ent = tl.sum(tl.where(cols == 2, s, 0.0), axis=0)
+    n = tl.sum(tl.where(cols == 3, s, 0.0), axis=0)
+    clo = tl.sum(tl.where(cols == 4, s, 0.0), axis=0)
+    chi = tl.sum(tl.where(cols == 5, s, 0.0), axis=0)
+    rsum = tl.sum(tl.where(cols == 6, s, 0.0), axis=0)
+    rmin = tl.min(tl.where(cols == 7, mn, float("inf")), axis=0)
+    rmax = tl.max(tl.where(cols == 8, mx, -float("inf")), axis=0)
+    akl = tl.sum(tl.where(cols == 9, s, 0.0), axis=0)
+    ksum = tl.sum(tl.where(cols == 10, s, 0.0), axis=0)
+    hsum = tl.sum(tl.where(cols == 11, s, 0.0), axis=0)
+
+    # The count of the normaliser: num_items when given, else tokens (token-mean) or rows.
+    if AGG == 0:
+        count = n
+    else:
+        count = B + 0.0 * n
+    count = tl.where(num_items_value > 0, num_items_value, count)
+    if NUM_ITEMS_FROM_PTR:
+        count = tl.load(num_items_ptr).to(tl.float32)
+    inv = 1.0 / (tl.maximum(count, 1.0) * norm_scale)
+    inv_n = 1.0 / tl.maximum(n, 1.0)
+    tl.store(loss_ptr, (pol + kl_coef * kl - ent_coef * ent) * inv)
+    tl.store(stats_ptr + 0, inv)
+    tl.store(stats_ptr + 1, pol * inv)
+    tl.store(stats_ptr + 2, clo * inv_n)
+    tl.store(stats_ptr + 3, chi * inv_n)
+    tl.store(stats_ptr + 4, (clo + chi) * inv_n)
+    tl.store(stats_ptr + 5, rsum * inv_n)
+    tl.store(stats_ptr + 6, tl.where(n > 0, rmin, 1.0))
+    tl.store(stats_ptr + 7, tl.where(n > 0, rmax, 1.0))
+    tl.store(stats_ptr + 8, akl * inv_n)
+    tl.store(stats_ptr + 9, ksum * inv_n)
+    tl.store(stats_ptr + 10, hsum * inv_n)
+    tl.store(stats_ptr + 11, n)
+
+
+def _on_device(device: torch.device):
+    # Triton launches on the current CUDA device, which need not be the tensors' device.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def policy_loss_fwd(
+    logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, num_items,
+    method: int, agg: int, ratio_lo: float, ratio_hi: float, dual_clip: float, tau_pos: float, tau_neg: float,
+    kl_coef: float, kl_estimator: int, entropy_coef: float, num_items_value: float, norm_scale: float,
+    need_grad_entropy: bool,
+):
+    """(loss [] f32, stats [NUM_STATS] f32, grad_logprobs [B, T] f32, grad_entropy [B, T] f32 | empty).
+
+    The same contract as the C++ op `erpd::policy_loss_fwd` (csrc/bindings.cpp): float32
+    contiguous [B, T] inputs (advantages [B] or [B, T], mask bool), gradients without the 1/D
+    factor, stats[0] = 1/D.
+    """
+    B, T = logprobs.shape
+    dev = logprobs.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    grad_lp = torch.empty(B, T, **f32)
+    grad_ent = torch.empty(B, T, **f32) if need_grad_entropy else torch.empty(0, **f32)
+    part = torch.empty(B, NUM_PARTS, **f32)
+    loss = torch.empty((), **f32)
+    stats = torch.empty(NUM_STATS, **f32)
+    block_t = min(1024, triton.next_power_of_2(max(T, 16)))
+    dummy = logprobs
+    with _on_device(dev):
+        if B > 0:
+            _policy_loss_fwd_kernel[(B,)](
+                logprobs, old_logprobs, advantages, mask.view(torch.uint8),
+                dummy if ref_logprobs is None else ref_logprobs,
+                dummy if entropy is None else entropy,
+                dummy if is_weights is None else is_weights,
+                grad_lp, grad_ent if need_grad_entropy else grad_lp, part,
+                T, float(ratio_lo), float(ratio_hi), float(dual_clip), float(tau_pos), float(tau_neg),
+                float(kl_coef), float(entropy_coef),
+                METHOD=int(method), AGG=int(agg), KL_EST=int(kl_estimator),
+                HAS_REF=ref_logprobs is not None, HAS_ENT=entropy is not None, HAS_ISW=is_weights is not None,
+                HAS_DUAL=dual_clip > 0, NEED_GENT=bool(need_grad_entropy), ADV_PER_ROW=advantages.dim() == 1,
+                BLOCK_T=block_t, num_warps=4 if block_t <= 512 else 8,
+            )
+        _policy_loss_finalize_kernel[(1,)](
+            part, loss, stats, dummy if num_items is None else num_items,
+            B, float(num_items_value), float(norm_scale), float(kl_coef), float(entropy_coef),
+            AGG=int(agg), NUM_ITEMS_FROM_PTR=num_items is not None,
+            BLOCK_B=min(1024, triton.next_power_of_2(max(B, 16))), num_warps=4,
+        )
+    return loss, stats, grad_lp, grad_ent

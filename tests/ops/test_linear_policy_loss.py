@@ -1,0 +1,256 @@
+"""linear_policy_loss: the fused op against the float64 reference composition, against the unfused
+composition of erpd ops, micro-batching, and the claim that its backward makes no vocabulary pass.
+
+Tolerance rule (DESIGN.md §5): error vs float64 at most 2x the error of plain PyTorch
+(naive_linear_logprobs + the reference policy loss) in the same input precision.
+"""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import erpd
+from erpd.reference import POLICY_AGGS, POLICY_METHODS
+from erpd.testing import assert_within_rule, make_linear_policy_inputs, naive_linear_logprobs
+
+TINY = dict(b=3, t=13, h=32, v=101)  # 39 rows: cheap under the Triton interpreter
+
+
+def _side(x):
+    return dict(ref_logprobs=x.ref_logprobs, is_weights=x.is_weights)
+
+
+def _grads(loss, lin):
+    wrt = [t for t in (lin.hidden, lin.weight, lin.bias) if t is not None and t.requires_grad]
+    return dict(zip(("hidden", "weight", "bias"), torch.autograd.grad(loss * 1.7, wrt)))
+
+
+def _run(x, backend, temperature=1.0, ignore_index=-100, **opts):
+    lin = x.linear
+    if backend == "naive":
+        lp, ent = naive_linear_logprobs(lin.hidden, lin.weight, lin.targets, bias=lin.bias, temperature=temperature,
+                                        ignore_index=ignore_index)
+        valid = x.mask & (lin.targets != ignore_index)
+        loss, metrics = erpd.reference.policy_loss(lp, x.old_logprobs, x.advantages, valid, entropy=ent, **_side(x), **opts)
+    else:
+        loss, metrics = erpd.linear_policy_loss(
+            lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages, x.mask, bias=lin.bias,
+            temperature=temperature, ignore_index=ignore_index, backend=backend, **_side(x), **opts,
+        )
+    return loss.detach(), metrics, _grads(loss, lin)
+
+
+def check_backend(x, backend, **opts):
+    ref = _run(x.to64(), "torch", **opts)
+    base = _run(x.clone(), "naive", **opts)
+    got = _run(x.clone(), backend, **opts)
+    assert got[0].dtype == torch.float32 and got[0].shape == ()
+    assert_within_rule(got[0], ref[0], base[0], name=f"{backend} loss")
+    assert set(got[1]) == set(ref[1]), f"{backend} metrics {sorted(got[1])} != {sorted(ref[1])}"
+    for k in ref[1]:
+        assert_within_rule(got[1][k], ref[1][k], base[1][k], name=f"{backend} metric {k}")
+    assert set(got[2]) == set(ref[2])
+    for k in ref[2]:
+        assert got[2][k].dtype == getattr(x.linear, k).dtype and got[2][k].shape == getattr(x.linear, k).shape
+        assert_within_rule(got[2][k], ref[2][k], base[2][k], name=f"{backend} d{k}")
+    return got
+
+
+@pytest.mark.parametrize("agg", POLICY_AGGS)
+@pytest.mark.parametrize("method", POLICY_METHODS)
+def test_methods_and_aggregations(cpu_backend, method, agg):
+    seed = POLICY_METHODS.index(method) * 5 + POLICY_AGGS.index(agg)
+    x = make_linear_policy_inputs(**TINY, seed=seed, ref=True)
+    check_backend(x, cpu_backend, method=method, agg=agg, kl_coef=0.05, entropy_coef=0.02)
+
+
+@pytest.mark.parametrize("method", ["ppo", "gspo", "cispo"])
+def test_bias_temperature_ignored_rows_and_side_inputs(cpu_backend, method):
+    x = make_linear_policy_inputs(**TINY, seed=7, temperature=0.7, bias=True, ignore_frac=0.2, drift=0.5,
+                                  per_token_advantages=True, ref=True, is_weights=True)
+    check_backend(x, cpu_backend, temperature=0.7, method=method, agg="seq-mean-token-mean", clip_high=0.28,
+                  kl_coef=0.1, kl_estimator="k2", entropy_coef=0.01,
+                  **(dict(dual_clip=2.0) if method != "cispo" else dict(cispo_cap=1.3)))
+
+
+@pytest.mark.parametrize("method", ["ppo", "gspo"])
+def test_equals_the_unfused_composition(cpu_backend, method):
+    """Same backend, same kernels: linear_logprobs + policy_loss through autograd vs the fused op."""
+    x = make_linear_policy_inputs(**TINY, seed=11, bias=True, ref=True, is_weights=True)
+    opts = dict(method=method, agg="token-mean", kl_coef=0.1, entropy_coef=0.05, temperature=0.9)
+    fused = _run(x.clone(), cpu_backend, **opts)
+    y = x.clone()
+    lin = y.linear
+    lp, ent = erpd.linear_logprobs(lin.hidden, lin.weight, lin.targets, bias=lin.bias, temperature=0.9,
+                                   with_entropy=True, backend=cpu_backend)
+    kw = {k: v for k, v in opts.items() if k != "temperature"}
+    loss, metrics = erpd.policy_loss(lp, y.old_logprobs, y.advantages, y.mask, entropy=ent, backend=cpu_backend,
+                                     **_side(y), **kw)
+    grads = _grads(loss, lin)
+    torch.testing.assert_close(fused[0], loss.detach(), rtol=1e-5, atol=1e-6)
+    for k in metrics:
+        torch.testing.assert_close(fused[1][k], metrics[k], rtol=1e-5, atol=1e-6)
+    for k in grads:
+        torch.testing.assert_close(fused[2][k], grads[k], rtol=1e-5, atol=1e-6)
+
+
+def test_on_policy_old_logprobs_none(cpu_backend):
+    x = make_linear_policy_inputs(**TINY, seed=13)
+    lin = x.linear
+    loss, metrics = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, None, x.advantages, x.mask,
+                                            method="ppo", backend=cpu_backend)
+    g = _grads(loss, lin)
+    y = x.clone()
+    lp, _ = erpd.reference.linear_logprobs(y.linear.hidden, y.linear.weight, y.linear.targets)
+    ref, _ = erpd.reference.policy_loss(lp, lp.detach(), y.advantages, y.mask)
+    g_ref = _grads(ref, y.linear)
+    assert metrics["ratio_min"].item() == 1.0 and metrics["ratio_max"].item() == 1.0
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    for k in g_ref:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batches_with_num_items_sum_to_the_full_batch(cpu_backend, agg):
+    x = make_linear_policy_inputs(4, 9, 32, 101, seed=17, ref=True)
+    opts = dict(method="ppo", agg=agg, kl_coef=0.1, entropy_coef=0.02)
+    full = _run(x.clone(), cpu_backend, **opts)
+    count = int(x.mask.sum()) if agg == "token-mean" else 4
+    y = x.clone()
+    total, dh = 0.0, []
+    for sl in (slice(0, 1), slice(1, 4)):
+        mb = y.rows(sl)
+        loss, _ = erpd.linear_policy_loss(mb.linear.hidden, mb.linear.weight, mb.linear.targets, mb.old_logprobs,
+                                          mb.advantages, mb.mask, num_items=count, backend=cpu_backend,
+                                          ref_logprobs=mb.ref_logprobs, **opts)
+        (loss * 1.7).backward()  # accumulates into the shared weight's .grad, as a trainer does
+        total = total + loss.detach()
+        dh.append(mb.linear.hidden.grad)
+    torch.testing.assert_close(total, full[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat(dh), full[2]["hidden"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(y.linear.weight.grad, full[2]["weight"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_inputs(cpu_backend, dtype):
+    x = make_linear_policy_inputs(**TINY, seed=19, bias=True, dtype=dtype, ref=True)
+    check_backend(x, cpu_backend, method="sapo", agg="seq-mean-token-mean", kl_coef=0.1)
+
+
+def test_frozen_head_and_no_grad(cpu_backend):
+    x = make_linear_policy_inputs(**TINY, seed=23)
+    x.linear.weight.requires_grad_(False)
+    _, _, grads = check_backend(x, cpu_backend, method="ppo")
+    assert set(grads) == {"hidden"}
+    lin = x.linear
+    with torch.no_grad():
+        loss, metrics = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages,
+                                                x.mask, backend=cpu_backend)
+    ref, _ = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages, x.mask,
+                                     backend="torch")
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_non_contiguous_hidden(cpu_backend):
+    x = make_linear_policy_inputs(**TINY, seed=29)
+    buf = torch.randn(32, 3 * 13 * 2).t().reshape(3, 26, 32)  # non-contiguous storage
+    x.linear.hidden = buf[:, ::2].detach().requires_grad_()
+    assert not x.linear.hidden.is_contiguous()
+    check_backend(x, cpu_backend, method="gspo", agg="seq-mean-token-sum")
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 5 * 4 * 101])
+@pytest.mark.parametrize("method", ["ppo", "gspo"])
+def test_chunks_that_split_sequences(monkeypatch, chunk_bytes, method):
+    """The C++ driver's row chunks (1 row; 5 rows, ragged) cut sequences of T=13 anywhere."""
+    if "cpu" not in erpd.available("cpu", "linear_policy_loss"):
+        pytest.skip("erpd._C not built")
+    monkeypatch.setenv("ERPD_CHUNK_BYTES", str(chunk_bytes))
+    x = make_linear_policy_inputs(**TINY, seed=31, bias=True, ref=True)
+    check_backend(x, "cpu", method=method, agg="seq-mean-token-mean", kl_coef=0.1, entropy_coef=0.05)
+
+
+def test_second_backward_is_a_clear_error(cpu_backend):
+    x = make_linear_policy_inputs(**TINY, seed=39)
+    lin = x.linear
+    loss, _ = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages, x.mask,
+                                      backend=cpu_backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True is not supported"):
+        loss.backward()
+
+
+def test_module_form(cpu_backend):
+    x = make_linear_policy_inputs(**TINY, seed=37)
+    mod = erpd.nn.LinearPolicyLoss(temperature=0.8, method="cispo", agg="seq-mean-token-sum", backend=cpu_backend)
+    lin = x.linear
+    loss, metrics = mod(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages, x.mask)
+    ref, _ = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages, x.mask,
+                                     temperature=0.8, method="cispo", agg="seq-mean-token-sum", backend="torch")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert "temperature=0.8" in repr(mod) and "cispo" in repr(mod)
+
+
+# --------------------------------------------------------------------------------------------
+# The backward makes no pass over the vocabulary.
+# --------------------------------------------------------------------------------------------
+
+GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::matmul", "aten::linear", "aten::bmm")
+
+
+def _gemm_counts(fn):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = Counter(e.name for e in prof.events())
+    return {k: counts[k] for k in GEMMS if counts[k]}, counts
+
+
+@pytest.mark.parametrize("method, per_chunk", [("ppo", 3), ("sapo", 3), ("gspo", 4)])
+def test_cpu_gemm_counts(monkeypatch, method, per_chunk):
+    """Forward: 3 GEMMs per row chunk (logits, dh, dW) = 6·N·H·V FLOPs for token-level methods;
+    gspo adds a log-prob pass (4 per chunk). Backward: none."""
+    if "cpu" not in erpd.available("cpu", "linear_policy_loss"):
+        pytest.skip("erpd._C not built")
+    monkeypatch.setenv("ERPD_CHUNK_BYTES", str(16 * 4 * 101))  # 39 rows -> chunks of 16, 16, 7
+    x = make_linear_policy_inputs(**TINY, seed=41, bias=True)
+    lin = x.linear
+    out = {}
+
+    def fwd():
+        out["loss"], _ = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages,
+                                                 x.mask, bias=lin.bias, method=method, backend="cpu")
+
+    f_gemms, _ = _gemm_counts(fwd)
+    b_gemms, b_all = _gemm_counts(lambda: out["loss"].backward())
+    assert sum(f_gemms.values()) == per_chunk * 3, f_gemms
+    assert b_gemms == {}, f"backward ran GEMMs: {b_gemms}"
+    assert not any(name.startswith("erpd::") for name in b_all), "backward called an erpd kernel"
+    assert lin.hidden.grad is not None and lin.weight.grad is not None and lin.bias.grad is not None
+
+
+def test_triton_backward_launches_nothing(monkeypatch):
+    if "triton" not in erpd.available("cpu", "linear_policy_loss"):
+        pytest.skip("triton backend not available on CPU here (needs TRITON_INTERPRET=1)")
+    from erpd.kernels import linear_logprobs as kl
+    from erpd.kernels import policy_loss as kp
+
+    calls = Counter()
+    for mod, name in ((kl, "linear_logprobs_fwd"), (kl, "linear_logprobs_bwd"), (kp, "policy_loss_fwd")):
+        orig = getattr(mod, name)
+
+        def wrapped(*a, _orig=orig, _name=name, **k):
+            calls[_name] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(mod, name, wrapped)
+    x = make_linear_policy_inputs(**TINY, seed=43)
+    lin = x.linear
+    loss, _ = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages, x.mask,
+                                      backend="triton")
+    assert calls == Counter(linear_logprobs_fwd=1, policy_loss_fwd=1, linear_logprobs_bwd=1)
+    calls.clear()
+    b_gemms, _ = _gemm_counts(lambda: loss.backward())
+    assert not calls and b_gemms == {}, (calls, b_gemms)
+    assert lin.hidden.grad is not None and lin.weight.grad is not None

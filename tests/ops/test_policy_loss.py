@@ -1,0 +1,266 @@
+"""policy_loss: every method x aggregation, every backend, against the float64 reference.
+
+Tolerance rule (DESIGN.md §5): error vs float64 at most 2x the error plain PyTorch (the reference
+run in float32, i.e. backend="torch") makes on the same inputs, plus a small floor. The
+reference itself is pinned to hand-computed values at the end of the file.
+"""
+
+import math
+
+import pytest
+import torch
+
+import erpd
+from erpd.reference import POLICY_AGGS, POLICY_METHODS
+from erpd.testing import assert_within_rule, make_policy_inputs
+
+
+def _run(x, backend, **opts):
+    """Loss, metrics and the gradients w.r.t. logprobs (and entropy) of one backend, on fresh leaves."""
+    loss, metrics = erpd.policy_loss(
+        x.logprobs, x.old_logprobs, x.advantages, x.mask, backend=backend, **x.kwargs(), **opts
+    )
+    wrt = [x.logprobs] + ([x.entropy] if x.entropy is not None and opts.get("entropy_coef", 0.0) else [])
+    # grad_output != 1, so that the backward's scale is exercised.
+    grads = torch.autograd.grad(loss * 1.7, wrt)
+    return loss.detach(), metrics, grads
+
+
+def check_backend(x, backend, **opts):
+    ref = _run(x.cast(torch.float64), "torch", **opts)
+    base = _run(x.cast(torch.float32), "torch", **opts)
+    got = _run(x.cast(torch.float32), backend, **opts)
+    assert got[0].dtype == torch.float32 and got[0].shape == ()
+    assert_within_rule(got[0], ref[0], base[0], name=f"{backend} loss")
+    assert set(got[1]) == set(ref[1]), f"{backend} metric names {sorted(got[1])} != {sorted(ref[1])}"
+    for k in ref[1]:
+        assert got[1][k].shape == () and not got[1][k].requires_grad
+        assert_within_rule(got[1][k], ref[1][k], base[1][k], name=f"{backend} metric {k}")
+    for i, (g, r, b) in enumerate(zip(got[2], ref[2], base[2])):
+        assert torch.isfinite(g).all(), f"{backend} grad {i} has non-finite entries (padding leaked?)"
+        assert_within_rule(g, r, b, name=f"{backend} grad {i}")
+    # Padding gets exactly zero gradient.
+    assert (got[2][0][x.mask == 0] == 0).all()
+    return got
+
+
+@pytest.fixture(params=["torch", *[b for b in erpd.available("cpu") if b != "torch"]])
+def backend(request):
+    return request.param
+
+
+@pytest.mark.parametrize("agg", POLICY_AGGS)
+@pytest.mark.parametrize("method", POLICY_METHODS)
+def test_methods_and_aggregations(cpu_backend, method, agg):
+    x = make_policy_inputs(5, 37, seed=POLICY_METHODS.index(method) * 7 + POLICY_AGGS.index(agg), ref=True, entropy=True)
+    check_backend(x, cpu_backend, method=method, agg=agg, kl_coef=0.05, entropy_coef=0.01)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(method="ppo", clip_low=0.2, clip_high=0.28),  # clip-higher (DAPO)
+        dict(method="ppo", dual_clip=1.5, clip_low=0.1),
+        dict(method="gspo", clip_low=0.05, clip_high=0.08, dual_clip=1.3),
+        dict(method="sapo", tau_pos=0.5, tau_neg=2.0),
+        dict(method="cispo", cispo_cap=1.2),  # one-sided, binding
+        dict(method="cispo", cispo_floor=0.9, cispo_cap=1.1),  # verl's two-sided form
+        dict(method="reinforce", reinforce_cap=1.1),
+        dict(method="reinforce"),
+    ],
+    ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_method_options_with_per_token_advantages_and_is_weights(cpu_backend, opts):
+    x = make_policy_inputs(4, 45, seed=3, drift=0.5, per_token_advantages=True, is_weights=True)
+    check_backend(x, cpu_backend, agg="seq-mean-token-mean", **opts)
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+def test_kl_estimators(cpu_backend, kl_estimator):
+    x = make_policy_inputs(4, 33, seed=11, ref=True, drift=1.0)
+    check_backend(x, cpu_backend, kl_coef=0.3, kl_estimator=kl_estimator)
+
+
+def test_metrics_only_kl_and_entropy(cpu_backend):
+    """ref_logprobs / entropy without coefficients: metrics only, no gradient into entropy."""
+    x = make_policy_inputs(4, 33, seed=13, ref=True, entropy=True)
+    loss, metrics, grads = check_backend(x, cpu_backend)
+    assert {"kl_ref", "entropy"} <= set(metrics) and len(grads) == 1
+    loss0, _ = erpd.policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, backend=cpu_backend)
+    torch.testing.assert_close(loss, loss0.detach())
+
+
+def test_extreme_log_ratios_are_clamped(cpu_backend):
+    """|log r| > 20 at valid tokens: finite loss, zero ratio gradient there (the documented clamp)."""
+    x = make_policy_inputs(3, 16, seed=17, ref=True)
+    x.old_logprobs[0, :3] = x.logprobs[0, :3].detach() - 30.0
+    x.old_logprobs[2, :2] = x.logprobs[2, :2].detach() + 30.0
+    for method in ("ppo", "sapo", "gspo"):
+        check_backend(x, cpu_backend, method=method, kl_coef=0.1)
+
+
+@pytest.mark.parametrize("agg", POLICY_AGGS)
+def test_micro_batches_with_num_items_sum_to_the_full_batch(backend, agg):
+    """Gradient accumulation: micro-batch losses with the step's num_items add up to the one-batch loss."""
+    x = make_policy_inputs(6, 29, seed=19, ref=True, entropy=True)
+    opts = dict(method="ppo", agg=agg, kl_coef=0.1, entropy_coef=0.02)
+    full_loss, _, full_grads = _run(x.cast(torch.float32), backend, **opts)
+    count = int(x.mask.sum()) if agg == "token-mean" else x.mask.shape[0]
+    losses, grads = [], [[], []]
+    for sl in (slice(0, 1), slice(1, 4), slice(4, 6)):  # uneven micro-batches
+        mb = x.rows(sl).cast(torch.float32)
+        loss, _, g = _run(mb, backend, num_items=count, **opts)
+        losses.append(loss)
+        for i, gi in enumerate(g):
+            grads[i].append(gi)
+    torch.testing.assert_close(sum(losses), full_loss, rtol=1e-5, atol=1e-6)
+    for i, full in enumerate(full_grads):
+        torch.testing.assert_close(torch.cat(grads[i]), full, rtol=1e-5, atol=1e-7)
+    # Without num_items, token-mean micro-batches would not add up (the bug TRL and verl fixed).
+    if agg == "token-mean":
+        loss_local, _, _ = _run(x.rows(slice(0, 1)).cast(torch.float32), backend, **opts)
+        assert not torch.allclose(loss_local, losses[0])
+
+
+def test_num_items_tensor_equals_number(cpu_backend):
+    x = make_policy_inputs(4, 20, seed=23)
+    a, ma = erpd.policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, num_items=123, backend=cpu_backend)
+    b, mb = erpd.policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, num_items=torch.tensor(123), backend=cpu_backend)
+    torch.testing.assert_close(a, b)
+    ga, = torch.autograd.grad(a, x.logprobs)
+    gb, = torch.autograd.grad(b, x.logprobs)
+    torch.testing.assert_close(ga, gb)
+
+
+def test_norm_length(cpu_backend):
+    x = make_policy_inputs(4, 20, seed=29)
+    check_backend(x, cpu_backend, agg="seq-mean-token-sum-norm", norm_length=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_logprobs(cpu_backend, dtype):
+    x = make_policy_inputs(4, 20, seed=31, entropy=True)
+    y = x.cast(dtype)
+    loss, metrics = erpd.policy_loss(y.logprobs, y.old_logprobs, y.advantages, y.mask, entropy=y.entropy,
+                                     entropy_coef=0.1, backend=cpu_backend)
+    g_lp, g_h = torch.autograd.grad(loss, [y.logprobs, y.entropy])
+    assert loss.dtype == torch.float32 and g_lp.dtype == dtype and g_h.dtype == dtype
+    ref, _ = erpd.policy_loss(y.logprobs.float(), y.old_logprobs, y.advantages, y.mask, entropy=y.entropy.float(),
+                              entropy_coef=0.1, backend="torch")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32, torch.bfloat16], ids=str)
+def test_mask_dtypes(cpu_backend, mask_dtype):
+    x = make_policy_inputs(3, 17, seed=37)
+    x.mask = x.mask.to(mask_dtype)
+    check_backend(x, cpu_backend, agg="seq-mean-token-mean")
+
+
+def test_all_masked_and_empty(backend):
+    x = make_policy_inputs(3, 8, seed=41)
+    x.mask = torch.zeros_like(x.mask)
+    loss, metrics = erpd.policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, backend=backend)
+    (g,) = torch.autograd.grad(loss, x.logprobs)
+    assert loss.item() == 0.0 and (g == 0).all()
+    assert metrics["ratio_min"].item() == 1.0 and metrics["ratio_max"].item() == 1.0 and metrics["clipfrac"].item() == 0.0
+    e = make_policy_inputs(0, 5, seed=41)
+    loss, metrics = erpd.policy_loss(e.logprobs, e.old_logprobs, e.advantages, e.mask, backend=backend)
+    (g,) = torch.autograd.grad(loss, e.logprobs)
+    assert loss.item() == 0.0 and g.shape == (0, 5)
+
+
+def test_float64_on_torch_backend():
+    x = make_policy_inputs(3, 9, seed=43).cast(torch.float64)
+    loss, metrics = erpd.policy_loss(x.logprobs, x.old_logprobs.double(), x.advantages.double(), x.mask, backend="torch")
+    assert loss.dtype == torch.float64
+
+
+def test_metrics_match_their_definitions(cpu_backend):
+    """Metrics recomputed here from their documented definitions (not from the reference)."""
+    x = make_policy_inputs(4, 40, seed=47, drift=0.6, ref=True, entropy=True)
+    _, metrics = erpd.policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, clip_low=0.2, clip_high=0.3,
+                                  ref_logprobs=x.ref_logprobs, entropy=x.entropy, backend=cpu_backend)
+    v = x.mask
+    lp, old = x.logprobs.detach()[v].double(), x.old_logprobs[v].double()
+    adv = x.advantages[:, None].expand_as(x.mask)[v].double()
+    r = (lp - old).exp()
+    expect = {
+        "clipfrac_low": ((r < 0.8) & (adv < 0)).double().mean(),
+        "clipfrac_high": ((r > 1.3) & (adv > 0)).double().mean(),
+        "ratio_mean": r.mean(), "ratio_min": r.min(), "ratio_max": r.max(),
+        "approx_kl": (r - 1 - r.log()).mean(),
+        "kl_ref": ((x.ref_logprobs[v].double() - lp).exp() - (x.ref_logprobs[v].double() - lp) - 1).mean(),
+        "entropy": x.entropy.detach()[v].double().mean(),
+    }
+    for k, e in expect.items():
+        assert abs(metrics[k].item() - e.item()) <= 1e-5 * max(1.0, abs(e.item())), (k, metrics[k].item(), e.item())
+    assert metrics["clipfrac_low"] > 0 and metrics["clipfrac_high"] > 0  # the inputs do reach the clip
+    torch.testing.assert_close(metrics["clipfrac"], metrics["clipfrac_low"] + metrics["clipfrac_high"])
+
+
+def test_auto_backend_and_module_form(cpu_backend):
+    x = make_policy_inputs(3, 11, seed=53, entropy=True)
+    mod = erpd.nn.PolicyLoss(method="sapo", agg="seq-mean-token-mean", entropy_coef=0.01, backend=cpu_backend)
+    loss, metrics = mod(x.logprobs, x.old_logprobs, x.advantages, x.mask, entropy=x.entropy)
+    ref, _ = erpd.policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, method="sapo", agg="seq-mean-token-mean",
+                              entropy=x.entropy, entropy_coef=0.01, backend="torch")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert "method='sapo'" in repr(mod)
+    if erpd._ext.has_cpu():
+        assert erpd.backends.resolve("auto", torch.device("cpu"), "policy_loss") == "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# The reference against hand-computed values (so that the ground truth is itself pinned).
+# --------------------------------------------------------------------------------------------
+
+
+def _ref_token(method, log_r, adv, **opts):
+    """Loss and d loss / d logprob of a single valid token through the reference."""
+    lp = torch.tensor([[-1.0]], dtype=torch.float64, requires_grad=True)
+    old = lp.detach() - log_r
+    loss, _ = erpd.reference.policy_loss(lp, old, torch.tensor([adv], dtype=torch.float64),
+                                         torch.ones(1, 1, dtype=torch.bool), method=method, **opts)
+    (g,) = torch.autograd.grad(loss, lp)
+    return loss.item(), g.item()
+
+
+@pytest.mark.parametrize(
+    "log_r, adv, loss, grad",
+    [
+        (math.log(1.1), 1.0, -1.1, -1.1),  # inside the clip: plain -A r, gradient -A r
+        (math.log(1.5), 1.0, -1.28, 0.0),  # above 1 + clip_high = 1.28 with A > 0: clipped, no gradient
+        (math.log(1.5), -1.0, 1.5, 1.5),  # A < 0: the unclipped term is the max
+        (math.log(0.5), -1.0, 0.8, 0.0),  # below 1 - clip_low = 0.8 with A < 0: clipped
+        (math.log(0.5), 2.0, -1.0, -1.0),  # A > 0 below the range: unclipped
+        (math.log(4.0), -1.0, 3.0, 0.0),  # dual clip c = 3 caps the loss at -c A, no gradient
+    ],
+)
+def test_reference_ppo_clip_higher_by_hand(log_r, adv, loss, grad):
+    got = _ref_token("ppo", log_r, adv, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    assert got == pytest.approx((loss, grad), abs=1e-12)
+
+
+@pytest.mark.parametrize("log_r, adv, tau", [(0.0, 1.0, 1.0), (0.3, 1.0, 1.0), (-0.4, -2.0, 1.05)])
+def test_reference_sapo_by_hand(log_r, adv, tau):
+    r = math.exp(log_r)
+    s = 1.0 / (1.0 + math.exp(-tau * (r - 1.0)))
+    got = _ref_token("sapo", log_r, adv, tau_pos=1.0, tau_neg=1.05)
+    assert got == pytest.approx((-adv * 4.0 / tau * s, -4.0 * adv * s * (1 - s) * r), abs=1e-12)
+    if log_r == 0.0:
+        assert got[1] == pytest.approx(-adv)  # the plain policy gradient at r = 1
+
+
+def test_reference_cispo_and_gspo_by_hand():
+    # cispo: -min(r, cap) A x with x = -1: value min(r, cap) A, gradient -min(r, cap) A.
+    assert _ref_token("cispo", math.log(6.0), 1.0, cispo_cap=5.0) == pytest.approx((5.0, -5.0))
+    # gspo on two tokens: s = exp(mean log r); token-mean of the ppo loss on s.
+    lp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    old = lp.detach() - torch.tensor([[0.1, 0.3]], dtype=torch.float64)
+    loss, _ = erpd.reference.policy_loss(lp, old, torch.tensor([1.0], dtype=torch.float64),
+                                         torch.ones(1, 2, dtype=torch.bool), method="gspo", clip_low=0.5)
+    s = math.exp(0.2)
+    (g,) = torch.autograd.grad(loss, lp)
+    assert loss.item() == pytest.approx(-s)
+    assert g[0].tolist() == pytest.approx([-s / 2, -s / 2])
