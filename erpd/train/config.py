@@ -32,7 +32,7 @@ class ModelConfig:
     # Train only the top `train_layers` decoder layers (None: all parameters, the usual GPU
     # setting). The frozen bottom's activations on the fixed data are then computed once and
     # cached, so an epoch costs only the top layers and the LM head: what makes the CPU demo fit.
-    train_layers: int | None = None
+    train_layers: int | None = 2
     backend: str = "auto"  # erpd op backend: auto | cpu | torch | triton | cuda
     threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
     tiny_vocab: str = "char"  # tiny preset's tokenizer: "char" (built in code) or "smollm2"
@@ -43,8 +43,8 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     difficulty: typing.Any = 1  # 1, 2, 3 or a list of them (see erpd.train.task)
-    n_train: int = 24  # prompts in the fixed data
-    n_heldout: int = 32  # held-out prompts for evaluation
+    n_train: int = 16  # prompts in the fixed data
+    n_heldout: int = 48  # held-out prompts for evaluation
     seed: int = 0
     verifier: str = "erpd.train.verifier.verify"  # dotted path to verify(response, answer) -> float
     system_prompt: str | None = "Solve the math problem. End your reply with 'Answer: <number>'."
@@ -53,8 +53,10 @@ class TaskConfig:
 @dataclass
 class SampleConfig:
     k: int = 8  # responses per prompt
-    max_new_tokens: int = 32
-    temperature: float = 1.0  # pure temperature sampling: no top-k/top-p, so π0 log-probs are exact
+    max_new_tokens: int = 24
+    # Pure temperature sampling (no top-k/top-p), so π0's log-probs at this temperature are exact;
+    # every log-prob of the run (both stages) uses the same temperature.
+    temperature: float = 0.7
     batch_size: int = 64  # sequences per generate() call
     # Group normalization of the rewards: "group" (R - mean_g) / (std_g + eps), "mean" (R - mean_g).
     advantage: str = "group"
@@ -65,7 +67,7 @@ class SampleConfig:
 class Stage1Config:
     objective: str = "ppo"  # ppo | sapo | cispo | ce | mse (DESIGN.md §1)
     epochs: int = 8
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 64  # sequences per optimizer step
     micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation)
@@ -89,7 +91,7 @@ class Stage2Config:
     teachers: list = field(default_factory=list)  # teacher dirs; empty: the run's stage-1 teacher
     teacher_weights: list = field(default_factory=list)  # combined: one weight per teacher (default equal)
     epochs: int = 6
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 64
     micro_batch_size: int = 64
@@ -110,8 +112,8 @@ class EvalConfig:
     samples_per_prompt: int = 2  # held-out samples per prompt for the final summary
     epoch_samples_per_prompt: int = 1  # ... and for the per-epoch held-out reward
     every: int = 2  # per-epoch held-out reward every N epochs (and always after the last)
-    max_new_tokens: int = 32
-    temperature: float = 1.0
+    max_new_tokens: int = 24
+    temperature: float = 0.7
     batch_size: int = 64
     seed: int = 1234
 
