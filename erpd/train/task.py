@@ -13,7 +13,8 @@ level       problem                                                        examp
 ==========  =============================================================  ===========
 
 ``difficulty`` may also be a list, e.g. ``[1, 2]``: each problem draws its level uniformly.
-The held-out split never repeats a train question (checked on the text).
+The held-out split never repeats a train question (checked on the text), and no answer
+appears among its question's numbers (so repeating the question never scores).
 
 Each problem becomes a chat prompt (the tokenizer's chat template) whose system message asks
 for the final answer on a last line ``Answer: <number>``, the form ``erpd.train.verifier``
@@ -23,6 +24,7 @@ parses first.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 SYSTEM_PROMPT = "Solve the math problem. End your reply with 'Answer: <number>'."
@@ -47,7 +49,7 @@ def _level1(rng: random.Random, name: str, obj: str) -> Problem:
     if rng.random() < 0.5:
         q = f"{name} has {a} {obj}. {_pron(name)} gets {b} more. How many {obj} does {name} have now?"
         return Problem(q, a + b, 1)
-    a, b = max(a, b), min(a, b)
+    a, b = max(a, b) + 1, min(a, b)
     q = f"{name} has {a} {obj}. {_pron(name)} gives away {b}. How many {obj} does {name} have left?"
     return Problem(q, a - b, 1)
 
@@ -98,7 +100,9 @@ def generate(n: int, seed: int, difficulty=1, exclude: set[str] | frozenset = fr
         if tries > 100 * n + 1000:
             raise ValueError(f"cannot draw {n} distinct problems at difficulty {difficulty!r}; ask for fewer")
         p = _LEVELS[rng.choice(levels)](rng, rng.choice(_NAMES), rng.choice(_OBJECTS))
-        if p.question not in seen:
+        # An answer that also appears in the question would be "found" by any response that
+        # merely repeats the question's last number: reject such problems.
+        if p.question not in seen and str(p.answer) not in re.findall(r"\d+", p.question):
             seen.add(p.question)
             out.append(p)
     return out

@@ -1,3 +1,4 @@
+import re
 from fractions import Fraction
 
 import pytest
@@ -75,6 +76,7 @@ def test_task_is_seeded_split_and_self_consistent(difficulty):
     levels = {difficulty} if isinstance(difficulty, int) else set(difficulty)
     for p in train + held:
         assert p.level in levels and p.answer >= 0
+        assert str(p.answer) not in re.findall(r"\d+", p.question)  # repeating the question never scores
         assert verify(f"Answer: {p.answer}", p.answer) == 1.0
 
 
