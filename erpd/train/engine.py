@@ -115,7 +115,8 @@ class Cache:
 
     def ref_batch(self, batch: Batch) -> torch.Tensor:
         R = batch.targets.shape[1]
-        return pad_sequence([self.ref_hidden[i][:R] for i in batch.idx.tolist()], batch_first=True)
+        rows = [self.ref_hidden[i][:R] for i in batch.idx.tolist()]
+        return pad_sequence(rows, batch_first=True).to(batch.targets.device)
 
 
 @torch.no_grad()
@@ -132,9 +133,11 @@ def build_cache(policy: Policy, data: FixedData, temperature: float, micro_batch
         lp_all[idx, : lp.shape[1]] = lp.float().cpu()
         for j, i in enumerate(idx.tolist()):
             L_i = int(data.prompt_len[i] + data.response_len[i])
-            ref_hidden[i] = hr[j, : int(data.response_len[i])].clone()
+            # Kept in host memory (a GPU-scale run's caches would not fit next to the model);
+            # each batch moves its rows to the device.
+            ref_hidden[i] = hr[j, : int(data.response_len[i])].to("cpu", copy=True)
             if prefix is not None:
-                prefix[i] = boundary[j, :L_i].clone()
+                prefix[i] = boundary[j, :L_i].to("cpu", copy=True)
     w = policy.head_weight()
     b = policy.head_bias()
     frozen_head = not w.requires_grad
@@ -166,7 +169,7 @@ def policy_outputs(policy: Policy, data: FixedData, cache: Cache, temperature: f
             lp_all[idx, :r], ent_all[idx, :r], kl_all[idx, :r] = lp.float().cpu(), ent.float().cpu(), kl.float().cpu()
             if hidden is not None:
                 for j, i in enumerate(idx.tolist()):
-                    hidden[i] = hr[j, : int(data.response_len[i])].clone()
+                    hidden[i] = hr[j, : int(data.response_len[i])].to("cpu", copy=True)
     finally:
         policy.model.train(was_training)
     return dict(logprobs=lp_all, entropy=ent_all, kl=kl_all, hidden=hidden)

@@ -82,7 +82,8 @@ def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConf
         t_lp = teacher["logprobs"][batch.idx, :R].to(dev)
         stats = {}
         if s2.signal in KL_SIGNALS:
-            t_hidden = torch.nn.utils.rnn.pad_sequence([teacher["hidden"][i][:R] for i in batch.idx.tolist()], batch_first=True)
+            t_hidden = torch.nn.utils.rnn.pad_sequence([teacher["hidden"][i][:R] for i in batch.idx.tolist()],
+                                                       batch_first=True).to(dev)
             kl = _ops.linear_kl(hr, policy.head_weight(), batch.targets, bias=policy.head_bias(), teacher_hidden=t_hidden,
                                 teacher_weight=teacher["head_weight"], teacher_bias=teacher["head_bias"],
                                 direction="forward" if s2.signal == "forward_kl" else "reverse", temperature=temperature,

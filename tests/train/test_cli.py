@@ -46,9 +46,10 @@ def test_bad_override_is_a_usage_error(tmp_path, capsys):
 def test_config_layers(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("stage1:\n  objective: sapo\n  epochs: 3\nmodel:\n  train_layers: null\n")
-    cfg = C.build(str(f), ["stage1.epochs=5", "--stage2.signal", "opd", "--stage2.teachers=[a, b]", "stage1.clip_high=0.5"])
+    cfg = C.build(str(f), ["stage1.epochs=5", "--stage2.signal", "opd", "--stage2.teachers=[a, b]", "stage1.clip_high=0.5", "stage2.lr=5e-4"])
     assert cfg.stage1.objective == "sapo" and cfg.stage1.epochs == 5 and cfg.model.train_layers is None
     assert cfg.stage2.signal == "opd" and cfg.stage2.teachers == ["a", "b"] and cfg.stage1.clip_high == 0.5
+    assert cfg.stage2.lr == 5e-4  # YAML 1.1 reads 5e-4 as a string; float fields accept it
     j = tmp_path / "c.json"
     j.write_text(json.dumps({"sample": {"k": 4}}))
     assert C.build(str(j)).sample.k == 4
