@@ -69,7 +69,7 @@ class SampleConfig:
 class Stage1Config:
     objective: str = "ppo"  # ppo | sapo | cispo | ce | mse (DESIGN.md §1)
     epochs: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-4
     weight_decay: float = 0.0
     batch_size: int = 32  # sequences per optimizer step
     micro_batch_size: int = 32  # sequences per forward/backward (gradient accumulation)
@@ -93,7 +93,7 @@ class Stage2Config:
     teachers: list = field(default_factory=list)  # teacher dirs; empty: the run's stage-1 teacher
     teacher_weights: list = field(default_factory=list)  # combined: one weight per teacher (default equal)
     epochs: int = 6
-    lr: float = 3e-4
+    lr: float = 1e-4
     weight_decay: float = 0.0
     batch_size: int = 32
     micro_batch_size: int = 32

@@ -232,6 +232,7 @@ def plot(out_dir: Path, path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     any_data = False
@@ -252,6 +253,7 @@ def plot(out_dir: Path, path: Path) -> Path | None:
     ax1.set_ylabel("held-out reward (sampled)")
     ax1.set_title("reward vs drift (numbers: epochs)")
     ax1.legend()
+    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("mean entropy on the fixed data (nats)")
     ax2.set_title("entropy per epoch")
