@@ -9,7 +9,8 @@
 ``DIR/summary.json`` and the plot ``DIR/erpd.png``. The other commands run one step each on the
 same run directory. Config overrides: ``stage1.epochs=8`` or ``--stage1.epochs 8`` (see
 ``erpd.train.config``); ``--resume`` continues a stopped run (reuses the data, skips finished
-stages, restarts a stage from its last epoch checkpoint).
+stages, restarts a stage from its last epoch checkpoint). Under ``torchrun --nproc-per-node N
+-m erpd.cli demo ...`` the stages run data-parallel (see ``erpd.train.dist``).
 """
 
 from __future__ import annotations
@@ -77,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from erpd.train import dist
     from erpd.train.pipeline import Run, format_table, say, write_summary
 
+    if dist.init_from_env() and args.command == "eval":
+        print("erpd: `erpd eval` runs in one process; launch it without torchrun", file=sys.stderr)
+        return 2
     torch.manual_seed(cfg.seed)
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         run.ensure_data()
         run.run_stage1()
         run.run_stage2()
-    if args.command in ("demo", "stage1", "stage2"):
+    if args.command in ("demo", "stage1", "stage2") and dist.is_main():
         wall = time.time() - t0
         table = write_summary(run, wall)
         print(table)

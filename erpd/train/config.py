@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from erpd.train.task import SYSTEM_PROMPT
+
 
 @dataclass
 class ModelConfig:
@@ -42,12 +44,12 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    difficulty: typing.Any = 1  # 1, 2, 3 or a list of them (see erpd.train.task)
+    difficulty: typing.Any = 1  # 1..4 or a list of them (see erpd.train.task)
     n_train: int = 16  # prompts in the fixed data
     n_heldout: int = 48  # held-out prompts for evaluation
     seed: int = 0
     verifier: str = "erpd.train.verifier.verify"  # dotted path to verify(response, answer) -> float
-    system_prompt: str | None = "Solve the math problem. End your reply with 'Answer: <number>'."
+    system_prompt: str | None = SYSTEM_PROMPT  # null: the user message only
 
 
 @dataclass
@@ -56,7 +58,7 @@ class SampleConfig:
     max_new_tokens: int = 24
     # Pure temperature sampling (no top-k/top-p), so π0's log-probs at this temperature are exact;
     # every log-prob of the run (both stages) uses the same temperature.
-    temperature: float = 0.7
+    temperature: float = 0.5
     batch_size: int = 64  # sequences per generate() call
     # Group normalization of the rewards: "group" (R - mean_g) / (std_g + eps), "mean" (R - mean_g).
     advantage: str = "group"
@@ -67,10 +69,10 @@ class SampleConfig:
 class Stage1Config:
     objective: str = "ppo"  # ppo | sapo | cispo | ce | mse (DESIGN.md §1)
     epochs: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-4
     weight_decay: float = 0.0
-    batch_size: int = 64  # sequences per optimizer step
-    micro_batch_size: int = 64  # sequences per forward/backward (gradient accumulation)
+    batch_size: int = 32  # sequences per optimizer step
+    micro_batch_size: int = 32  # sequences per forward/backward (gradient accumulation)
     grad_clip: float | None = 1.0
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean (token-level objectives)
     clip_low: float | None = 0.2  # ppo: ratio floor 1 - clip_low (None: no floor)
@@ -91,10 +93,10 @@ class Stage2Config:
     teachers: list = field(default_factory=list)  # teacher dirs; empty: the run's stage-1 teacher
     teacher_weights: list = field(default_factory=list)  # combined: one weight per teacher (default equal)
     epochs: int = 6
-    lr: float = 1e-3
+    lr: float = 1e-4
     weight_decay: float = 0.0
-    batch_size: int = 64
-    micro_batch_size: int = 64
+    batch_size: int = 32
+    micro_batch_size: int = 32
     grad_clip: float | None = 1.0
     agg: str = "token-mean"
     clip: float = 0.2  # trust region: ρ = π/π_anchor kept in [1 - clip, 1 + clip]
@@ -111,9 +113,9 @@ class Stage2Config:
 class EvalConfig:
     samples_per_prompt: int = 2  # held-out samples per prompt for the final summary
     epoch_samples_per_prompt: int = 1  # ... and for the per-epoch held-out reward
-    every: int = 2  # per-epoch held-out reward every N epochs (and always after the last)
+    every: int = 3  # per-epoch held-out reward every N epochs (and always after the last)
     max_new_tokens: int = 24
-    temperature: float = 0.7
+    temperature: float = 0.5
     batch_size: int = 64
     seed: int = 1234
 

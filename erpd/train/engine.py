@@ -21,7 +21,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from erpd.train import _ops
+from erpd.train import _ops, dist
 from erpd.train.data import FixedData
 from erpd.train.models import Policy
 
@@ -325,6 +325,7 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
     only on (seed, e), so a resumed run takes exactly the steps an uninterrupted one would.
     """
     params = [p for _, p in policy.trainable_named()]
+    dist.broadcast_params(params)
     opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=scfg.weight_decay)
     ckpt_path = run_dir / "checkpoint.pt"
     state = dict(extra_state or {})
@@ -339,12 +340,13 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
             state.update(ck["state"])
             start = ck["epoch"]
     # A resumed run keeps the records of the epochs its checkpoint covers and drops the rest
-    # (e.g. the steps of an epoch that was interrupted).
-    log = MetricsLog(run_dir / "metrics.jsonl", keep_upto_epoch=start if start > 0 else None)
-    history = [r for r in read_jsonl(log.path) if r["kind"] == "epoch"]
+    # (e.g. the steps of an epoch that was interrupted). Only rank 0 writes files.
+    log = MetricsLog(run_dir / "metrics.jsonl", keep_upto_epoch=start if start > 0 else None) if dist.is_main() else None
+    history = dist.broadcast_object([r for r in read_jsonl(log.path) if r["kind"] == "epoch"] if log else None)
+    write = log.write if log else (lambda record: None)
     if start == 0:
         rec = dict(kind="epoch", stage=stage, epoch=0, **epoch_end(0, state))
-        log.write(rec)
+        write(rec)
         history.append(rec)
 
     n = len(data)
@@ -361,19 +363,24 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
             opt.zero_grad(set_to_none=True)
             n_tok, n_seq = int(mask_all[mb].sum()), len(mb)
             step_loss, step_stats = 0.0, {}
-            for idx in micro_batches(len(mb), scfg.micro_batch_size):
-                batch = collate(data, mb[idx], policy.device, cache.prefix)
+            local = dist.shard(mb)  # this rank's rows; the normalizers above count the whole mini-batch
+            for idx in micro_batches(len(local), scfg.micro_batch_size):
+                batch = collate(data, local[idx], policy.device, cache.prefix)
                 out = step_fn(batch, n_tok, n_seq, state)
                 out.loss.backward()
                 step_loss += out.loss.item()
                 for k, v in out.stats.items():
                     step_stats[k] = step_stats.get(k, 0.0) + float(v)
+            dist.all_reduce_grads(params)
+            reduced = dist.sum_floats({"loss": step_loss, **step_stats})
+            step_loss = reduced.pop("loss")
+            step_stats = reduced
             grad_norm = torch.nn.utils.clip_grad_norm_(params, scfg.grad_clip if scfg.grad_clip else float("inf"))
             opt.step()
             step += 1
             rec = dict(kind="step", stage=stage, epoch=epoch, step=step, loss=step_loss, grad_norm=float(grad_norm),
                        **{k: v / max(1, n_tok) for k, v in step_stats.items()})
-            log.write(rec)
+            write(rec)
             for k in ("loss", *step_stats):
                 sums[k] = sums.get(k, 0.0) + rec[k]
             sums["_steps"] = sums.get("_steps", 0) + 1
@@ -381,8 +388,10 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
         train_means = {f"train_{k}": v / sums["_steps"] for k, v in sums.items() if k != "_steps"}
         measured = epoch_end(epoch, state)
         rec = dict(kind="epoch", stage=stage, epoch=epoch, **train_means, **measured, epoch_seconds=time.time() - t0)
-        log.write(rec)
+        write(rec)
         history.append(rec)
-        save_checkpoint(ckpt_path, dict(stage=stage, epoch=epoch, trainable=policy.trainable_state(),
-                                        optimizer=opt.state_dict(), state=state))
+        if dist.is_main():
+            save_checkpoint(ckpt_path, dict(stage=stage, epoch=epoch, trainable=policy.trainable_state(),
+                                            optimizer=opt.state_dict(), state=state))
+        dist.barrier()
     return history

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from erpd.train import data as fixed_data
-from erpd.train import engine, stage1, stage2
+from erpd.train import dist, engine, stage1, stage2
 from erpd.train.config import RunConfig
 from erpd.train.models import load_policy, load_policy_state
 from erpd.train.task import chat_prompt, make_splits
@@ -33,8 +33,9 @@ class Run:
     def __init__(self, cfg: RunConfig, resume: bool = False):
         self.cfg, self.resume = cfg, resume
         self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         self.verifier = load_verifier(cfg.task.verifier)
         self.train_problems, self.heldout = make_splits(cfg.task.seed, cfg.task.n_train, cfg.task.n_heldout,
                                                         cfg.task.difficulty)
@@ -66,14 +67,20 @@ class Run:
         if self.data is not None:
             return self.data
         ddir = self.out / "data"
+        if not dist.is_main():  # rank 0 samples (or finds) the data; the others read it
+            dist.barrier()
+            self.data = fixed_data.load(ddir)
+            return self.data
         if fixed_data.exists(ddir) and self.resume:
             self.data = fixed_data.load(ddir)
             say(f"[erpd] reusing fixed data {ddir} ({len(self.data)} responses)")
+            dist.barrier()
             return self.data
         self.reset_to_base()
         self.data, self.cache = fixed_data.sample_fixed_data(self.policy, self.train_problems, self.cfg, self.verifier,
                                                              self.cfg.task.system_prompt)
         fixed_data.save(self.data, ddir)
+        dist.barrier()
         r = self.data.rewards
         say(f"[erpd] fixed data: {len(r)} responses, mean reward {r.mean():.3f}, "
             f"{int(self._mixed_groups())}/{len(self.data.prompts)} prompts with mixed rewards -> {ddir}")
@@ -104,6 +111,9 @@ class Run:
 
     # -- evaluation --------------------------------------------------------------------------
     def base_eval(self) -> dict:
+        return dist.on_main(self._base_eval)
+
+    def _base_eval(self) -> dict:
         path = self.out / "base_eval.json"
         if path.is_file():
             return json.loads(path.read_text())
@@ -141,7 +151,8 @@ class Run:
         t = time.time()
         hist = stage1.run(self.policy, data, cache, self.cfg, self.out, self.evaluator(self.cfg.stage1.epochs, "stage1"),
                           resume=self.resume)
-        (self.out / "stage1" / "done.json").write_text(json.dumps({"seconds": time.time() - t, "final": hist[-1]}))
+        if dist.is_main():
+            (self.out / "stage1" / "done.json").write_text(json.dumps({"seconds": time.time() - t, "final": hist[-1]}))
 
     def teacher_dirs(self):
         return [Path(p) for p in self.cfg.stage2.teachers] or [self.out / "teacher"]
@@ -156,8 +167,9 @@ class Run:
         t = time.time()
         hist, tmetrics = stage2.run(self.policy, data, cache, self.cfg, self.out, self.evaluator(self.cfg.stage2.epochs, "stage2"),
                                     self.teacher_dirs(), resume=self.resume)
-        (self.out / "stage2" / "done.json").write_text(json.dumps({"seconds": time.time() - t, "final": hist[-1],
-                                                                   "teachers": tmetrics}))
+        if dist.is_main():
+            (self.out / "stage2" / "done.json").write_text(json.dumps({"seconds": time.time() - t, "final": hist[-1],
+                                                                       "teachers": tmetrics}))
 
     def run_eval(self, which=("base", "teacher", "student")) -> list[dict]:
         """Re-measure each saved policy: held-out reward (``eval.samples_per_prompt``) and drift."""
@@ -220,6 +232,7 @@ def plot(out_dir: Path, path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     any_data = False
@@ -240,6 +253,7 @@ def plot(out_dir: Path, path: Path) -> Path | None:
     ax1.set_ylabel("held-out reward (sampled)")
     ax1.set_title("reward vs drift (numbers: epochs)")
     ax1.legend()
+    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("mean entropy on the fixed data (nats)")
     ax2.set_title("entropy per epoch")

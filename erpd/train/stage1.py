@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from erpd.train import engine, losses
+from erpd.train import dist, engine, losses
 from erpd.train.config import RunConfig
 from erpd.train.data import FixedData
 from erpd.train.models import Policy, save_policy_state
@@ -62,9 +62,11 @@ def run(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, ou
     def epoch_end(epoch: int, state: dict) -> dict:
         out = engine.policy_outputs(policy, data, cache, cfg.sample.temperature, cfg.stage1.micro_batch_size,
                                     desc="stage1 measure")
-        return {**engine.drift_metrics(out, data), **evaluate(epoch, epoch == cfg.stage1.epochs)}
+        return {**engine.drift_metrics(out, data), **dist.on_main(evaluate, epoch, epoch == cfg.stage1.epochs)}
 
     history = engine.train_stage(policy, data, cache, cfg.stage1, cfg.sample.temperature, run_dir, make_step(policy, data, cfg),
                                  epoch_end, resume, stage="stage1")
-    save_policy_state(policy, Path(out_dir) / "teacher", meta={"stage1": cfg.to_dict()["stage1"], "final": history[-1]})
+    if dist.is_main():
+        save_policy_state(policy, Path(out_dir) / "teacher", meta={"stage1": cfg.to_dict()["stage1"], "final": history[-1]})
+    dist.barrier()
     return history

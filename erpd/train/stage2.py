@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from erpd.train import _ops, engine, losses
+from erpd.train import _ops, dist, engine, losses
 from erpd.train.config import RunConfig
 from erpd.train.data import FixedData
 from erpd.train.models import Policy, load_policy_state, save_policy_state
@@ -128,12 +128,14 @@ def run(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, ou
         out = engine.policy_outputs(policy, data, cache, cfg.sample.temperature, s2.micro_batch_size, desc="stage2 measure")
         if s2.reanchor:
             state["anchor"] = out["logprobs"]
-        return {**engine.drift_metrics(out, data), **evaluate(epoch, epoch == s2.epochs)}
+        return {**engine.drift_metrics(out, data), **dist.on_main(evaluate, epoch, epoch == s2.epochs)}
 
     history = engine.train_stage(policy, data, cache, s2, cfg.sample.temperature, run_dir,
                                  make_step(policy, data, cache, cfg, teachers, signal_all), epoch_end, resume,
                                  stage="stage2", extra_state={"anchor": data.old_logprobs.clone()})
-    save_policy_state(policy, Path(out_dir) / "student", meta={"stage2": cfg.to_dict()["stage2"], "final": history[-1],
-                                                                 "teachers": [str(d) for d in teacher_dirs]})
+    if dist.is_main():
+        save_policy_state(policy, Path(out_dir) / "student", meta={"stage2": cfg.to_dict()["stage2"], "final": history[-1],
+                                                                     "teachers": [str(d) for d in teacher_dirs]})
+    dist.barrier()
     teacher_metrics = [t["metrics"] for t in teachers]
     return history, teacher_metrics

@@ -7,9 +7,10 @@ every machine. Difficulty levels:
 ==========  =============================================================  ===========
 level       problem                                                        example
 ==========  =============================================================  ===========
-1           one addition or subtraction, numbers 2..20                     7 + 5
-2           one multiplication or exact division, small factors            4 × 6
-3           two steps mixing the above                                     (3 × 4) − 5
+1           one addition or subtraction, single-digit numbers              7 + 5
+2           one addition or subtraction, numbers 2..20                     17 − 9
+3           one multiplication or exact division, small factors            4 × 6
+4           two steps mixing the above                                     (3 × 4) − 5
 ==========  =============================================================  ===========
 
 ``difficulty`` may also be a list, e.g. ``[1, 2]``: each problem draws its level uniformly.
@@ -27,7 +28,11 @@ import random
 import re
 from dataclasses import dataclass
 
-SYSTEM_PROMPT = "Solve the math problem. End your reply with 'Answer: <number>'."
+# One worked example: it doubles SmolLM2-135M-Instruct's sampled accuracy on level 1 (about 14%
+# → 28% at temperature 0.5 over 64 problems) and shows the `Answer: N` form the verifier parses first.
+SYSTEM_PROMPT = ("Solve the math problem in one short sentence, then write 'Answer: <number>'. Example: "
+                 "'Tom has 3 apples. He gets 2 more. How many apples does Tom have now?' "
+                 "Reply: 'Tom has 3 + 2 = 5 apples. Answer: 5'")
 
 _NAMES = ["Tom", "Anna", "Sam", "Lily", "Ben", "Maya", "Leo", "Zoe", "Max", "Emma", "Noah", "Mia"]
 _OBJECTS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "coins", "cards", "shells", "toys"]
@@ -44,39 +49,47 @@ def _pron(name: str) -> str:
     return "She" if name in {"Anna", "Lily", "Maya", "Zoe", "Emma", "Mia"} else "He"
 
 
-def _level1(rng: random.Random, name: str, obj: str) -> Problem:
-    a, b = rng.randint(2, 20), rng.randint(2, 20)
+def _add_sub(rng: random.Random, name: str, obj: str, hi: int, level: int) -> Problem:
+    a, b = rng.randint(2, hi), rng.randint(2, hi)
     if rng.random() < 0.5:
         q = f"{name} has {a} {obj}. {_pron(name)} gets {b} more. How many {obj} does {name} have now?"
-        return Problem(q, a + b, 1)
+        return Problem(q, a + b, level)
     a, b = max(a, b) + 1, min(a, b)
     q = f"{name} has {a} {obj}. {_pron(name)} gives away {b}. How many {obj} does {name} have left?"
-    return Problem(q, a - b, 1)
+    return Problem(q, a - b, level)
+
+
+def _level1(rng: random.Random, name: str, obj: str) -> Problem:
+    return _add_sub(rng, name, obj, 8, 1)  # a subtraction's minuend is max + 1 <= 9
 
 
 def _level2(rng: random.Random, name: str, obj: str) -> Problem:
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
-    if rng.random() < 0.5:
-        q = f"{name} has {a} boxes with {b} {obj} in each box. How many {obj} does {name} have in total?"
-        return Problem(q, a * b, 2)
-    q = f"{name} shares {a * b} {obj} equally among {b} friends. How many {obj} does each friend get?"
-    return Problem(q, a, 2)
+    return _add_sub(rng, name, obj, 20, 2)
 
 
 def _level3(rng: random.Random, name: str, obj: str) -> Problem:
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    if rng.random() < 0.5:
+        q = f"{name} has {a} boxes with {b} {obj} in each box. How many {obj} does {name} have in total?"
+        return Problem(q, a * b, 3)
+    q = f"{name} shares {a * b} {obj} equally among {b} friends. How many {obj} does each friend get?"
+    return Problem(q, a, 3)
+
+
+def _level4(rng: random.Random, name: str, obj: str) -> Problem:
     a, b = rng.randint(2, 9), rng.randint(2, 9)
     c = rng.randint(1, a * b - 1)
     if rng.random() < 0.5:
         q = (f"{name} has {a} bags with {b} {obj} in each bag. {_pron(name)} gives away {c}. "
              f"How many {obj} does {name} have left?")
-        return Problem(q, a * b - c, 3)
+        return Problem(q, a * b - c, 4)
     c = rng.randint(2, 20)
     q = (f"{name} has {c} {obj} and buys {a} packs with {b} {obj} in each pack. "
          f"How many {obj} does {name} have now?")
-    return Problem(q, c + a * b, 3)
+    return Problem(q, c + a * b, 4)
 
 
-_LEVELS = {1: _level1, 2: _level2, 3: _level3}
+_LEVELS = {1: _level1, 2: _level2, 3: _level3, 4: _level4}
 
 
 def _levels(difficulty) -> list[int]:

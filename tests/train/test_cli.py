@@ -11,6 +11,8 @@ TINY = ["model.name=tiny", "model.train_layers=1", "task.n_train=2", "task.n_hel
 
 
 def test_demo_smoke(tmp_path, capsys):
+    # The plot needs matplotlib from requirements/demo.txt.
+    pytest.importorskip("matplotlib", reason="install requirements/demo.txt to run the CLI smoke test")
     out = tmp_path / "run"
     assert cli.main(["demo", "--out", str(out), *TINY]) == 0
     printed = capsys.readouterr().out

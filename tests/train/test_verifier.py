@@ -66,7 +66,7 @@ def test_load_verifier():
         load_verifier("erpd.train.verifier.FRACTION_NOT_THERE".replace("FRACTION_NOT_THERE", "_NUMBER"))
 
 
-@pytest.mark.parametrize("difficulty", [1, 2, 3, [1, 3]])
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, [1, 3]])
 def test_task_is_seeded_split_and_self_consistent(difficulty):
     train, held = task.make_splits(3, 40, 20, difficulty)
     assert (train, held) == task.make_splits(3, 40, 20, difficulty)
@@ -83,7 +83,7 @@ def test_task_is_seeded_split_and_self_consistent(difficulty):
 def test_task_answers_follow_the_story():
     # Recompute each level's answer from the numbers in the question.
     import re
-    for p in task.generate(60, 0, [1, 2, 3]):
+    for p in task.generate(80, 0, [1, 2, 3, 4]):
         a = [int(x) for x in re.findall(r"\d+", p.question)]
         q = p.question
         if "gets" in q:
@@ -103,7 +103,7 @@ def test_task_answers_follow_the_story():
 
 def test_bad_difficulty():
     with pytest.raises(ValueError, match="difficulty"):
-        task.generate(3, 0, 4)
+        task.generate(3, 0, 5)
 
 
 def test_chat_prompt():
