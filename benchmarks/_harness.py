@@ -13,7 +13,9 @@ process each: ``baseline`` (the naive PyTorch code) and ``floor`` (the bare GEMM
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from erpd import _bench
+from erpd import _bench, backends
 from erpd._bench import MODES, Case, autograd_case  # noqa: F401  (re-exported for bench_<op>.py)
 from erpd.testing.shapes import SHAPES, Shape
 
@@ -50,6 +52,62 @@ def select_shapes(spec: str) -> list[Shape]:
             raise SystemExit(f"unknown shape or tier {tok!r}; known shapes: {known}; tiers: interp, cpu, gpu")
         out += [s for s in hits if s not in out]
     return out
+
+
+# --- availability rules shared by every bench_<op>.py -------------------------------------------
+
+
+def interpreted(device: str) -> bool:
+    return torch.device(device).type == "cpu" and backends.triton_interpreting()
+
+
+# The interpreter costs seconds per call even on interp shapes; the one-shot smoke run keeps it
+# to the two smallest so that `python -m pytest` (which turns the interpreter on) stays fast.
+INTERP_SMOKE = ("tiny", "odd")
+
+
+def only_interp_when_interpreted(shape: Shape, device: str, smoke: bool) -> str | None:
+    if not interpreted(device):
+        return None
+    if shape.tier != "interp":
+        return "runs under the Triton interpreter on CPU: interp-tier shapes only"
+    if smoke and shape.name not in INTERP_SMOKE:
+        return f"runs under the Triton interpreter on CPU: the smoke run uses {', '.join(INTERP_SMOKE)} only"
+    return None
+
+
+def erpd_unavailable(backend: str, op: str) -> Callable[[Shape, str, str, bool], str | None]:
+    def why(shape: Shape, device: str, dtype: str, smoke: bool) -> str | None:
+        reason = backends.why_unavailable(backend, torch.device(device), op)
+        if reason:
+            return reason
+        return only_interp_when_interpreted(shape, device, smoke) if backend == "triton" else None
+
+    return why
+
+
+def compiled_unavailable(shape: Shape, device: str, dtype: str, smoke: bool) -> str | None:
+    if smoke and os.environ.get("ERPD_BENCH_COMPILE") != "1":
+        return (
+            "torch.compile takes 20-30 s per shape on a cold 2-core CPU: skipped in the one-shot smoke "
+            "run (set ERPD_BENCH_COMPILE=1 or pass --benchmark-enable); the script always measures it"
+        )
+    return None
+
+
+def liger_installed() -> str | None:
+    return None if importlib.util.find_spec("liger_kernel") else "liger-kernel is not installed (pip install liger-kernel)"
+
+
+def liger_triton_unavailable(shape: Shape, device: str, dtype: str, smoke: bool) -> str | None:
+    """Liger providers whose kernels are Triton only: CUDA, or the interpreter on interp shapes."""
+    if (why := liger_installed()) is not None:
+        return why
+    if torch.device(device).type == "cuda":
+        return None
+    if not backends.triton_interpreting():
+        return "Liger's kernels here are Triton-only: needs CUDA, or TRITON_INTERPRET=1 (interp-tier shapes)"
+    return only_interp_when_interpreted(shape, device, smoke)
 
 
 # --- pytest-benchmark -------------------------------------------------------------------------
@@ -282,3 +340,50 @@ def write(out: str | None, text: str, rows: Sequence[Row], env: dict[str, str], 
     }
     path.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
     print(f"wrote {path} and {path.with_suffix('.json')}", file=sys.stderr)
+
+
+# --- the script's common run ------------------------------------------------------------------
+
+
+def script(module: str, op: str, providers: Sequence[Provider], argv: list[str], description: str):
+    """Parse the common CLI, run every provider × shape side by side, and return
+    ``(args, device, rows, env)``; `module` is the bench module's import name (children import
+    ``module:make_case``)."""
+    prog = f"python -m {module}"
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    device0 = default_device()
+    add_cli_args(ap, default_shapes="cpu-small,cpu-target" if device0 == "cpu" else "gpu", provider_names=[p.name for p in providers])
+    args = ap.parse_args(argv)
+    device = args.device or device0
+    shapes = select_shapes(args.shapes)
+    chosen = pick_providers(args.providers, providers)
+    if args.providers == ap.get_default("providers"):
+        # By default leave out backends this device can never run (erpd-cuda on a CPU box, ...),
+        # instead of filling the table with them; asked for by name, they show as skipped.
+        dev = torch.device(device)
+        chosen = [p for p in chosen if not (p.name.startswith("erpd-") and backends.why_unavailable(p.name[5:], dev, op))]
+    # Taken before the run: the header should name the code that was measured.
+    env = _bench.environment(device, args.threads)
+    rows = run(
+        f"{module}:make_case", chosen, shapes, device=device, dtype=args.dtype,
+        warmup=args.warmup, repeats=args.repeats, threads=args.threads, rounds=args.rounds, seed=args.seed,
+    )
+    env.update({"liger-kernel": _bench.package_version("liger-kernel"), "command": f"{prog} " + " ".join(argv)})
+    if hasattr(os, "getloadavg"):
+        env["load average at the end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    if (after := _bench.git_commit()) != env["commit"]:
+        env["commit"] += f" (changed to {after} during the run: rows may mix both)"
+    return args, device, rows, env
+
+
+def timing_notes(args, rows: Sequence[Row]) -> list[str]:
+    """The notes every table carries: how times and memory were taken."""
+    methods = sorted({r.result["memory_method"] for r in rows if "memory_method" in r.result})
+    return [
+        f"times: median of {args.repeats} calls × {args.rounds} round(s) (p20–p80 in brackets), each round a fresh process per provider "
+        f"after {args.warmup} warm-up fwd+bwd; "
+        "`fwd` is the forward with grad-requiring inputs (what training runs), `fwd+bwd` adds the backward",
+        "peak extra memory: one fwd+bwd in a fresh process, high-water mark minus what was resident just before "
+        f"(inputs, upstream grads, warm-up done); includes the returned grads (dW alone is V·H·{DTYPES[args.dtype].itemsize} B); "
+        f"measured by {', '.join(methods) or '—'}",
+    ]

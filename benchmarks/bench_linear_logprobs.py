@@ -25,8 +25,6 @@ fixed random upstream gradient through every output it has):
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import pytest
@@ -47,73 +45,13 @@ FUSED = ("cpu", "cuda", "triton")  # erpd backends worth benchmarking (torch is 
 CPU_TARGET_SHAPE = "cpu-target"
 
 
-def _interpreted(device: str) -> bool:
-    return torch.device(device).type == "cpu" and backends.triton_interpreting()
-
-
-# The interpreter costs seconds per call even on interp shapes; the one-shot smoke run keeps it
-# to the two smallest so that `python -m pytest` (which turns the interpreter on) stays fast.
-_INTERP_SMOKE = ("tiny", "odd")
-
-
-def _only_interp_when_interpreted(shape: Shape, device: str, smoke: bool) -> str | None:
-    if not _interpreted(device):
-        return None
-    if shape.tier != "interp":
-        return "runs under the Triton interpreter on CPU: interp-tier shapes only"
-    if smoke and shape.name not in _INTERP_SMOKE:
-        return f"runs under the Triton interpreter on CPU: the smoke run uses {', '.join(_INTERP_SMOKE)} only"
-    return None
-
-
-def _erpd_unavailable(backend: str):
-    def why(shape: Shape, device: str, dtype: str, smoke: bool) -> str | None:
-        reason = backends.why_unavailable(backend, torch.device(device), OP)
-        if reason:
-            return reason
-        if backend == "triton":
-            return _only_interp_when_interpreted(shape, device, smoke)
-        return None
-
-    return why
-
-
-def _compiled_unavailable(shape, device, dtype, smoke):
-    if smoke and os.environ.get("ERPD_BENCH_COMPILE") != "1":
-        return (
-            "torch.compile takes 20-30 s per shape on a cold 2-core CPU: skipped in the one-shot smoke "
-            "run (set ERPD_BENCH_COMPILE=1 or pass --benchmark-enable); the script always measures it"
-        )
-    return None
-
-
-def _liger_installed() -> str | None:
-    import importlib.util
-
-    return None if importlib.util.find_spec("liger_kernel") else "liger-kernel is not installed (pip install liger-kernel)"
-
-
-def _liger_unavailable(shape, device, dtype, smoke):
-    if (why := _liger_installed()) is not None:
-        return why
-    if torch.device(device).type == "cuda":
-        return None
-    if not backends.triton_interpreting():
-        return "Liger's FLCE is Triton-only: needs CUDA, or TRITON_INTERPRET=1 (interp-tier shapes)"
-    return _only_interp_when_interpreted(shape, device, smoke)
-
-
-def _liger_flsce_unavailable(shape, device, dtype, smoke):
-    return _liger_installed()
-
-
 PROVIDERS: list[Provider] = [
     Provider("naive"),
     Provider("reference"),
-    Provider("compiled", _compiled_unavailable),
-    Provider("liger", _liger_unavailable),
-    Provider("liger-flsce", _liger_flsce_unavailable),
-    *[Provider(f"erpd-{b}", _erpd_unavailable(b)) for b in FUSED],
+    Provider("compiled", _harness.compiled_unavailable),
+    Provider("liger", _harness.liger_triton_unavailable),
+    Provider("liger-flsce", lambda *_: _harness.liger_installed()),
+    *[Provider(f"erpd-{b}", _harness.erpd_unavailable(b, OP)) for b in FUSED],
     Provider("matmul-floor"),
 ]
 PROVIDER_NAMES = [p.name for p in PROVIDERS]
@@ -253,44 +191,13 @@ def _target_lines(rows, device: str, auto: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_linear_logprobs", description=__doc__.split("\n\n")[0])
-    device0 = _harness.default_device()
-    default_shapes = "cpu-small,cpu-target" if device0 == "cpu" else "gpu"
-    _harness.add_cli_args(ap, default_shapes=default_shapes, provider_names=PROVIDER_NAMES)
-    args = ap.parse_args(argv)
-    device = args.device or device0
-    shapes = _harness.select_shapes(args.shapes)
-    providers = _harness.pick_providers(args.providers, PROVIDERS)
-    if args.providers == ap.get_default("providers"):
-        # By default leave out backends this device can never run (erpd-cuda on a CPU box, ...),
-        # instead of filling the table with them; asked for by name, they show as skipped.
-        dev = torch.device(device)
-        providers = [p for p in providers if not (p.name.startswith("erpd-") and backends.why_unavailable(p.name[5:], dev, OP))]
-
-    # Taken before the run: the header should name the code that was measured.
-    env = _bench.environment(device, args.threads)
-    rows = _harness.run(
-        f"{__name__ if __name__ != '__main__' else 'benchmarks.bench_linear_logprobs'}:make_case",
-        providers, shapes, device=device, dtype=args.dtype,
-        warmup=args.warmup, repeats=args.repeats, threads=args.threads, rounds=args.rounds, seed=args.seed,
-    )
-    env.update({"liger-kernel": _bench.package_version("liger-kernel"), "command": "python -m benchmarks.bench_linear_logprobs " + " ".join(argv)})
+    args, device, rows, env = _harness.script("benchmarks.bench_linear_logprobs", OP, PROVIDERS, argv, __doc__.split("\n\n")[0])
     auto = backends.resolve("auto", torch.device(device), OP)
-    if hasattr(os, "getloadavg"):
-        env["load average at the end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    if (after := _bench.git_commit()) != env["commit"]:
-        env["commit"] += f" (changed to {after} during the run: rows may mix both)"
-    methods = sorted({r.result["memory_method"] for r in rows if "memory_method" in r.result})
     notes = [
         f'`backend="auto"` on {device} tensors resolves to `{auto}` in this process; erpd.available("{device}") = {erpd.available(device)}',
         f"every provider computes log-probs **and entropy** (except `liger`: NLL only) on {args.dtype} inputs and backpropagates "
         "a fixed random upstream gradient through each output into hidden and weight",
-        f"times: median of {args.repeats} calls × {args.rounds} round(s) (p20–p80 in brackets), each round a fresh process per provider "
-        f"after {args.warmup} warm-up fwd+bwd; "
-        "`fwd` is the forward with grad-requiring inputs (what training runs), `fwd+bwd` adds the backward",
-        "peak extra memory: one fwd+bwd in a fresh process, high-water mark minus what was resident just before "
-        f"(inputs, upstream grads, warm-up done); includes the returned grads (dW alone is V·H·{DTYPES[args.dtype].itemsize} B); "
-        f"measured by {', '.join(methods) or '—'}",
+        *_harness.timing_notes(args, rows),
         "matmul floor: fwd = one [N,H]×[H,V] GEMM; fwd+bwd = 4 GEMMs (logits, recomputed logits, dh, dW) = 8·N·H·V FLOPs; "
         "× floor compares fwd+bwd with it",
         "max abs diff: per output, against `naive` in the same run (logp = log-probs, H = entropy)",

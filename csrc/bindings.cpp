@@ -19,6 +19,22 @@ TORCH_LIBRARY(erpd, m) {
       "int ignore_index, bool need_grad_hidden, bool need_grad_weight) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
+  // linear_kl (csrc/linear_kl_math.h): per-row divergence between the student's softmax and the
+  // teacher's, the teacher given as its own hidden states and head (fused) or as dense logits.
+  // mode 0 = KL(T||S), 1 = KL(S||T), 2 = generalized JSD with 0 < beta < 1. `aux` is the per-row
+  // scalar the backward needs.
+  m.def(
+      "linear_kl_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_hidden, "
+      "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_logits, Tensor targets, "
+      "float inv_temperature, int ignore_index, int mode, float beta) "
+      "-> (Tensor kl, Tensor lse_s, Tensor lse_t, Tensor aux)");
+  m.def(
+      "linear_kl_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_hidden, "
+      "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_logits, Tensor targets, "
+      "Tensor lse_s, Tensor lse_t, Tensor aux, Tensor grad_kl, float inv_temperature, int ignore_index, "
+      "int mode, float beta, bool need_grad_hidden, bool need_grad_weight) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
   // ---- policy losses (erpd/ops/policy_loss.py, erpd/ops/linear_policy_loss.py; per-token math in
   // csrc/policy_loss_math.h). Integer codes: method ppo 0, sapo 1, cispo 2, gspo 3, reinforce 4;
   // agg token-mean 0, seq-mean-token-mean 1, seq-mean-token-sum 2, seq-mean-token-sum-norm 3;

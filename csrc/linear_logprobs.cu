@@ -13,33 +13,12 @@
 
 #include <cstdint>
 
+#include "block_reduce.cuh"
 #include "linear_logprobs_cuda.h"
 
 namespace erpd {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-
-template <class Op>
-__device__ float block_reduce(float x, Op op, float* smem) {
-  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // smem may still be read by a previous reduction
-  if (lane == 0) smem[warp] = x;
-  __syncthreads();
-  x = smem[0];
-  for (int w = 1; w < kWarps; ++w) x = op(x, smem[w]);
-  return x;
-}
-
-struct Max {
-  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-struct Sum {
-  __device__ float operator()(float a, float b) const { return a + b; }
-};
 
 __global__ void __launch_bounds__(kThreads)
     fwd_epilogue_kernel(const float* __restrict__ z, int64_t v, float t, const int64_t* __restrict__ targets,

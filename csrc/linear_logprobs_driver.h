@@ -12,58 +12,23 @@
 // Backward, with p = e^{z - lse}:
 //   dz_k = g_lp (delta_ky - p_k) - g_H p_k (log p_k + H)
 //   dh = t dz W,  dW = t dz^T h,  db = t sum_rows dz
-// The epilogue folds t into dz, so the GEMMs below use alpha = 1.
+// The epilogue folds t into dz, so the gradient GEMMs (chunked::Grads) use alpha = 1.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <tuple>
+
+#include "chunked.h"
 
 namespace erpd {
 namespace linear_logprobs {
 
-// Per-chunk logits budget: 64 MiB by default (ERPD_CHUNK_BYTES overrides). Large enough that
-// each GEMM runs near peak, small enough that memory does not grow with N.
-inline int64_t rows_per_chunk(int64_t n, int64_t v) {
-  int64_t budget = int64_t(64) << 20;
-  if (const char* env = std::getenv("ERPD_CHUNK_BYTES")) budget = std::max<int64_t>(std::atoll(env), 1);
-  return std::max<int64_t>(std::min<int64_t>(budget / (v * int64_t(sizeof(float))), n), 1);
-}
-
-// GEMM operands. CPU: 16-bit inputs are upcast (W once, each hidden chunk when used): MKL's
-// fp32 GEMM is the fast path there. CUDA: operands stay in their dtype for the tensor cores and
-// the GEMMs write fp32 (ATen's out_dtype overloads), so logits are never rounded to bf16.
-struct Operands {
-  at::Tensor weight;             // [V, H], GEMM dtype
-  c10::optional<at::Tensor> bias;  // [V] fp32
-  bool upcast;
-
-  Operands(const at::Tensor& w, const c10::optional<at::Tensor>& b)
-      : upcast(w.device().is_cpu() && w.scalar_type() != at::kFloat) {
-    weight = upcast ? w.to(at::kFloat) : w;
-    if (b.has_value()) bias = b->to(at::kFloat);
-  }
-  at::Tensor rows(const at::Tensor& hidden, int64_t r0, int64_t r) const {
-    at::Tensor h = hidden.narrow(0, r0, r);
-    return upcast ? h.to(at::kFloat) : h;
-  }
-};
-
-// out[fp32] = a @ b (+ beta * out), whatever the operands' dtype.
-inline void gemm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (a.scalar_type() == at::kFloat) {
-    if (accumulate) out.addmm_(a, b); else at::mm_out(out, a, b);
-  } else {
-    if (accumulate) at::addmm_out(out, out, a, b, at::kFloat); else at::mm_out(out, a, b, at::kFloat);
-  }
-}
-
-inline void chunk_logits(at::Tensor& z, const at::Tensor& h, const Operands& ops) {
-  gemm_f32(z, h, ops.weight.t(), /*accumulate=*/false);
-  if (ops.bias.has_value()) z.add_(*ops.bias);
-}
+using chunked::Grads;
+using chunked::Operands;
+using chunked::chunk_logits;
+using chunked::rows_per_chunk;
 
 // Epilogue interface (see csrc/cpu/linear_logprobs.cpp and csrc/cuda/linear_logprobs.cpp):
 //   void forward(const at::Tensor& z, int64_t r0, double inv_t, int64_t ignore_index,
@@ -91,41 +56,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   }
   return {logp, ent, lse};
 }
-
-// The gradient GEMMs of each chunk, into fp32 accumulators that are cast to the input dtype
-// once at the end.
-struct Grads {
-  at::Tensor gh, gw, gb;
-  bool need_h, need_w, has_bias;
-
-  Grads(const at::Tensor& hidden, const at::Tensor& weight, bool has_bias, bool need_h, bool need_w)
-      : need_h(need_h), need_w(need_w), has_bias(has_bias) {
-    const int64_t n = hidden.size(0), v = weight.size(0), hdim = hidden.size(1);
-    const auto f32 = hidden.options().dtype(at::kFloat);
-    gh = need_h ? at::empty({n, hdim}, f32) : at::empty({0}, hidden.options());
-    gw = need_w ? at::zeros({v, hdim}, f32) : at::empty({0}, weight.options());
-    gb = has_bias ? at::zeros({v}, f32) : at::empty({0}, f32);
-  }
-
-  // z: the chunk's logits buffer, already overwritten with t * dz; h: the chunk's GEMM operand.
-  void add_chunk(const at::Tensor& z, const at::Tensor& h, const Operands& ops, int64_t r0) {
-    // 16-bit operands on CUDA: dz is rounded to the input dtype for the tensor-core GEMMs (as
-    // the unfused PyTorch backward does), with fp32 accumulation and output.
-    const at::Tensor dz = ops.weight.scalar_type() == at::kFloat ? z : z.to(ops.weight.scalar_type());
-    if (need_h) {
-      at::Tensor out = gh.narrow(0, r0, z.size(0));
-      gemm_f32(out, dz, ops.weight, /*accumulate=*/false);
-    }
-    if (need_w) gemm_f32(gw, dz.t(), h, /*accumulate=*/true);
-    if (has_bias) gb.add_(z.sum(0));
-  }
-
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(const at::Tensor& hidden, const at::Tensor& weight) {
-    if (need_h) gh = gh.to(hidden.scalar_type());
-    if (need_w) gw = gw.to(weight.scalar_type());
-    return {gh, gw, gb};
-  }
-};
 
 template <class Epilogue>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(

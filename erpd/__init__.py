@@ -1,16 +1,18 @@
 """erpd: fused RL and distillation losses computed from hidden states and the LM-head weight.
 
     logprobs, entropy = erpd.linear_logprobs(hidden, lm_head.weight, targets, with_entropy=True)
+    kl = erpd.linear_kl(hidden, lm_head.weight, targets, teacher_hidden=t_hidden, teacher_weight=t_head.weight)
 
 See README.md for the backends and the ERPD trainer.
 """
 
 from erpd import adapters, nn, reference
 from erpd.backends import BackendUnavailableError, available
-from erpd.ops import linear_logprobs, linear_policy_loss, policy_loss
+from erpd.ops import linear_kl, linear_logprobs, linear_policy_loss, policy_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "adapters", "available", "linear_logprobs", "linear_policy_loss", "nn", "policy_loss", "reference",
+    "BackendUnavailableError", "adapters", "available", "linear_kl", "linear_logprobs", "linear_policy_loss", "nn",
+    "policy_loss", "reference",
 ]

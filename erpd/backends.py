@@ -21,7 +21,7 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 # Per-op choice of `auto` on CUDA tensors. Issue 6's GPU benchmark run fills this from
 # benchmarks/results/; until a GPU table is committed, Triton is the default because it needs
 # no compiled extension.
-AUTO_CUDA: dict[str, str] = {"linear_logprobs": "triton", "policy_loss": "triton", "linear_policy_loss": "triton"}
+AUTO_CUDA: dict[str, str] = {"linear_logprobs": "triton", "linear_kl": "triton", "policy_loss": "triton", "linear_policy_loss": "triton"}
 
 # The compiled kernels (erpd::<name>) an op needs per dispatch key; ops not listed need
 # `<op>_fwd` and `<op>_bwd`. The policy losses compute their gradients in the forward, so their

@@ -77,6 +77,28 @@ def _kl_rows(logq_s: torch.Tensor, logq_t: torch.Tensor, direction: str, beta: f
     return beta * kl_t + (1.0 - beta) * kl_s
 
 
+def kl_from_logits(
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    direction: str = "forward",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The divergence of :func:`linear_kl` from materialized student logits ``[..., V]`` (computed in
+    ``logits.dtype``); the teacher gets no gradient."""
+    logq_s = torch.log_softmax(logits / temperature, -1)
+    if teacher_topk is not None:
+        t_logp, ids = teacher_topk
+        t_logp = t_logp.detach().to(logq_s.dtype)
+        s_logp = logq_s.gather(-1, ids.long())
+        tail_t = (1.0 - t_logp.exp().sum(-1)).clamp_min(TOPK_TAIL_EPS)
+        tail_s = (1.0 - s_logp.exp().sum(-1)).clamp_min(TOPK_TAIL_EPS)
+        return (t_logp.exp() * (t_logp - s_logp)).sum(-1) + tail_t * (tail_t.log() - tail_s.log())
+    logq_t = torch.log_softmax(teacher_logits.detach().to(logq_s.dtype) / temperature, -1)
+    return _kl_rows(logq_s, logq_t, direction, beta)
+
+
 def linear_kl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -118,21 +140,12 @@ def linear_kl(
     every row counts). The teacher gets no gradient.
     """
     acc = _acc_dtype(hidden)
-    logq_s = torch.log_softmax(F.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc)) / temperature, -1)
-    if teacher_topk is not None:
-        t_logp, ids = teacher_topk
-        t_logp = t_logp.detach().to(acc)
-        s_logp = logq_s.gather(-1, ids.long())
-        tail_t = (1.0 - t_logp.exp().sum(-1)).clamp_min(TOPK_TAIL_EPS)
-        tail_s = (1.0 - s_logp.exp().sum(-1)).clamp_min(TOPK_TAIL_EPS)
-        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1) + tail_t * (tail_t.log() - tail_s.log())
-    else:
-        if teacher_logits is None:
-            teacher_logits = F.linear(
-                teacher_hidden.to(acc), teacher_weight.to(acc), None if teacher_bias is None else teacher_bias.to(acc)
-            )
-        logq_t = torch.log_softmax(teacher_logits.detach().to(acc) / temperature, -1)
-        kl = _kl_rows(logq_s, logq_t, direction, beta)
+    logits = F.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    if teacher_topk is None and teacher_logits is None:
+        teacher_logits = F.linear(
+            teacher_hidden.to(acc), teacher_weight.to(acc), None if teacher_bias is None else teacher_bias.to(acc)
+        )
+    kl = kl_from_logits(logits, teacher_logits, teacher_topk, direction=direction, beta=beta, temperature=temperature)
     if targets is not None:
         kl = torch.where(targets != ignore_index, kl, kl.new_zeros(()))
     return kl

@@ -203,6 +203,50 @@ def _linear_logprobs_combine_kernel(
 
 
 @triton.jit
+def _add_tile_grads(
+    dz, rows, cols, valid, col_mask, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, H,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Adds one [BLOCK_M, BLOCK_N] tile's share of the gradients, given its logits gradient dz
+    (fp32, temperature folded in, zero outside valid rows and columns): db += sum_rows dz,
+    dh[rows] += dz @ W[cols], dW[cols] += dz^T @ h[rows], into fp32 buffers with atomics (several
+    vocabulary blocks add to the same dh rows, several row blocks to the same dW rows). Shared by
+    every recompute-style backward kernel (linear_logprobs, linear_kl)."""
+    if NEED_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+    if NEED_DH or NEED_DW:
+        # 16-bit operands: dz is rounded to their dtype for the tensor cores, as the unfused
+        # PyTorch backward does; accumulation stays fp32.
+        if UPCAST:
+            dz_op = dz
+        else:
+            dz_op = dz.to(h_ptr.dtype.element_ty)
+        h_base = h_ptr + rows.to(tl.int64)[:, None] * H
+        w_base = w_ptr + cols.to(tl.int64)[:, None] * H
+        dh_base = dh_ptr + rows.to(tl.int64)[:, None] * H
+        dw_base = dw_ptr + cols.to(tl.int64)[:, None] * H
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                k_mask = tl.full((BLOCK_K,), 1, tl.int1)
+            else:
+                k_mask = ks < H
+            if NEED_DH:
+                w = tl.load(w_base + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
+                tl.atomic_add(dh_base + ks[None, :], dh, mask=valid[:, None] & k_mask[None, :], sem="relaxed")
+            if NEED_DW:
+                x = tl.load(h_base + ks[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
+                if UPCAST:
+                    x = x.to(tl.float32)
+                dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)
+                tl.atomic_add(dw_base + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
+
+
+@triton.jit
 def _linear_logprobs_bwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
     dh_ptr, dw_ptr, db_ptr,  # fp32 workspaces, accumulated with atomics
@@ -249,36 +293,10 @@ def _linear_logprobs_bwd_kernel(
         # The temperature's chain-rule factor is folded into dz once, before the GEMMs.
         dz = tl.where(valid[:, None] & col_mask[None, :], dz, 0.0) * inv_t
 
-        if NEED_DB:
-            tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
-
-        if NEED_DH or NEED_DW:
-            if UPCAST:
-                dz_op = dz
-            else:
-                dz_op = dz.to(h_ptr.dtype.element_ty)
-            h_base = h_ptr + rows.to(tl.int64)[:, None] * H
-            w_base = w_ptr + cols.to(tl.int64)[:, None] * H
-            dh_base = dh_ptr + rows.to(tl.int64)[:, None] * H
-            dw_base = dw_ptr + cols.to(tl.int64)[:, None] * H
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                if EVEN_K:
-                    k_mask = tl.full((BLOCK_K,), 1, tl.int1)
-                else:
-                    k_mask = ks < H
-                if NEED_DH:
-                    w = tl.load(w_base + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                    if UPCAST:
-                        w = w.to(tl.float32)
-                    dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
-                    tl.atomic_add(dh_base + ks[None, :], dh, mask=valid[:, None] & k_mask[None, :], sem="relaxed")
-                if NEED_DW:
-                    a = tl.load(h_base + ks[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
-                    if UPCAST:
-                        a = a.to(tl.float32)
-                    dw = tl.dot(tl.trans(dz_op), a, input_precision=DOT_PRECISION)
-                    tl.atomic_add(dw_base + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
+        _add_tile_grads(
+            dz, rows, cols, valid, col_mask, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, H,
+            NEED_DH, NEED_DW, NEED_DB, UPCAST, EVEN_K, BLOCK_K, DOT_PRECISION,
+        )
 
 
 # ----------------------------------------------------------------------------------------------

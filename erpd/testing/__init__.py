@@ -18,8 +18,9 @@ from erpd import reference
 from erpd.testing.shapes import SHAPES, Shape, shapes
 
 __all__ = [
-    "SHAPES", "Shape", "shapes", "LinearInputs", "make_linear_inputs", "naive_linear_logprobs", "max_err",
-    "assert_within_rule", "PolicyInputs", "make_policy_inputs", "LinearPolicyInputs", "make_linear_policy_inputs",
+    "SHAPES", "Shape", "shapes", "LinearInputs", "make_linear_inputs", "naive_linear_logprobs",
+    "make_kl_teacher", "naive_linear_kl", "max_err", "assert_within_rule",
+    "PolicyInputs", "make_policy_inputs", "LinearPolicyInputs", "make_linear_policy_inputs",
 ]
 
 
@@ -81,6 +82,57 @@ def naive_linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, i
     logp = torch.where(valid, logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0)
     entropy = torch.where(valid, -(logp_all.exp() * logp_all).sum(-1), 0.0)
     return logp, entropy
+
+
+TEACHER_FORMS = ("fused", "dense", "topk")
+
+
+def make_kl_teacher(x: LinearInputs, form: str, *, h: int | None = None, k: int = 8, closeness: float = 0.0,
+                    bias: bool = False, seed: int = 0) -> dict:
+    """Teacher keyword arguments of `erpd.linear_kl` for the student inputs `x`, in `x`'s dtype and
+    device: ``fused`` (own hidden size `h`), ``dense`` logits, or ``topk`` (k log-probs and ids of
+    the dense teacher's softmax at temperature 1). ``closeness`` in [0, 1] mixes the student's
+    own logits into the teacher's (1: the teacher is the student), so divergences range from
+    large to tiny."""
+    g = torch.Generator().manual_seed(seed)
+    lead, v = tuple(x.targets.shape), x.weight.shape[0]
+    h = h or x.hidden.shape[-1]
+    dtype, device = x.hidden.dtype, x.hidden.device
+    th = torch.randn(*lead, h, generator=g)
+    tw = torch.randn(v, h, generator=g) * (3.0 / h**0.5)
+    tb = torch.randn(v, generator=g) * 0.5 if bias else None
+    if closeness > 0:
+        # Mix at the level of hidden states and heads, so the fused form stays a true GEMM.
+        assert h == x.hidden.shape[-1], "closeness needs the student's hidden size"
+        mix = lambda a, b: (1 - closeness) * a + closeness * b.detach().float().cpu()  # noqa: E731
+        th, tw = mix(th, x.hidden), mix(tw, x.weight)
+        tb = None if x.bias is None else mix(torch.zeros(v) if tb is None else tb, x.bias)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    if form == "fused":
+        return dict(teacher_hidden=cast(th), teacher_weight=cast(tw), teacher_bias=cast(tb))
+    logits = F.linear(th.double(), tw.double(), None if tb is None else tb.double())
+    if form == "dense":
+        return dict(teacher_logits=cast(logits))
+    if form == "topk":
+        vals, ids = logits.log_softmax(-1).topk(k, dim=-1)
+        return dict(teacher_topk=(vals.float().to(device), ids.to(device)))
+    raise ValueError(f"form must be one of {TEACHER_FORMS}, got {form!r}")
+
+
+def naive_linear_kl(hidden, weight, targets=None, bias=None, *, teacher_hidden=None, teacher_weight=None,
+                    teacher_bias=None, teacher_logits=None, teacher_topk=None, direction="forward", beta=0.5,
+                    temperature=1.0, ignore_index=-100):
+    """What plain PyTorch code does in the input precision: both logits in the input dtype (bf16
+    logits are rounded), then float32 softmaxes. The baseline of the tolerance rule, and the
+    `naive` provider of the benchmarks."""
+    from erpd.reference import kl_from_logits
+
+    logits = F.linear(hidden, weight, bias).float()
+    if teacher_logits is None and teacher_topk is None:
+        teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+    t_logits = None if teacher_logits is None else teacher_logits.float()
+    kl = kl_from_logits(logits, t_logits, teacher_topk, direction=direction, beta=beta, temperature=temperature)
+    return kl if targets is None else torch.where(targets != ignore_index, kl, 0.0)
 
 
 def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

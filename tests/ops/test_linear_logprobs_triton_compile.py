@@ -8,6 +8,9 @@ H100's shared memory, and that 16-bit operands reach the Hopper tensor cores (wg
 
 It runs in a subprocess because a test session may have set TRITON_INTERPRET=1 before the
 kernel module was imported, and then its kernels exist only in interpreted form.
+
+`SM90_PRELUDE` (the child's compile helpers) and `compile_for_sm90` are shared with the other
+ops' compile tests (test_linear_kl_triton_compile.py).
 """
 
 from __future__ import annotations
@@ -24,39 +27,43 @@ pytest.importorskip("triton")
 # Largest dynamic shared memory one block may opt into on an H100 (227 KiB).
 H100_MAX_SHARED_BYTES = 232_448
 
-_CHILD = r"""
+SM90_PRELUDE = r"""
 import json, os, sys
 assert os.environ.get("TRITON_INTERPRET", "0") != "1"
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from erpd.kernels import linear_logprobs as K
 
 target = GPUTarget("cuda", 90, 32)
 TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Argument kinds follow the kernels' naming: the (student and teacher) h/w/b pointers carry the
+# input dtype, targets are int64, every other pointer is an fp32 buffer unless `ptr_types` says
+# otherwise; the scalars below are floats, all others ints.
+INPUT_PTRS = ("h_ptr", "w_ptr", "b_ptr", "th_ptr", "tw_ptr", "tb_ptr")
+FLOAT_SCALARS = ("inv_t", "beta", "log_b", "log_1mb")
 
 
-def signature(fn, dtype, constexprs):
-    # Argument kinds follow the kernels' naming: h/w/b pointers carry the input dtype, targets
-    # are int64, every other pointer is an fp32 buffer; inv_t is a float, other scalars ints.
+def signature(fn, dtype, constexprs, ptr_types=None):
     types = {}
     for name in fn.arg_names:
         if name in constexprs:
             types[name] = "constexpr"
-        elif name in ("h_ptr", "w_ptr", "b_ptr"):
+        elif ptr_types and name in ptr_types:
+            types[name] = ptr_types[name]
+        elif name in INPUT_PTRS:
             types[name] = "*" + TRITON_DTYPE[dtype]
         elif name == "t_ptr":
             types[name] = "*i64"
         elif name.endswith("_ptr"):
             types[name] = "*fp32"
         else:
-            types[name] = "fp32" if name == "inv_t" else "i32"
+            types[name] = "fp32" if name in FLOAT_SCALARS else "i32"
     return types
 
 
-def build(label, fn, dtype, constexprs, options, aligned_ints=("H",)):
-    sig = signature(fn, dtype, constexprs)
+def build(label, fn, dtype, constexprs, options, aligned_ints=("H",), ptr_types=None):
+    sig = signature(fn, dtype, constexprs, ptr_types)
     # What a launch with torch-allocated tensors (16-byte aligned) and H % 16 == 0 specializes
     # on; without it the 16-bit loads are not vectorized and the K-loop is not pipelined.
     attrs = {
@@ -75,7 +82,10 @@ def build(label, fn, dtype, constexprs, options, aligned_ints=("H",)):
 def split(cfg):
     cfg = dict(cfg)
     return cfg, dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+"""
 
+_BODY = r"""
+from erpd.kernels import linear_logprobs as K
 
 common = dict(UPCAST=False, DOT_PRECISION=K._dot_precision(False))
 out = []
@@ -103,15 +113,21 @@ print(json.dumps(out))
 """
 
 
-def test_triton_kernels_compile_for_sm90(tmp_path):
+def compile_for_sm90(tmp_path, body: str) -> list[dict]:
+    """Run SM90_PRELUDE + `body` in a fresh interpreter (no TRITON_INTERPRET); `body` prints
+    the JSON list of `build` results as its last line."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # A private cache: the check must really compile, and must not write to the user's cache.
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", SM90_PRELUDE + body], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, f"sm_90 compilation failed:\n{proc.stderr[-6000:]}"
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    results = compile_for_sm90(tmp_path, _BODY)
     assert len(results) == 13
     for r in results:
         what = f"{r['label']} [{r['dtype']}]"

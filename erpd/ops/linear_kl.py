@@ -1,0 +1,244 @@
+"""`linear_kl`: per-token KL (or generalized JSD) between a teacher and the student, straight from
+hidden states and LM heads.
+
+Autograd and dispatch live here; the math is in `erpd/reference.py` (`linear_kl`) and
+`csrc/linear_kl_math.h`, the kernels in `kernels/linear_kl.py` (Triton), `csrc/cpu/linear_kl.cpp`
+(C++) and `csrc/linear_kl.cu` (CUDA epilogues).
+
+Teacher forms:
+  * fused ``(teacher_hidden, teacher_weight[, teacher_bias])`` and dense ``teacher_logits``: every
+    fused backend implements one pair of functions on flattened, contiguous inputs
+        fwd(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, targets, inv_t, ignore_index,
+            mode, beta) -> (kl[N], lse_s[N], lse_t[N], aux[N])             (all f32)
+        bwd(..., lse_s, lse_t, aux, grad_kl[N], inv_t, ignore_index, mode, beta,
+            need_grad_hidden, need_grad_weight) -> (grad_hidden, grad_weight, grad_bias)
+    with mode 0 = KL(T||S), 1 = KL(S||T), 2 = JSD(beta). The backward recomputes both logits
+    blocks; only O(N) statistics are kept.
+  * sparse ``teacher_topk``: needs only the student's log-sum-exp and its logits at the k ids, so
+    it reuses the `linear_logprobs` kernels of the chosen backend for the dense part and gathers
+    the k rows of the head for the sparse part (``_TopkFunction`` below).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from erpd import backends, reference
+from erpd.ops import _validate
+from erpd.ops.linear_logprobs import _impl as _logprobs_impl
+
+OP = "linear_kl"
+DIRECTIONS = reference.KL_DIRECTIONS
+_MODE = {"forward": 0, "reverse": 1, "jsd": 2}
+
+
+def _impl(backend: str):
+    """(fwd, bwd) of a fused backend for the fused and dense teacher forms."""
+    if backend == "triton":
+        from erpd.kernels import linear_kl as k
+
+        return k.linear_kl_fwd, k.linear_kl_bwd
+    if backend in ("cpu", "cuda"):
+        return torch.ops.erpd.linear_kl_fwd, torch.ops.erpd.linear_kl_bwd
+    raise AssertionError(backend)
+
+
+class _KLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, targets, inv_t, ignore_index, mode, beta, backend):
+        fwd, _ = _impl(backend)
+        kl, lse_s, lse_t, aux = fwd(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, targets, inv_t, ignore_index, mode, beta)
+        ctx.save_for_backward(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, targets, lse_s, lse_t, aux)
+        ctx.args = (inv_t, ignore_index, mode, beta, backend)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, targets, lse_s, lse_t, aux = ctx.saved_tensors
+        inv_t, ignore_index, mode, beta, backend = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        _, bwd = _impl(backend)
+        gh, gw, gb = bwd(
+            hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, targets, lse_s, lse_t, aux,
+            grad_kl.float().contiguous(), inv_t, ignore_index, mode, beta, need_h, need_w,
+        )
+        gb = gb.to(bias.dtype) if (need_b and bias is not None) else None
+        return (gh if need_h else None), (gw if need_w else None), gb, *([None] * 10)
+
+
+def _gather_logits(hidden, weight, bias, ids, inv_t, budget_bytes=64 << 20):
+    """fp32 student logits at `ids` [N, k]: rows of the head gathered a chunk of tokens at a time,
+    so the [rows, k, H] gather stays within a byte budget."""
+    n, k = ids.shape
+    h = hidden.shape[1]
+    rows = max(1, min(n, budget_bytes // max(1, 4 * k * h)))
+    out = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+    for r0 in range(0, n, rows):
+        sl = slice(r0, r0 + rows)
+        w_k = weight[ids[sl]].float()  # [r, k, H]
+        z = torch.bmm(w_k, hidden[sl].float().unsqueeze(-1)).squeeze(-1)
+        if bias is not None:
+            z += bias.float()[ids[sl]]
+        out[sl] = z * inv_t
+    return out
+
+
+class _TopkFunction(torch.autograd.Function):
+    """Forward KL to a top-k teacher with a tail bucket (see `erpd.reference.linear_kl`).
+
+    With q^S_K the student's probabilities at the k ids, tails t^T = 1 - sum q^T_K and
+    t^S = 1 - sum q^S_K, and c = t^T / t^S (0 where t^S hit its floor, whose derivative is 0),
+    the gradient w.r.t. the student's (temperature-scaled) logits is
+        dz_j = alpha q^S_j + [j in K] (c q^S_j - q^T_j),   alpha = sum q^T_K - c sum q^S_K.
+    The dense part alpha q^S is what `linear_logprobs`' backward produces for grad_logprobs =
+    -alpha (plus +alpha at its target, folded into the sparse part), so the backend's own
+    log-prob kernels do the vocabulary pass; the k sparse columns are gathered and scattered
+    here in PyTorch.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, t_logp, ids, targets, inv_t, ignore_index, backend):
+        fwd, _ = _logprobs_impl(backend)
+        valid = targets != ignore_index
+        anchor = torch.where(valid, ids[:, 0], targets)  # any valid id: only lse is used here
+        _, _, lse = fwd(hidden, weight, bias, anchor, inv_t, ignore_index)
+        s_logp = _gather_logits(hidden, weight, bias, ids, inv_t) - lse.unsqueeze(1)
+        q_t = t_logp.float().exp()
+        q_s = s_logp.exp()
+        eps = reference.TOPK_TAIL_EPS
+        tail_t = (1.0 - q_t.sum(1)).clamp_min(eps)
+        tail_s_raw = 1.0 - q_s.sum(1)
+        tail_s = tail_s_raw.clamp_min(eps)
+        kl = (q_t * (t_logp.float() - s_logp)).sum(1) + tail_t * (tail_t.log() - tail_s.log())
+        kl = torch.where(valid, kl.clamp_min(0.0), 0.0)
+        c = torch.where(tail_s_raw > eps, tail_t / tail_s, 0.0)
+        alpha = q_t.sum(1) - c * q_s.sum(1)
+        sparse = c.unsqueeze(1) * q_s - q_t
+        ctx.save_for_backward(hidden, weight, bias, ids, anchor, lse, alpha, sparse, valid)
+        ctx.args = (inv_t, ignore_index, backend)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        hidden, weight, bias, ids, anchor, lse, alpha, sparse, valid = ctx.saved_tensors
+        inv_t, ignore_index, backend = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g = torch.where(valid, grad_kl.float(), 0.0)
+        _, bwd = _logprobs_impl(backend)
+        # Dense part: dz = g alpha (q^S - delta_anchor); the +g alpha at the anchor is sparse.
+        gh, gw, gb = bwd(hidden, weight, bias, anchor, lse, lse, (-g * alpha).contiguous(), None, inv_t, ignore_index, need_h, need_w)
+        s = g.unsqueeze(1) * sparse
+        s[:, 0] += g * alpha
+        s = s * inv_t  # chain rule of the temperature for the gathered columns
+        flat_ids = ids.reshape(-1)
+        if need_h:
+            gh = (gh.float() + torch.bmm(s.unsqueeze(1), weight[ids].float()).squeeze(1)).to(hidden.dtype)
+        if need_w:
+            upd = (s.unsqueeze(-1) * hidden.float().unsqueeze(1)).reshape(-1, hidden.shape[1])
+            gw = gw.float().index_add_(0, flat_ids, upd).to(weight.dtype)
+        if need_b and bias is not None:
+            gb = gb.float().index_add_(0, flat_ids, s.reshape(-1)).to(bias.dtype)
+        else:
+            gb = None
+        return (gh if need_h else None), (gw if need_w else None), gb, *([None] * 6)
+
+
+def linear_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    direction: str = "forward",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    validate: bool | None = None,
+) -> torch.Tensor:
+    r"""Per-token divergence between a teacher's and the student's next-token distributions,
+    without materializing the student's (or a fused teacher's) logits.
+
+    The student's logits are ``(hidden @ weight.T + bias) / temperature``. The teacher is one of:
+
+    * **fused** ``teacher_hidden [..., H_t]``, ``teacher_weight [V, H_t]``, optional
+      ``teacher_bias``: its logits are computed block by block next to the student's, never stored;
+      ``H_t`` may differ from the student's ``H``; same dtype as the student.
+    * **dense** ``teacher_logits [..., V]`` (any float dtype), divided by ``temperature`` too.
+    * **top-k** ``teacher_topk = (logprobs [..., k], ids [..., k])``: the teacher's log-probs on
+      its top-k ids (distinct per token), used as given. Forward KL on the k ids plus one tail
+      bucket holding the rest of the mass (an exact KL of the two coarsened distributions, ≥ 0,
+      0 when the student matches the teacher); ``direction`` must be ``"forward"``.
+
+    ``direction``: ``"forward"`` KL(T‖S) (distillation's usual choice), ``"reverse"`` KL(S‖T),
+    or ``"jsd"``: :math:`\beta\,\mathrm{KL}(T‖M) + (1-\beta)\,\mathrm{KL}(S‖M)`,
+    :math:`M = (1-\beta)S + \beta T`, as TRL's GKD and Liger's JSD define it; ``beta`` 0 and 1
+    give the forward and the reverse KL.
+
+    Args:
+        hidden, weight, bias: the student's final hidden states ``[..., H]`` and LM head.
+        targets: optional ``[...]``; only a mask here: rows equal to ``ignore_index`` give 0 and
+            no gradient (None: every row counts).
+        backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"``.
+        validate: force/skip the value checks (targets and top-k ids in range); by default they
+            run on CPU tensors and on CUDA only with ``ERPD_CHECK_INPUTS=1``.
+
+    Returns:
+        ``kl [...]`` float32 (float64 for float64 inputs on ``backend="torch"``), ≥ 0.
+        Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; the teacher gets no gradient.
+    """
+    hidden, weight, bias = _validate.linear_head(hidden, weight, bias)
+    temperature = _validate.temperature(temperature)
+    ignore_index = _validate.index(ignore_index, "ignore_index")
+    direction = _validate.choice(direction, "direction", DIRECTIONS)
+    beta = _validate.probability(beta, "beta")
+    check_values = _validate.want_value_checks(hidden.device, validate)
+    form, teacher = _validate.kl_teacher(
+        hidden, weight, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk, check_values
+    )
+    if direction == "jsd" and beta in (0.0, 1.0):
+        direction = "forward" if beta == 0.0 else "reverse"
+    if form == "topk" and direction != "forward":
+        raise ValueError(f"teacher_topk supports direction='forward' only (got {direction!r}): the reverse KL and the JSD need the teacher's full distribution")
+    if targets is None:
+        targets = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
+        ignore_index = -1
+    else:
+        targets = _validate.targets(targets, hidden, weight.shape[0], ignore_index, check_values)
+    name = backends.resolve(backend, hidden.device, "linear_logprobs" if form == "topk" else OP)
+
+    if name == "torch":
+        kw = dict(fused=dict(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), teacher)),
+                  dense=dict(teacher_logits=teacher[0]), topk=dict(teacher_topk=teacher))[form]
+        return reference.linear_kl(hidden, weight, targets, bias=bias, direction=direction, beta=beta,
+                                   temperature=temperature, ignore_index=ignore_index, **kw)
+    if hidden.dtype == torch.float64:
+        raise TypeError(f"backend={name!r} supports fp32/bf16/fp16 inputs; float64 runs only on backend='torch'")
+
+    lead, v = hidden.shape[:-1], weight.shape[0]
+    flat = lambda x, d: None if x is None else x.reshape(-1, d).contiguous()  # noqa: E731
+    h2 = flat(hidden, hidden.shape[-1])
+    t1 = targets.reshape(-1).contiguous()
+    if h2.shape[0] == 0:
+        # Keep the graph connected so that .backward() on an empty batch gives zero grads.
+        return (h2.sum(-1) + weight.sum() * 0).float().reshape(lead)
+    w, b = weight.contiguous(), (None if bias is None else bias.contiguous())
+    inv_t = 1.0 / temperature
+    if form == "topk":
+        t_logp, ids = teacher
+        k = ids.shape[-1]
+        kl = _TopkFunction.apply(h2, w, b, flat(t_logp.detach(), k), flat(ids, k), t1, inv_t, ignore_index, name)
+        return kl.reshape(lead)
+    if form == "fused":
+        th, tw, tb = teacher
+        th, tw, tb, tl = flat(th.detach(), th.shape[-1]), tw.detach().contiguous(), (None if tb is None else tb.detach().contiguous()), None
+    else:
+        th = tw = tb = None
+        tl = flat(teacher[0].detach(), v)
+    kl = _KLFunction.apply(h2, w, b, th, tw, tb, tl, t1, inv_t, ignore_index, _MODE[direction], beta, name)
+    return kl.reshape(lead)

@@ -1,0 +1,232 @@
+"""Stage 0: the fixed data both stages train on.
+
+``sample_fixed_data`` draws ``k`` responses per prompt from π0 once (``generate`` with pure
+temperature sampling, batched), scores them with the verifier, computes π0's log-prob of every
+response token (teacher-forced, through the same fused path the trainer uses, so the stage-1
+ratio is exactly 1 before the first update) and the group-normalized advantages.
+
+On-disk format (a directory; version ``FORMAT_VERSION``)::
+
+    manifest.json        written last; {"format": "erpd.fixed_data", "version": 1,
+                         "files": {name: {"sha256", "bytes"}}, "n_sequences", "n_prompts",
+                         "meta": {model, temperature, sample config, ...}}
+    tensors.safetensors  input_ids [N, L] int64 (prompt then response, right-padded with pad_id)
+                         attention_mask [N, L] int64
+                         prompt_len [N] int64, response_len [N] int64
+                         targets [N, R] int64 (response token ids, -100 past the end)
+                         old_logprobs [N, R] float32 (π0 log-probs at temperature τ; 0 past the end)
+                         rewards [N] float32, advantages [N] float32, group [N] int64 (prompt index)
+    texts.json           {"questions": [P], "answers": [P], "prompts": [P], "responses": [N]}
+
+Row ``i`` is the ``i % k``-th sample of prompt ``group[i]``; the response's ``r``-th token is
+``input_ids[i, prompt_len[i] + r]`` and is predicted by the hidden state at position
+``prompt_len[i] + r - 1``. A response that stopped includes its EOS token (a sampled action).
+``load`` checks the manifest and every checksum and raises :class:`CorruptDataError` naming the
+file on any mismatch (truncated copy, edited file, interrupted write).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "erpd.fixed_data"
+FORMAT_VERSION = 1
+TENSORS = "tensors.safetensors"
+TEXTS = "texts.json"
+MANIFEST = "manifest.json"
+_TENSOR_KEYS = ("input_ids", "attention_mask", "prompt_len", "response_len", "targets", "old_logprobs",
+                "rewards", "advantages", "group")
+
+
+class CorruptDataError(RuntimeError):
+    pass
+
+
+@dataclass
+class FixedData:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: torch.Tensor
+    response_len: torch.Tensor
+    targets: torch.Tensor
+    old_logprobs: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    group: torch.Tensor
+    questions: list = field(default_factory=list)
+    answers: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)
+    responses: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.targets != -100
+
+    def group_baseline(self) -> torch.Tensor:
+        """Each response's group-mean reward (the MSE objective's baseline b)."""
+        n_groups = int(self.group.max()) + 1 if len(self) else 0
+        sums = torch.zeros(n_groups).index_add_(0, self.group, self.rewards)
+        counts = torch.zeros(n_groups).index_add_(0, self.group, torch.ones_like(self.rewards))
+        return (sums / counts)[self.group]
+
+
+def group_advantages(rewards: torch.Tensor, group: torch.Tensor, mode: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages: (R - mean_g) / (std_g + eps) for ``mode="group"``, R - mean_g for ``"mean"``.
+
+    ``std_g`` is the population std of the group; a group whose rewards are all equal gets 0.
+    """
+    rewards = rewards.float()
+    n = int(group.max()) + 1 if rewards.numel() else 0
+    count = torch.zeros(n).index_add_(0, group, torch.ones_like(rewards))
+    mean = torch.zeros(n).index_add_(0, group, rewards) / count
+    centered = rewards - mean[group]
+    if mode == "mean":
+        return centered
+    var = torch.zeros(n).index_add_(0, group, centered**2) / count
+    return centered / (var.sqrt()[group] + eps)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(data: FixedData, directory: str | os.PathLike) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    # The manifest is the commit point: remove a stale one first, write it last.
+    (d / MANIFEST).unlink(missing_ok=True)
+    save_file({k: getattr(data, k).contiguous().cpu() for k in _TENSOR_KEYS}, str(d / TENSORS))
+    texts = dict(questions=data.questions, answers=[str(a) for a in data.answers], prompts=data.prompts,
+                 responses=data.responses)
+    (d / TEXTS).write_text(json.dumps(texts))
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "n_sequences": len(data),
+        "n_prompts": len(data.prompts),
+        "files": {name: {"sha256": _sha256(d / name), "bytes": (d / name).stat().st_size} for name in (TENSORS, TEXTS)},
+        "meta": data.meta,
+    }
+    tmp = d / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(d / MANIFEST)
+    return d
+
+
+def exists(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def load(directory: str | os.PathLike) -> FixedData:
+    d = Path(directory)
+    mpath = d / MANIFEST
+    if not mpath.is_file():
+        raise CorruptDataError(f"{d}: no {MANIFEST} (not a fixed-data directory, or its writing was interrupted); "
+                               "re-run `erpd sample`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptDataError(f"{mpath}: not valid JSON ({e}); the file is truncated or edited") from e
+    if manifest.get("format") != FORMAT:
+        raise CorruptDataError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CorruptDataError(f"{mpath}: format version {manifest.get('version')!r}; this erpd reads version {FORMAT_VERSION}")
+    for name in (TENSORS, TEXTS):
+        entry = manifest.get("files", {}).get(name)
+        path = d / name
+        if entry is None:
+            raise CorruptDataError(f"{mpath}: lists no checksum for {name}")
+        if not path.is_file():
+            raise CorruptDataError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CorruptDataError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
+        if _sha256(path) != entry["sha256"]:
+            raise CorruptDataError(f"{path}: sha256 does not match the manifest (the file was modified or corrupted)")
+    tensors = load_file(str(d / TENSORS))
+    missing = [k for k in _TENSOR_KEYS if k not in tensors]
+    if missing:
+        raise CorruptDataError(f"{d / TENSORS}: missing tensors {missing}")
+    texts = json.loads((d / TEXTS).read_text())
+    data = FixedData(**{k: tensors[k] for k in _TENSOR_KEYS}, questions=texts["questions"], answers=texts["answers"],
+                     prompts=texts["prompts"], responses=texts["responses"], meta=manifest.get("meta", {}))
+    n = len(data)
+    if any(getattr(data, k).shape[0] != n for k in _TENSOR_KEYS) or len(data.responses) != n:
+        raise CorruptDataError(f"{d}: tensors and texts disagree on the number of sequences")
+    return data
+
+
+def build(prompt_ids: list, response_ids: list, rewards: list, group: list, pad_id: int, advantage: str = "group",
+          **texts) -> FixedData:
+    """Assemble the padded tensors from per-sequence token lists (old_logprobs left at 0)."""
+    n = len(prompt_ids)
+    plen = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
+    rlen = torch.tensor([len(r) for r in response_ids], dtype=torch.long)
+    if n and int(rlen.min()) < 1:
+        raise ValueError("every response needs at least one token")
+    L, R = int((plen + rlen).max()) if n else 0, int(rlen.max()) if n else 0
+    input_ids = torch.full((n, L), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, L), dtype=torch.long)
+    targets = torch.full((n, R), -100, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        seq = torch.tensor(list(p) + list(r), dtype=torch.long)
+        input_ids[i, : len(seq)] = seq
+        attention[i, : len(seq)] = 1
+        targets[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+    rewards_t = torch.tensor(rewards, dtype=torch.float32)
+    group_t = torch.tensor(group, dtype=torch.long)
+    return FixedData(input_ids=input_ids, attention_mask=attention, prompt_len=plen, response_len=rlen, targets=targets,
+                     old_logprobs=torch.zeros((n, R), dtype=torch.float32), rewards=rewards_t,
+                     advantages=group_advantages(rewards_t, group_t, advantage), group=group_t, **texts)
+
+
+def sample_fixed_data(policy, problems: list, cfg, verifier, system_prompt=None):
+    """Stage 0: sample ``cfg.sample.k`` responses per problem from ``policy`` (π0), score them,
+    and fill in π0's log-probs. Returns ``(data, cache)``; the cache (see ``engine.build_cache``)
+    is what the π0 pass computed on the way and saves stage 1 a second pass."""
+    from erpd.train import engine
+    from erpd.train.task import chat_prompt
+
+    sc = cfg.sample
+    if sc.max_new_tokens < 1:
+        raise ValueError("sample.max_new_tokens must be >= 1")
+    prompts = [chat_prompt(policy.tokenizer, p.question, system_prompt) for p in problems]
+    samples = engine.generate(policy, prompts, sc.k, sc.max_new_tokens, sc.temperature, sc.batch_size, sc.seed,
+                              desc="stage 0: sampling π0")
+    rewards, group = [], []
+    for i, (_, _, text) in enumerate(samples):
+        g = i // sc.k
+        rewards.append(float(verifier(text, problems[g].answer)))
+        group.append(g)
+    data = build([s[0] for s in samples], [s[1] for s in samples], rewards, group, policy.tokenizer.pad_token_id,
+                 sc.advantage, questions=[p.question for p in problems], answers=[str(p.answer) for p in problems],
+                 prompts=prompts, responses=[s[2] for s in samples])
+    cache, lp = engine.build_cache(policy, data, sc.temperature, cfg.stage1.micro_batch_size, desc="stage 0: π0 log-probs")
+    data.old_logprobs = lp
+    data.meta = {"model": policy.name, "train_layers": policy.cfg.train_layers, "temperature": sc.temperature,
+                 "sample": dataclass_dict(sc), "task": dataclass_dict(cfg.task),
+                 "mean_reward": float(data.rewards.mean()) if len(data) else 0.0}
+    return data, cache
+
+
+def dataclass_dict(obj) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(obj)

@@ -1,0 +1,141 @@
+"""Stage 2: distill the stage-1 teacher(s) into π0 on the same fixed data, under a trust region.
+
+The policy starts from π0 again. Signals (DESIGN.md §1; ``a_t`` per response token):
+
+* ``logratio`` (default): a_t = log πT(y_t) − log π0(y_t), fixed for the whole stage;
+* ``opd``: a_t = log πT(y_t) − log πθ(y_t), recomputed at every step (the sampled-token reverse
+  KL used as a reward, as in on-policy distillation);
+* ``combined``: Σ_j w_j · standardize(log πTj − log π0) over several teachers;
+* these three are post-processed (scale, clip, per-sequence centering, outcome gating) and
+  trained with the clipped surrogate −min(ρ a, clip(ρ, 1±ε) a), ρ = πθ/π_anchor;
+* ``forward_kl`` / ``reverse_kl``: the full-vocabulary KL(πT‖πθ) / KL(πθ‖πT) per token
+  (``erpd.linear_kl`` with the teacher's cached final hidden states and LM head: no logits),
+  with tokens outside the trust region in the direction of the pull masked.
+
+``π_anchor`` is π0, or with ``reanchor`` the policy at the end of the previous pass (epoch).
+``kl_coef > 0`` adds β · KL(πθ‖π0) over the full vocabulary to any signal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from erpd.train import _ops, dist, engine, losses
+from erpd.train.config import RunConfig
+from erpd.train.data import FixedData
+from erpd.train.models import Policy, load_policy_state, save_policy_state
+
+KL_SIGNALS = ("forward_kl", "reverse_kl")
+
+
+@torch.no_grad()
+def teacher_outputs(policy: Policy, data: FixedData, cache: engine.Cache, teacher_dirs: list, temperature: float,
+                    micro_batch_size: int, with_hidden: bool) -> list[dict]:
+    """Each teacher's log-probs (and response hidden states + head when ``with_hidden``) on the
+    fixed data, computed by loading it into ``policy`` in turn; ``policy`` is restored after."""
+    base = policy.trainable_state()
+    outs = []
+    try:
+        for d in teacher_dirs:
+            load_policy_state(policy, d)
+            out = engine.policy_outputs(policy, data, cache, temperature, micro_batch_size, with_hidden=with_hidden,
+                                        desc=f"teacher pass {Path(d).name}")
+            w = policy.head_weight()
+            out["head_weight"] = w.detach().clone() if w.requires_grad else w
+            b = policy.head_bias()
+            out["head_bias"] = None if b is None else b.detach().clone()
+            out["metrics"] = engine.drift_metrics(out, data)
+            outs.append(out)
+    finally:
+        policy.load_trainable_state(base)
+    return outs
+
+
+def fixed_signal(cfg: RunConfig, data: FixedData, teachers: list[dict]) -> torch.Tensor | None:
+    """The per-token signal ``[N, R]`` of the strategies whose signal does not depend on πθ."""
+    s2, mask = cfg.stage2, data.mask
+    if s2.signal == "logratio":
+        raw = (teachers[0]["logprobs"] - data.old_logprobs) * mask
+    elif s2.signal == "combined":
+        weights = s2.teacher_weights or [1.0 / len(teachers)] * len(teachers)
+        raw = sum(w * losses.standardize(t["logprobs"] - data.old_logprobs, mask) for w, t in zip(weights, teachers))
+    else:
+        return None
+    return losses.process_signal(raw, mask.float(), data.rewards, s2.scale, s2.signal_clip, s2.center, s2.gating)
+
+
+def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, teachers: list[dict],
+              signal_all: torch.Tensor | None):
+    s2, temperature = cfg.stage2, cfg.sample.temperature
+    teacher = teachers[0]
+
+    def step(batch: engine.Batch, n_tok: int, n_seq: int, state: dict) -> engine.StepOutput:
+        hr = engine.response_hidden(policy, batch)
+        lp, _ = engine.logprobs(policy, hr, batch.targets, temperature)
+        dev = lp.device
+        R = lp.shape[1]
+        mask = batch.mask.to(lp.dtype)
+        anchor = state["anchor"][batch.idx, :R].to(dev)
+        rewards = data.rewards[batch.idx].to(dev)
+        t_lp = teacher["logprobs"][batch.idx, :R].to(dev)
+        stats = {}
+        if s2.signal in KL_SIGNALS:
+            t_hidden = torch.nn.utils.rnn.pad_sequence([teacher["hidden"][i][:R] for i in batch.idx.tolist()],
+                                                       batch_first=True).to(dev)
+            kl = _ops.linear_kl(hr, policy.head_weight(), batch.targets, bias=policy.head_bias(), teacher_hidden=t_hidden,
+                                teacher_weight=teacher["head_weight"], teacher_bias=teacher["head_bias"],
+                                direction="forward" if s2.signal == "forward_kl" else "reverse", temperature=temperature,
+                                backend=policy.backend)
+            keep = losses.kl_trust_mask(lp, anchor, t_lp - lp.detach(), s2.clip)
+            tok = kl * keep
+            stats["clip_frac"] = ((1 - keep) * mask).sum()
+        else:
+            if signal_all is not None:
+                a = signal_all[batch.idx, :R].to(dev)
+            else:  # opd: the teacher's log-ratio to the current policy, post-processed each step
+                a = losses.process_signal(t_lp - lp.detach(), mask, rewards, s2.scale, s2.signal_clip, s2.center, s2.gating)
+            tok, aux = losses.surrogate(lp, anchor, a, s2.clip)
+            stats["clip_frac"] = (aux["clip_frac"] * mask).sum()
+            stats["signal"] = (a * mask).sum()
+        if s2.kl_coef:
+            kl0 = _ops.linear_kl(hr, policy.head_weight(), batch.targets, bias=policy.head_bias(),
+                                 teacher_hidden=cache.ref_batch(batch), teacher_weight=cache.ref_weight,
+                                 teacher_bias=cache.ref_bias, direction="reverse", temperature=temperature,
+                                 backend=policy.backend)
+            tok = tok + s2.kl_coef * kl0
+        loss = engine.aggregate(tok, mask, s2.agg, n_tok, n_seq)
+        (old,) = engine.rows(data, batch.idx, "old_logprobs", device=dev)
+        stats["logratio"] = ((lp - old).detach() * mask).sum()
+        return engine.StepOutput(loss=loss, stats=stats)
+
+    return step
+
+
+def run(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, out_dir: Path, evaluate,
+        teacher_dirs: list, resume=False):
+    """Distill into π0 (``policy`` must hold π0); write ``out_dir/stage2/metrics.jsonl`` and ``out_dir/student``."""
+    s2 = cfg.stage2
+    if s2.signal in KL_SIGNALS + ("logratio", "opd") and len(teacher_dirs) != 1:
+        raise ValueError(f"stage2.signal={s2.signal!r} distills one teacher; got {len(teacher_dirs)} (use 'combined' for several)")
+    teachers = teacher_outputs(policy, data, cache, teacher_dirs, cfg.sample.temperature, s2.micro_batch_size,
+                               with_hidden=s2.signal in KL_SIGNALS)
+    signal_all = fixed_signal(cfg, data, teachers)
+    run_dir = Path(out_dir) / "stage2"
+
+    def epoch_end(epoch: int, state: dict) -> dict:
+        out = engine.policy_outputs(policy, data, cache, cfg.sample.temperature, s2.micro_batch_size, desc="stage2 measure")
+        if s2.reanchor:
+            state["anchor"] = out["logprobs"]
+        return {**engine.drift_metrics(out, data), **dist.on_main(evaluate, epoch, epoch == s2.epochs)}
+
+    history = engine.train_stage(policy, data, cache, s2, cfg.sample.temperature, run_dir,
+                                 make_step(policy, data, cache, cfg, teachers, signal_all), epoch_end, resume,
+                                 stage="stage2", extra_state={"anchor": data.old_logprobs.clone()})
+    if dist.is_main():
+        save_policy_state(policy, Path(out_dir) / "student", meta={"stage2": cfg.to_dict()["stage2"], "final": history[-1],
+                                                                     "teachers": [str(d) for d in teacher_dirs]})
+    dist.barrier()
+    teacher_metrics = [t["metrics"] for t in teachers]
+    return history, teacher_metrics
