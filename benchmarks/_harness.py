@@ -153,14 +153,21 @@ def run(
     threads: int | None,
     rounds: int = 1,
     seed: int = 0,
+    isolate: bool | None = None,
     log=sys.stderr,
 ) -> list[Row]:
     """Measure every (shape, provider) in its own fresh process, `rounds` times over.
+
+    ``isolate=None`` means a fresh process per measurement on CPU, where the memory figure is
+    the process's resident set and anything an earlier provider left behind would count, and
+    this process on CUDA, where the figure comes from the caching allocator's counters (reset
+    per call) and a fresh process would only add seconds of CUDA start-up per row.
 
     Rounds go over all providers before repeating any, and their samples are pooled: on a
     shared machine a burst of someone else's load then lands on several providers instead of
     skewing one of them, which keeps the ratios honest.
     """
+    in_process = torch.device(device).type == "cuda" if isolate is None else not isolate
     results: dict[tuple[str, str], dict[str, Any]] = {}
     order: list[tuple[Shape, str]] = []
     for rnd in range(rounds):
@@ -178,11 +185,13 @@ def run(
                     print(f"{tag} {p.name}: skipped ({reason})", file=log, flush=True)
                     continue
                 print(f"{tag} {p.name} ...", end=" ", file=log, flush=True)
-                res = _bench.measure_in_subprocess(
-                    factory,
-                    dict(provider=p.name, shape=shape.name, dtype=dtype, device=device, seed=seed),
-                    warmup=warmup, repeats=repeats, threads=threads,
-                )
+                kwargs = dict(provider=p.name, shape=shape.name, dtype=dtype, device=device, seed=seed)
+                opts = dict(warmup=warmup, repeats=repeats, threads=threads)
+                if in_process:
+                    res = _bench.measure(factory, kwargs, **opts)
+                    _bench.release(device)
+                else:
+                    res = _bench.measure_in_subprocess(factory, kwargs, **opts)
                 if "error" in res:
                     print(f"FAILED: {res['error']}", file=log, flush=True)
                 else:
@@ -376,14 +385,14 @@ def script(module: str, op: str, providers: Sequence[Provider], argv: list[str],
     return args, device, rows, env
 
 
-def timing_notes(args, rows: Sequence[Row]) -> list[str]:
+def timing_notes(args, rows: Sequence[Row], fwd_meaning: str = "`fwd` is the forward with grad-requiring inputs (what training runs), `fwd+bwd` adds the backward") -> list[str]:
     """The notes every table carries: how times and memory were taken."""
     methods = sorted({r.result["memory_method"] for r in rows if "memory_method" in r.result})
+    where = "one process for all (CUDA allocator counters reset per call)" if "torch.cuda" in " ".join(methods) else "a fresh process per provider"
     return [
-        f"times: median of {args.repeats} calls × {args.rounds} round(s) (p20–p80 in brackets), each round a fresh process per provider "
-        f"after {args.warmup} warm-up fwd+bwd; "
-        "`fwd` is the forward with grad-requiring inputs (what training runs), `fwd+bwd` adds the backward",
-        "peak extra memory: one fwd+bwd in a fresh process, high-water mark minus what was resident just before "
+        f"times: median of {args.repeats} calls × {args.rounds} round(s) (p20–p80 in brackets), each round {where}, "
+        f"after {args.warmup} warm-up fwd+bwd; {fwd_meaning}",
+        "peak extra memory: one fwd+bwd, high-water mark minus what was resident just before "
         f"(inputs, upstream grads, warm-up done); includes the returned grads (dW alone is V·H·{DTYPES[args.dtype].itemsize} B); "
         f"measured by {', '.join(methods) or '—'}",
     ]

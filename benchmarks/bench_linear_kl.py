@@ -1,6 +1,6 @@
 """Benchmark of `erpd.linear_kl` (forward KL(T‖S), fused teacher) against the ways people compute it today.
 
-Script (from the repository root; one fresh process per provider and shape):
+Script (from the repository root; on CPU one fresh process per provider and shape):
 
     python -m benchmarks.bench_linear_kl --shapes cpu-small,cpu-target --dtype fp32 \
         --out benchmarks/results/cpu-linear_kl.md
@@ -39,6 +39,7 @@ from benchmarks import _harness
 from benchmarks._harness import DTYPES, Provider
 
 OP = "linear_kl"
+FLOPS_PER_NHV = 12  # fwd+bwd: student and teacher logits, both recomputed, dh, dW (teacher H = student H)
 FUSED = ("cpu", "cuda", "triton")
 
 PROVIDERS: list[Provider] = [

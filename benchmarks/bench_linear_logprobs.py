@@ -1,6 +1,6 @@
 """Benchmark of `erpd.linear_logprobs` (with entropy) against the ways people compute it today.
 
-Script (from the repository root; one fresh process per provider and shape):
+Script (from the repository root; on CPU one fresh process per provider and shape):
 
     python -m benchmarks.bench_linear_logprobs --shapes cpu-small,cpu-target --dtype fp32 \
         --out benchmarks/results/cpu-linear_logprobs.md
@@ -39,6 +39,7 @@ from benchmarks import _harness
 from benchmarks._harness import DTYPES, Provider
 
 OP = "linear_logprobs"
+FLOPS_PER_NHV = 8  # fwd+bwd of a recompute design: logits, recomputed logits, dh, dW
 FUSED = ("cpu", "cuda", "triton")  # erpd backends worth benchmarking (torch is `reference`)
 # The issue's acceptance numbers (≤ 25% of naive's peak extra memory, ≤ 1.5× its time) are
 # quoted at this shape, fp32 with entropy.

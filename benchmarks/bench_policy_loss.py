@@ -1,6 +1,6 @@
 """Benchmark of the policy loss computed from hidden states: fused vs unfused vs Liger vs plain PyTorch.
 
-Script (from the repository root; one fresh process per provider and shape):
+Script (from the repository root; on CPU one fresh process per provider and shape):
 
     python -m benchmarks.bench_policy_loss --shapes cpu-small,cpu-target --dtype fp32 \
         --out benchmarks/results/cpu-policy_loss.md
@@ -48,6 +48,7 @@ from benchmarks import _harness
 from benchmarks._harness import DTYPES, Provider
 
 OP = "linear_policy_loss"
+FLOPS_PER_NHV = 6  # grads in the forward: logits, dh, dW; nothing recomputed
 FUSED = ("cpu", "cuda", "triton")
 LOSS = dict(method="ppo", agg="token-mean", clip_low=0.2, clip_high=0.28)
 
@@ -290,19 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         env["load average at the end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     if (after := _bench.git_commit()) != env["commit"]:
         env["commit"] += f" (changed to {after} during the run: rows may mix both)"
-    methods = sorted({r.result["memory_method"] for r in rows if "memory_method" in r.result})
     auto = backends.resolve("auto", torch.device(device), OP)
     notes = [
         f'`backend="auto"` on {device} tensors resolves to `{auto}` in this process; '
         f'erpd.available("{device}", "{OP}") = {erpd.available(device, OP)}',
         "every provider computes the same DAPO-style loss (ppo, clip 0.2/0.28, token-mean; B sequences of T = 256 tokens "
         f"with 50–100% valid) on {args.dtype} inputs and backpropagates it into hidden and weight",
-        f"times: median of {args.repeats} calls × {args.rounds} round(s) (p20–p80 in brackets), each round a fresh process "
-        f"per provider after {args.warmup} warm-up fwd+bwd; `fwd` is the forward with grad-requiring inputs: for the "
-        "grads-in-forward providers (erpd-*, liger-grpo) it already contains the gradient work, and fwd+bwd − fwd is "
-        "their whole backward",
-        "peak extra memory: one fwd+bwd in a fresh process, high-water mark minus what was resident just before; "
-        f"includes the returned grads (dW alone is V·H·{DTYPES[args.dtype].itemsize} B); measured by {', '.join(methods) or '—'}",
+        *_harness.timing_notes(
+            args, rows,
+            "`fwd` is the forward with grad-requiring inputs: for the grads-in-forward providers (erpd-*, liger-grpo) "
+            "it already contains the gradient work, and fwd+bwd − fwd is their whole backward",
+        ),
         "matmul floor: fwd = one [N,H]×[H,V] GEMM; fwd+bwd = 3 GEMMs (logits, dh, dW) = 6·N·H·V FLOPs",
         "max abs diff: of the loss, against `naive` in the same run",
     ]

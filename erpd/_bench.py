@@ -267,6 +267,14 @@ def measure(
     return result
 
 
+def release(device: str | torch.device) -> None:
+    """Give back what a measurement in this process left cached, before the next one."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def _child(conn, factory, kwargs, opts):
     try:
         conn.send(measure(factory, kwargs, **opts))
