@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor kl = at::empty({n}, f32), lse_s = at::empty({n}, f32), lse_t = at::empty({n}, f32),
              aux = at::empty({n}, f32);
   const chunked::Operands ops(weight, bias);
-  const int64_t rows = chunked::rows_per_chunk(n, 2 * v);  // two [rows, V] blocks
+  const int64_t rows = chunked::rows_per_chunk(n, 2 * v, hidden.is_cuda());  // two [rows, V] blocks
   at::Tensor zs_buf = at::empty({rows, v}, f32), zt_buf = at::empty({rows, v}, f32);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const auto f32 = hidden.options().dtype(at::kFloat);
   const chunked::Operands ops(weight, bias);
   chunked::Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight);
-  const int64_t rows = chunked::rows_per_chunk(n, 2 * v);
+  const int64_t rows = chunked::rows_per_chunk(n, 2 * v, hidden.is_cuda());
   at::Tensor zs_buf = at::empty({rows, v}, f32), zt_buf = at::empty({rows, v}, f32);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
