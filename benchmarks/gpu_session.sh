@@ -2,7 +2,7 @@
 # Everything a GPU machine is needed for, in one script (a lent machine starts bare and keeps
 # nothing): build the CUDA extension, run the GPU tests, run the GPU benchmark suite.
 #
-#   bash benchmarks/gpu_session.sh [build] [test] [bench] [OPS=op1,op2] [SHAPES=...]
+#   bash benchmarks/gpu_session.sh [build] [test] [sweep] [bench] [OPS=op1,op2] [SHAPES=...]
 #
 # Steps run in the order given (default: build test bench). Logs and results go to $OUT
 # (default /tmp/erpd-gpu), the benchmark tables also to benchmarks/results/. It uses the
@@ -63,7 +63,13 @@ for step in "${steps[@]}"; do
         tar czf "$OUT/results.tgz" benchmarks/results/gpu-* 2>/dev/null
       done
       ;;
-    *) echo "unknown step $step (build, test, bench)"; exit 2 ;;
+    sweep)
+      stamp "chunk-budget sweep of the cuda backends"
+      for op in linear_logprobs linear_policy_loss linear_kl; do
+        "$PY" -m benchmarks.sweep_chunk_bytes --op $op --shape llama3-4k --budgets 256M,512M,1G,2G 2>&1 | tee -a "$OUT/sweep.log"
+      done
+      ;;
+    *) echo "unknown step $step (build, test, sweep, bench)"; exit 2 ;;
   esac
 done
 stamp "done (rc=$rc)"
