@@ -68,6 +68,8 @@ for step in "${steps[@]}"; do
       for op in linear_logprobs linear_policy_loss linear_kl; do
         "$PY" -m benchmarks.sweep_chunk_bytes --op $op --shape llama3-4k --budgets 256M,512M,1G,2G 2>&1 | tee -a "$OUT/sweep.log"
       done
+      stamp "Triton tile sweep"
+      "$PY" -m benchmarks.sweep_triton_tiles --shape llama3-4k 2>&1 | tee -a "$OUT/sweep.log"
       ;;
     *) echo "unknown step $step (build, test, sweep, bench)"; exit 2 ;;
   esac
