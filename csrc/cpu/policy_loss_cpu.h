@@ -1,8 +1,9 @@
 // Argument handling shared by the policy-loss ops (csrc/cpu/policy_loss.cpp,
-// csrc/cpu/linear_policy_loss.cpp, and their CUDA twins in csrc/cuda/, which use all of it but
-// num_items()): checks, parameters, and the raw-pointer view of a batch that
-// csrc/policy_loss_math.h works on. Nothing here depends on the device but num_items(). The Python wrappers (erpd/ops/) validate user input with
-// clear messages; these checks only guard the raw-pointer code against a direct call.
+// csrc/cpu/linear_policy_loss.cpp, and their CUDA twins in csrc/cuda/): checks, parameters, and
+// the raw-pointer view of a batch that csrc/policy_loss_math.h works on. Nothing here depends on
+// the device but num_items(), which the CUDA ops do not use. The Python wrappers (erpd/ops/)
+// validate user input with clear messages; these checks only guard the raw-pointer code against a
+// direct call.
 #pragma once
 
 #include <ATen/ATen.h>
