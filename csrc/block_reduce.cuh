@@ -10,9 +10,10 @@ namespace cuda {
 constexpr int kThreads = 256;  // threads per row block in every epilogue
 constexpr int kWarps = kThreads / 32;
 
-// Every thread gets the reduction of x over the block; smem holds kWarps floats.
-template <class Op>
-__device__ __forceinline__ float block_reduce(float x, Op op, float* smem) {
+// Every thread gets the reduction of x over the block; smem holds kWarps values of type T
+// (float for the epilogues, double for the policy losses' per-row sums).
+template <class T, class Op>
+__device__ __forceinline__ T block_reduce(T x, Op op, T* smem) {
   for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();  // smem may still be read by a previous reduction
@@ -27,7 +28,8 @@ struct Max {
   __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 struct Sum {
-  __device__ float operator()(float a, float b) const { return a + b; }
+  template <class T>
+  __device__ T operator()(T a, T b) const { return a + b; }
 };
 
 }  // namespace cuda

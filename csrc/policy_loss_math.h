@@ -1,5 +1,6 @@
 // Per-token math of the policy losses (erpd.reference.policy_loss is the definition), shared by
-// the C++ CPU op (csrc/cpu/policy_loss.cpp) and the fused op (csrc/cpu/linear_policy_loss.cpp).
+// the C++ CPU ops (csrc/cpu/policy_loss.cpp, csrc/cpu/linear_policy_loss.cpp) and the CUDA kernels
+// (csrc/policy_loss.cu).
 // Torch-free, with host/device qualifiers, so that a CUDA kernel can include it as it is.
 //
 // Per valid token (mask true), with x = log p, x_old, advantage A, delta = x - x_old:
@@ -208,28 +209,47 @@ ERPD_HD float row_factor(const Params& p, float length) {
   return p.agg == kSeqMeanTokenMean ? 1.f / maxf(length, 1.f) : 1.f;
 }
 
+// One token (flat index i of row b, whose aggregation factor is f and per-row advantage adv_row)
+// of the per-token pass: accumulates it into `acc` and writes its gradients (without 1/D). gspo
+// (seq_log_ratio: the row's mean log-ratio) writes only the KL part and adds the token's
+// rho dl/dlog s to g_seq, from which process_row adds the policy part once the row is done.
+// The CPU loops below and the CUDA kernels (csrc/policy_loss.cu) share it.
+ERPD_HD void token_step(const Params& p, const Batch& in, int64_t i, float adv_row, float f, float seq_log_ratio,
+                        Acc& acc, double& g_seq) {
+  if (!in.mask[i]) {
+    in.grad_logprobs[i] = 0.f;
+    if (in.grad_entropy) in.grad_entropy[i] = 0.f;
+    return;
+  }
+  const float x = in.logprobs[i];
+  const float adv = in.adv_per_row ? adv_row : in.advantages[i];
+  const Token o = token(p, x, in.old_logprobs ? in.old_logprobs[i] : x, adv, p.has_ref ? in.ref_logprobs[i] : 0.f,
+                        seq_log_ratio);
+  const float rho = in.is_weights ? in.is_weights[i] : 1.f;
+  const float h = p.has_entropy ? in.entropy[i] : 0.f;
+  acc.add(o, f, rho, h);
+  if (p.method == kGSPO) {
+    g_seq += double(rho) * o.dpol;
+    in.grad_logprobs[i] = f * p.kl_coef * o.dkl;  // the policy part is added after the row's pass
+  } else {
+    in.grad_logprobs[i] = f * (rho * o.dpol + p.kl_coef * o.dkl);
+  }
+  if (in.grad_entropy) in.grad_entropy[i] = -p.entropy_coef * f;
+}
+
+// gspo's gradient w.r.t. every valid token's log-prob, from the row's sum of rho dl/dlog s.
+ERPD_HD float gspo_token_grad(float f, double g_seq, double length) {
+  return float(double(f) * g_seq / maxd(length, 1.0));
+}
+
 // Tokens [t0, t1) of row b, whose aggregation factor is f: accumulates into `acc` and writes the
 // gradients (without 1/D). Not for gspo, whose gradients need the whole row (see process_row).
 ERPD_HD void process_segment(const Params& p, const Batch& in, int64_t b, int64_t t0, int64_t t1, float f, Acc& out) {
   Acc acc;  // local, so that the sums stay in registers rather than in the caller's memory
+  double unused = 0.0;
   const int64_t base = b * in.T;
   const float adv_row = in.adv_per_row ? in.advantages[b] : 0.f;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t i = base + t;
-    if (!in.mask[i]) {
-      in.grad_logprobs[i] = 0.f;
-      if (in.grad_entropy) in.grad_entropy[i] = 0.f;
-      continue;
-    }
-    const float x = in.logprobs[i];
-    const float adv = in.adv_per_row ? adv_row : in.advantages[i];
-    const Token o = token(p, x, in.old_logprobs ? in.old_logprobs[i] : x, adv, p.has_ref ? in.ref_logprobs[i] : 0.f, 0.f);
-    const float rho = in.is_weights ? in.is_weights[i] : 1.f;
-    const float h = p.has_entropy ? in.entropy[i] : 0.f;
-    acc.add(o, f, rho, h);
-    in.grad_logprobs[i] = f * (rho * o.dpol + p.kl_coef * o.dkl);
-    if (in.grad_entropy) in.grad_entropy[i] = -p.entropy_coef * f;
-  }
+  for (int64_t t = t0; t < t1; ++t) token_step(p, in, base + t, adv_row, f, 0.f, acc, unused);
   out.merge(acc);
 }
 
@@ -257,25 +277,8 @@ ERPD_HD void process_row(const Params& p, const Batch& in, int64_t b, Acc& out) 
   const float seq_log_ratio = float(sum_delta / maxd(length, 1.0));
   const float adv_row = in.adv_per_row ? in.advantages[b] : 0.f;
   double g_seq = 0.0;  // sum_t m rho dl/dlog s
-  for (int64_t t = 0; t < in.T; ++t) {
-    const int64_t i = base + t;
-    if (!in.mask[i]) {
-      in.grad_logprobs[i] = 0.f;
-      if (in.grad_entropy) in.grad_entropy[i] = 0.f;
-      continue;
-    }
-    const float x = in.logprobs[i];
-    const float adv = in.adv_per_row ? adv_row : in.advantages[i];
-    const Token o = token(p, x, in.old_logprobs ? in.old_logprobs[i] : x, adv, p.has_ref ? in.ref_logprobs[i] : 0.f,
-                          seq_log_ratio);
-    const float rho = in.is_weights ? in.is_weights[i] : 1.f;
-    const float h = p.has_entropy ? in.entropy[i] : 0.f;
-    acc.add(o, f, rho, h);
-    g_seq += double(rho) * o.dpol;
-    in.grad_logprobs[i] = f * p.kl_coef * o.dkl;  // the policy part is added below
-    if (in.grad_entropy) in.grad_entropy[i] = -p.entropy_coef * f;
-  }
-  const float g_pol = float(double(f) * g_seq / maxd(length, 1.0));
+  for (int64_t t = 0; t < in.T; ++t) token_step(p, in, base + t, adv_row, f, seq_log_ratio, acc, g_seq);
+  const float g_pol = gspo_token_grad(f, g_seq, length);
   for (int64_t t = 0; t < in.T; ++t) {
     const int64_t i = base + t;
     if (in.mask[i]) in.grad_logprobs[i] += g_pol;

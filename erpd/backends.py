@@ -23,9 +23,10 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 # no compiled extension.
 AUTO_CUDA: dict[str, str] = {"linear_logprobs": "triton", "linear_kl": "triton", "policy_loss": "triton", "linear_policy_loss": "triton"}
 
-# The compiled kernels (erpd::<name>) an op needs per dispatch key; ops not listed need
-# `<op>_fwd` and `<op>_bwd`. The policy losses compute their gradients in the forward, so their
-# backward is a scale in Python.
+# The compiled kernels (erpd::<name>) an op needs, for the `cpu` backend (CPU dispatch key) and
+# the `cuda` backend (CUDA key) alike: a backend is available when erpd._C registers all of
+# them for its key. Ops not listed need `<op>_fwd` and `<op>_bwd`. The policy losses compute their
+# gradients in the forward, so their backward is a scale in Python.
 KERNELS: dict[str, tuple[str, ...]] = {
     "policy_loss": ("policy_loss_fwd",),
     "linear_policy_loss": ("linear_policy_loss_fwd",),

@@ -1,7 +1,9 @@
-// Argument handling shared by the CPU policy-loss ops (csrc/cpu/policy_loss.cpp and
-// csrc/cpu/linear_policy_loss.cpp): checks, parameters, and the raw-pointer view of a batch that
-// csrc/policy_loss_math.h works on. The Python wrappers (erpd/ops/) validate user input with
-// clear messages; these checks only guard the raw-pointer code against a direct call.
+// Argument handling shared by the policy-loss ops (csrc/cpu/policy_loss.cpp,
+// csrc/cpu/linear_policy_loss.cpp, and their CUDA twins in csrc/cuda/): checks, parameters, and
+// the raw-pointer view of a batch that csrc/policy_loss_math.h works on. Nothing here depends on
+// the device but num_items(), which the CUDA ops do not use. The Python wrappers (erpd/ops/)
+// validate user input with clear messages; these checks only guard the raw-pointer code against a
+// direct call.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -79,7 +81,14 @@ inline policy::Batch batch(const at::Tensor& logprobs, const at::Tensor* old_log
   return in;
 }
 
-// A tensor `num_items` (a CPU scalar here) wins over the float; <= 0 means "not given".
+// Every given tensor is on `device` (the raw-pointer code would otherwise read another device's
+// memory).
+inline void check_device(const c10::optional<at::Tensor>& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(!t || t->device() == device, name, " must be on ", device, ", got ", t->device());
+}
+
+// A tensor `num_items` (a CPU scalar here: this reads it on the host) wins over the float; <= 0
+// means "not given". The CUDA ops pass it to their kernels instead.
 inline float num_items(const c10::optional<at::Tensor>& t, double value) {
   return t ? t->to(at::kFloat).item<float>() : float(value);
 }

@@ -15,10 +15,11 @@ Backends:
   triton  the Triton kernels composed inside the forward: linear_logprobs forward, the policy
           loss kernel, linear_logprobs backward (8·N·H·V; the backward is still a scale). A
           single-pass Triton kernel would need the policy math in the logits tile loop.
+  cuda    the cpu backend's structure on CUDA tensors (csrc/cuda/linear_policy_loss.cpp): cuBLAS
+          GEMMs with fp32 logits, the linear_logprobs CUDA epilogues and the policy-loss kernels
+          of csrc/policy_loss.cu; 1/D comes from the mask on the device, so nothing syncs.
   torch   the reference composition (erpd.reference.linear_logprobs + policy_loss) through
           ordinary autograd, which recomputes nothing but materializes the [N, V] logits.
-  cuda    not available: there is no CUDA kernel for the policy math; `auto` picks triton on
-          CUDA tensors.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class _LinearPolicyLossFunction(torch.autograd.Function):
         return gh, gw, gb, None
 
 
-def _run_cpu(h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_tensor, args):
+def _run_compiled(h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_tensor, args):
+    """backend cpu or cuda: one erpd._C op, whose CPU or CUDA kernel the dispatcher picks by device."""
+
     def run(need_h, need_w):
         return torch.ops.erpd.linear_policy_loss_fwd(
             h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_tensor, *args, need_h, need_w,
@@ -189,7 +192,7 @@ def linear_policy_loss(
         raise TypeError(f"backend={name!r} supports fp32/bf16/fp16 inputs; float64 runs only on backend='torch'")
 
     f32 = lambda t: None if t is None else t.detach().to(torch.float32).contiguous()  # noqa: E731
-    make = _run_triton if name == "triton" else _run_cpu
+    make = _run_triton if name == "triton" else _run_compiled
     run = make(
         hidden.reshape(B * T, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(), inv_t, ignore_index,

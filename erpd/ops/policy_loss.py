@@ -1,12 +1,12 @@
 """`policy_loss`: clipped / gated / capped importance-ratio losses on per-token log-probs.
 
 Autograd and dispatch live here; the math is in `erpd/reference.py` (`policy_loss`, the
-definition), the kernels in `kernels/policy_loss.py` (Triton) and `csrc/cpu/policy_loss.cpp`
-(C++, per-token math in `csrc/policy_loss_math.h`). There is no CUDA C++ kernel: on CUDA
-tensors `backend="triton"` (what `auto` picks) runs it, and `backend="cuda"` reports that the
-extension has no CUDA kernel for this op.
+definition), the kernels in `kernels/policy_loss.py` (Triton), `csrc/cpu/policy_loss.cpp` (C++)
+and `csrc/policy_loss.cu` + `csrc/cuda/policy_loss.cpp` (CUDA), the last two sharing the per-token
+math of `csrc/policy_loss_math.h`; both register `torch.ops.erpd.policy_loss_fwd`, which the
+dispatcher routes by the tensors' device.
 
-Both fused backends implement one function on float32 contiguous [B, T] inputs:
+The fused backends implement one function on float32 contiguous [B, T] inputs:
 
     fwd(logprobs, old_logprobs, advantages [B] | [B, T], mask (bool), ref_logprobs | None,
         entropy | None, is_weights | None, num_items (0-dim f32) | None, method, agg, ratio_lo,
@@ -141,7 +141,7 @@ def policy_loss(
             micro-batches add up to the full-batch gradient; a number or a one-element tensor
             (read on device, no sync).
         norm_length: seq-mean-token-sum-norm's constant (default T).
-        backend: ``"auto" | "triton" | "cpu" | "torch"`` (``"cuda"``: no CUDA C++ kernel; see the module).
+        backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"`` (see ``erpd.backends``).
         validate: force (True) or skip (False) the value checks (mask is 0/1, no NaN in
             advantages / old / ref log-probs / is_weights at valid positions); by default they
             run on CPU tensors, and on CUDA only when ``ERPD_CHECK_INPUTS=1``.

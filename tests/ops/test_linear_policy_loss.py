@@ -254,3 +254,143 @@ def test_triton_backward_launches_nothing(monkeypatch):
     b_gemms, _ = _gemm_counts(lambda: loss.backward())
     assert not calls and b_gemms == {}, (calls, b_gemms)
     assert lin.hidden.grad is not None and lin.weight.grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the triton and cuda backends on CUDA tensors (skipped without a CUDA device).
+# --------------------------------------------------------------------------------------------
+
+GPU = dict(b=8, t=128, h=1024, v=32000)  # 1024 tokens; the cuda driver's default chunk (524 rows) splits row 4
+GPU_CASES = [(m, a) for m in POLICY_METHODS for a in ("token-mean", "seq-mean-token-sum-norm")] + [
+    ("ppo", "seq-mean-token-mean"), ("gspo", "seq-mean-token-mean"),
+]
+
+
+def _need_gpu_backend(backend):
+    if backend not in erpd.available("cuda", "linear_policy_loss"):
+        pytest.skip(f"{backend} not available for linear_policy_loss on CUDA here")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method, agg", GPU_CASES)
+def test_gpu_backends(backend, dtype, method, agg):
+    """Every method x two aggregations (plus seq-mean-token-mean for ppo and gspo) with bias,
+    temperature, ignored targets, KL, entropy bonus and IS weights, vs the float64 reference."""
+    _need_gpu_backend(backend)
+    seed = 200 + GPU_CASES.index((method, agg))
+    x = make_linear_policy_inputs(**GPU, seed=seed, temperature=0.9, bias=True, ignore_frac=0.1, drift=0.5,
+                                  per_token_advantages=method == "cispo", ref=True, is_weights=True, dtype=dtype,
+                                  device="cuda")
+    check_backend(x, backend, temperature=0.9, method=method, agg=agg, clip_high=0.28, kl_coef=0.05,
+                  entropy_coef=0.01)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk_rows", [1, 37])
+@pytest.mark.parametrize("method", ["ppo", "gspo"])
+def test_gpu_cuda_chunks_that_split_sequences(monkeypatch, chunk_rows, method):
+    """Row chunks of 1 and 37 rows cut the T=128 sequences anywhere (a row's partial sums then
+    come from several chunks)."""
+    _need_gpu_backend("cuda")
+    monkeypatch.setenv("ERPD_CHUNK_BYTES", str(chunk_rows * 4 * 4096))
+    x = make_linear_policy_inputs(4, 128, 256, 4096, seed=31, bias=True, ref=True, is_weights=True, device="cuda")
+    check_backend(x, "cuda", method=method, agg="seq-mean-token-mean", kl_coef=0.1, entropy_coef=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["ppo", "gspo"])
+def test_gpu_cuda_equals_the_unfused_composition(method):
+    """The fused cuda op vs erpd.linear_logprobs + erpd.policy_loss on the cuda backend."""
+    _need_gpu_backend("cuda")
+    x = make_linear_policy_inputs(4, 96, 512, 8192, seed=11, bias=True, ref=True, is_weights=True, device="cuda")
+    opts = dict(method=method, agg="token-mean", kl_coef=0.1, entropy_coef=0.05, temperature=0.9)
+    fused = _run(x.clone(), "cuda", **opts)
+    y = x.clone()
+    lin = y.linear
+    lp, ent = erpd.linear_logprobs(lin.hidden, lin.weight, lin.targets, bias=lin.bias, temperature=0.9,
+                                   with_entropy=True, backend="cuda")
+    kw = {k: v for k, v in opts.items() if k != "temperature"}
+    loss, metrics = erpd.policy_loss(lp, y.old_logprobs, y.advantages, y.mask, entropy=ent, backend="cuda",
+                                     **_side(y), **kw)
+    grads = _grads(loss, lin)
+    torch.testing.assert_close(fused[0], loss.detach(), rtol=1e-5, atol=1e-6)
+    for k in metrics:
+        torch.testing.assert_close(fused[1][k], metrics[k], rtol=1e-5, atol=1e-6)
+    for k in grads:  # cuBLAS may pick different GEMM algorithms for the two call shapes
+        torch.testing.assert_close(fused[2][k], grads[k], rtol=1e-4, atol=1e-6)
+
+
+def _kernel_names(fn):
+    """Names of the CUDA kernels that `fn` launches, and its ATen GEMM counts."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels = [e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    counts = Counter(e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU)
+    return kernels, {k: counts[k] for k in GEMMS if counts[k]}, counts
+
+
+def _is_vocab_pass(name):
+    n = name.lower()
+    # cuBLAS kernels (sm90_xmma_gemm..., nvjet..., cutlass...) and erpd's own epilogues.
+    return any(s in n for s in ("gemm", "nvjet", "cutlass", "xmma", "erpd", "epilogue"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method, per_chunk", [("ppo", 3), ("sapo", 3), ("gspo", 4)])
+def test_gpu_cuda_backward_makes_no_vocabulary_pass(monkeypatch, dtype, method, per_chunk):
+    """cuda backend: 3 GEMMs per row chunk in the forward (logits, dh, dW; gspo adds its log-prob
+    pass), and a backward that launches no GEMM and no erpd kernel, only the scaling of the saved
+    gradients."""
+    _need_gpu_backend("cuda")
+    v = 32000
+    monkeypatch.setenv("ERPD_CHUNK_BYTES", str(400 * 4 * v))  # 1024 rows -> chunks of 400, 400, 224
+    x = make_linear_policy_inputs(**GPU, seed=41, bias=True, dtype=dtype, device="cuda")
+    lin = x.linear
+    out = {}
+
+    def fwd():
+        out["loss"], _ = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages,
+                                                 x.mask, bias=lin.bias, method=method, backend="cuda")
+
+    torch.cuda.synchronize()
+    f_kernels, f_gemms, _ = _kernel_names(fwd)
+    b_kernels, b_gemms, b_all = _kernel_names(lambda: out["loss"].backward())
+    assert sum(f_gemms.values()) == per_chunk * 3, f_gemms
+    assert any("erpd" in k for k in f_kernels), f"no erpd kernel seen in the forward: {sorted(set(f_kernels))}"
+    assert b_gemms == {}, f"backward ran GEMMs: {b_gemms}"
+    assert not any(name.startswith("erpd::") for name in b_all), "backward called an erpd op"
+    assert not any(_is_vocab_pass(k) for k in b_kernels), f"backward kernels: {b_kernels}"
+    assert lin.hidden.grad is not None and lin.weight.grad is not None and lin.bias.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["ppo", "gspo"])
+def test_gpu_cuda_backend_never_syncs(method):
+    """No host synchronization in the cuda backend's forward or backward (num_items as a CUDA
+    tensor included): CUDA's sync debug mode turns any synchronizing call into an error."""
+    _need_gpu_backend("cuda")
+    x = make_linear_policy_inputs(4, 64, 256, 4096, seed=43, bias=True, ref=True, device="cuda")
+    opts = dict(method=method, agg="seq-mean-token-sum-norm", kl_coef=0.1, entropy_coef=0.01,
+                num_items=torch.tensor(3.0, device="cuda"))
+    y = x.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, metrics = erpd.linear_policy_loss(
+            y.linear.hidden, y.linear.weight, y.linear.targets, y.old_logprobs, y.advantages, y.mask,
+            bias=y.linear.bias, ref_logprobs=y.ref_logprobs, backend="cuda", validate=False, **opts,
+        )
+        got = _grads(loss, y.linear)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref = _run(x.clone(), "torch", **opts)
+    torch.testing.assert_close(loss.detach(), ref[0], rtol=1e-5, atol=1e-6)
+    for k in ref[1]:
+        torch.testing.assert_close(metrics[k], ref[1][k], rtol=1e-5, atol=1e-6)
+    for k in ref[2]:
+        torch.testing.assert_close(got[k], ref[2][k], rtol=1e-4, atol=1e-6)

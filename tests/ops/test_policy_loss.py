@@ -26,10 +26,13 @@ def _run(x, backend, **opts):
     return loss.detach(), metrics, grads
 
 
-def check_backend(x, backend, **opts):
+def check_backend(x, backend, dtype=torch.float32, **opts):
+    """`dtype`: the precision of the differentiable inputs; the float64 reference sees the same
+    (rounded) values, and plain PyTorch (the rule's baseline) runs on them in `dtype`."""
+    x = x.cast(dtype)
     ref = _run(x.cast(torch.float64), "torch", **opts)
-    base = _run(x.cast(torch.float32), "torch", **opts)
-    got = _run(x.cast(torch.float32), backend, **opts)
+    base = _run(x.cast(dtype), "torch", **opts)
+    got = _run(x.cast(dtype), backend, **opts)
     assert got[0].dtype == torch.float32 and got[0].shape == ()
     assert_within_rule(got[0], ref[0], base[0], name=f"{backend} loss")
     assert set(got[1]) == set(ref[1]), f"{backend} metric names {sorted(got[1])} != {sorted(ref[1])}"
@@ -209,6 +212,105 @@ def test_auto_backend_and_module_form(cpu_backend):
     assert "method='sapo'" in repr(mod)
     if erpd._ext.has_cpu():
         assert erpd.backends.resolve("auto", torch.device("cpu"), "policy_loss") == "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the triton and cuda backends on CUDA tensors (skipped without a CUDA device).
+# --------------------------------------------------------------------------------------------
+
+GPU_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _need_gpu_backend(backend, op="policy_loss"):
+    if backend not in erpd.available("cuda", op):
+        pytest.skip(f"{backend} not available for {op} on CUDA here")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("agg", GPU_AGGS)
+@pytest.mark.parametrize("method", POLICY_METHODS)
+def test_gpu_backends(backend, dtype, method, agg):
+    """Every method x three aggregations with KL, entropy bonus and IS weights, ~8k tokens (rows
+    longer than a 256-thread block, one fully padded row), vs the float64 reference."""
+    _need_gpu_backend(backend)
+    seed = 100 + POLICY_METHODS.index(method) * 7 + GPU_AGGS.index(agg)
+    x = make_policy_inputs(8, 1000, seed=seed, drift=0.5, ref=True, entropy=True, is_weights=True,
+                           per_token_advantages=method == "cispo", device="cuda")
+    got = check_backend(x, backend, dtype=dtype, method=method, agg=agg, clip_high=0.28, kl_coef=0.05,
+                        entropy_coef=0.01)
+    assert got[2][0].dtype == dtype and got[2][0].device.type == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(method="ppo", dual_clip=1.5, clip_low=0.1, kl_estimator="k2"),
+        dict(method="gspo", clip_low=0.05, clip_high=0.08, dual_clip=1.3, kl_estimator="k1"),
+        dict(method="sapo", tau_pos=0.5, tau_neg=2.0),
+        dict(method="cispo", cispo_floor=0.9, cispo_cap=1.1),
+        dict(method="reinforce", reinforce_cap=1.1),
+    ],
+    ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_gpu_method_options_and_extreme_ratios(backend, opts):
+    _need_gpu_backend(backend)
+    x = make_policy_inputs(6, 700, seed=7, drift=0.8, per_token_advantages=True, ref=True, is_weights=True,
+                           device="cuda")
+    with torch.no_grad():  # |log r| > 20 at some valid tokens: the clamp's zero-gradient branch
+        x.old_logprobs[0, :3] = x.logprobs[0, :3] - 30.0
+        x.old_logprobs[2, :2] = x.logprobs[2, :2] + 30.0
+    check_backend(x, backend, agg="seq-mean-token-sum", kl_coef=0.1, **opts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
+def test_gpu_micro_batches_with_num_items_tensor(backend, agg):
+    """num_items as a CUDA tensor (read by the kernel): micro-batches add up to the full batch."""
+    _need_gpu_backend(backend)
+    x = make_policy_inputs(6, 300, seed=19, ref=True, entropy=True, device="cuda")
+    opts = dict(method="gspo", agg=agg, kl_coef=0.1, entropy_coef=0.02)
+    full_loss, _, full_grads = _run(x, backend, **opts)
+    count = x.mask.sum().float() if agg == "token-mean" else torch.tensor(6.0, device="cuda")
+    losses, grads = [], [[], []]
+    for sl in (slice(0, 1), slice(1, 4), slice(4, 6)):
+        loss, _, g = _run(x.rows(sl), backend, num_items=count, **opts)
+        losses.append(loss)
+        for i, gi in enumerate(g):
+            grads[i].append(gi)
+    torch.testing.assert_close(sum(losses), full_loss, rtol=1e-5, atol=1e-6)
+    for i, full in enumerate(full_grads):
+        torch.testing.assert_close(torch.cat(grads[i]), full, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_backend_never_syncs():
+    """The cuda backend reads nothing on the host (num_items included): CUDA's sync debug mode
+    turns any synchronizing call into an error."""
+    _need_gpu_backend("cuda")
+    x = make_policy_inputs(8, 512, seed=59, ref=True, entropy=True, is_weights=True, device="cuda")
+    opts = dict(method="gspo", agg="seq-mean-token-mean", kl_coef=0.1, entropy_coef=0.01,
+                num_items=torch.tensor(5.0, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, metrics = erpd.policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, backend="cuda",
+                                         validate=False, **x.kwargs(), **opts)
+        g_lp, g_h = torch.autograd.grad(loss, [x.logprobs, x.entropy])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref, ref_metrics = erpd.policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, backend="torch",
+                                        **x.kwargs(), **opts)
+    r_lp, r_h = torch.autograd.grad(ref, [x.logprobs, x.entropy])
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    for k in ref_metrics:
+        torch.testing.assert_close(metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_lp, r_lp, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_h, r_h, rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------
