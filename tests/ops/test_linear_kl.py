@@ -34,7 +34,7 @@ def _run(x, teacher, backend, g, **kw):
         kl = naive_linear_kl(x.hidden, x.weight, x.targets, x.bias, **teacher, **kw)
     else:
         kl = erpd.linear_kl(x.hidden, x.weight, x.targets, bias=x.bias, backend=backend, **teacher, **kw)
-    (kl * g.to(kl.dtype)).sum().backward()
+    (kl * g.to(kl.device, kl.dtype)).sum().backward()
     grads = {k: getattr(x, k).grad for k in ("hidden", "weight", "bias") if getattr(x, k) is not None and getattr(x, k).requires_grad}
     return kl.detach(), grads
 

@@ -25,9 +25,9 @@ def _run(x, backend, temperature=1.0, ignore_index=-100, with_entropy=True, g=No
             ignore_index=ignore_index, with_entropy=with_entropy, backend=backend,
         )
     g_lp, g_ent = g
-    loss = (lp * g_lp.to(lp.dtype)).sum()
+    loss = (lp * g_lp.to(lp.device, lp.dtype)).sum()
     if with_entropy:
-        loss = loss + (ent * g_ent.to(ent.dtype)).sum()
+        loss = loss + (ent * g_ent.to(ent.device, ent.dtype)).sum()
     loss.backward()
     grads = {k: getattr(x, k).grad for k in ("hidden", "weight", "bias") if getattr(x, k) is not None and getattr(x, k).requires_grad}
     return lp.detach(), (None if ent is None else ent.detach()), grads
