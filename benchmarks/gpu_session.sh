@@ -2,7 +2,7 @@
 # Everything a GPU machine is needed for, in one script (a lent machine starts bare and keeps
 # nothing): build the CUDA extension, run the GPU tests, run the GPU benchmark suite.
 #
-#   bash benchmarks/gpu_session.sh [build] [test] [sweep] [bench] [OPS=op1,op2] [SHAPES=...]
+#   bash benchmarks/gpu_session.sh [build] [test] [sweep] [tiles] [bench] [OPS=op1,op2] [SHAPES=...] [PROVIDERS=...]
 #
 # Steps run in the order given (default: build test bench). Logs and results go to $OUT
 # (default /tmp/erpd-gpu), the benchmark tables also to benchmarks/results/. It uses the
@@ -18,8 +18,10 @@ export PYTHONUNBUFFERED=1
 steps=()
 OPS="linear_logprobs,linear_kl,linear_policy_loss"
 SHAPES="gpu"
+PROVIDERS=""
 for a in "$@"; do
   case "$a" in
+    PROVIDERS=*) PROVIDERS="${a#PROVIDERS=}" ;;
     OPS=*) OPS="${a#OPS=}" ;;
     SHAPES=*) SHAPES="${a#SHAPES=}" ;;
     *) steps+=("$a") ;;
@@ -58,20 +60,22 @@ for step in "${steps[@]}"; do
       # limit still brings back the ops it finished.
       for op in ${OPS//,/ }; do
         stamp "benchmark $op on $SHAPES"
-        "$PY" -m benchmarks.run --suite gpu --ops "$op" --shapes "$SHAPES" 2>&1 | tee -a "$OUT/bench.log" | grep -v '^\[' | tail -40
+        "$PY" -m benchmarks.run --suite gpu --ops "$op" --shapes "$SHAPES" ${PROVIDERS:+--providers "$PROVIDERS"} 2>&1 | tee -a "$OUT/bench.log" | grep -v '^\[' | tail -40
         [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
         tar czf "$OUT/results.tgz" benchmarks/results/gpu-* 2>/dev/null
       done
       ;;
     sweep)
       stamp "chunk-budget sweep of the cuda backends"
-      for op in linear_logprobs linear_policy_loss linear_kl; do
-        "$PY" -m benchmarks.sweep_chunk_bytes --op $op --shape llama3-4k --budgets 256M,512M,1G,2G 2>&1 | tee -a "$OUT/sweep.log"
+      for op in ${OPS//,/ }; do
+        "$PY" -m benchmarks.sweep_chunk_bytes --op $op --shape llama3-4k --budgets 256M,1G,2G 2>&1 | tee -a "$OUT/sweep.log"
       done
+      ;;
+    tiles)
       stamp "Triton tile sweep"
       "$PY" -m benchmarks.sweep_triton_tiles --shape llama3-4k 2>&1 | tee -a "$OUT/sweep.log"
       ;;
-    *) echo "unknown step $step (build, test, sweep, bench)"; exit 2 ;;
+    *) echo "unknown step $step (build, test, sweep, tiles, bench)"; exit 2 ;;
   esac
 done
 stamp "done (rc=$rc)"
