@@ -211,7 +211,7 @@ def pointwise_overhead(device: str, repeats: int = 200, b: int = 8, t: int = 102
             samples.append((time.perf_counter() - t0) / repeats * 1e6)
         return statistics.median(samples)
 
-    names = [n for n in ("torch", "cpu", "triton") if n == "torch" or backends.why_unavailable(n, torch.device(device), "policy_loss") is None]
+    names = [n for n in ("torch", "cpu", "cuda", "triton") if n == "torch" or backends.why_unavailable(n, torch.device(device), "policy_loss") is None]
     if _interpreted(device):
         names = [n for n in names if n != "triton"]  # interpreter timings mean nothing
     default_threads = torch.get_num_threads()

@@ -2,7 +2,9 @@
 # Everything a GPU machine is needed for, in one script (a lent machine starts bare and keeps
 # nothing): build the CUDA extension, run the GPU tests, run the GPU benchmark suite.
 #
-#   bash benchmarks/gpu_session.sh [build] [test] [sweep] [tiles] [bench] [OPS=op1,op2] [SHAPES=...] [PROVIDERS=...]
+#   bash benchmarks/gpu_session.sh [build] [test] [sweep] [tiles] [bench] [OPS=op1,op2] [SHAPES=...] [PROVIDERS=...] [LABEL=...]
+#   (env: TESTS=paths, TESTS_K=expr narrow the GPU tests; BENCH_ARGS go to benchmarks.run; ERPD_COMMIT names the measured commit
+#   when the machine's copy of .git is stale)
 #
 # Steps run in the order given (default: build test bench). Logs and results go to $OUT
 # (default /tmp/erpd-gpu), the benchmark tables also to benchmarks/results/. It uses the
@@ -19,8 +21,10 @@ steps=()
 OPS="linear_logprobs,linear_kl,linear_policy_loss"
 SHAPES="gpu"
 PROVIDERS=""
+LABEL=""
 for a in "$@"; do
   case "$a" in
+    LABEL=*) LABEL="${a#LABEL=}" ;;
     PROVIDERS=*) PROVIDERS="${a#PROVIDERS=}" ;;
     OPS=*) OPS="${a#OPS=}" ;;
     SHAPES=*) SHAPES="${a#SHAPES=}" ;;
@@ -34,7 +38,7 @@ stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
 stamp "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/machine.txt"
 "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name())' 2>&1 | tee -a "$OUT/machine.txt"
-git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$OUT/machine.txt"
+echo "commit ${ERPD_COMMIT:-$(git log -1 --format=%h 2>/dev/null)}" | tee -a "$OUT/machine.txt"
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/erpd-site .whl/*.whl && export PYTHONPATH="/tmp/erpd-site${PYTHONPATH:+:$PYTHONPATH}"
@@ -52,7 +56,7 @@ for step in "${steps[@]}"; do
       ;;
     test)
       stamp "GPU tests"
-      "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -60
+      "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider ${TESTS:-tests} ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -60
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
       ;;
     bench)
@@ -60,7 +64,7 @@ for step in "${steps[@]}"; do
       # limit still brings back the ops it finished.
       for op in ${OPS//,/ }; do
         stamp "benchmark $op on $SHAPES"
-        "$PY" -m benchmarks.run --suite gpu --ops "$op" --shapes "$SHAPES" ${PROVIDERS:+--providers "$PROVIDERS"} 2>&1 | tee -a "$OUT/bench.log" | grep -v '^\[' | tail -40
+        "$PY" -m benchmarks.run --suite gpu --ops "$op" --shapes "$SHAPES" ${PROVIDERS:+--providers "$PROVIDERS"} ${LABEL:+--label "$LABEL"} ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" | grep -v '^\[' | tail -40
         [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
         tar czf "$OUT/results.tgz" benchmarks/results/gpu-* 2>/dev/null
       done

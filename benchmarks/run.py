@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--label", default="", help="suffix of the output names, <suite>-<op>-<label>.* (e.g. the shapes of a partial run)")
     args = ap.parse_args(argv)
     cfg = dict(SUITES[args.suite])
     for k in ("shapes", "repeats", "rounds"):
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for op in ops:
         mod = importlib.import_module(OPS[op])
-        md = out_dir / f"{args.suite}-{op}.md"
+        md = out_dir / (f"{args.suite}-{op}" + (f"-{args.label}" if args.label else "") + ".md")
         bench_argv = [
             "--shapes", cfg["shapes"], "--dtype", cfg["dtype"], "--device", device, "--repeats", str(cfg["repeats"]),
             "--rounds", str(cfg["rounds"]), "--warmup", str(cfg["warmup"]), "--out", str(md),

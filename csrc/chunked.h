@@ -63,35 +63,49 @@ inline void chunk_logits(at::Tensor& z, const at::Tensor& h, const Operands& ops
   if (ops.bias.has_value()) z.add_(*ops.bias);
 }
 
-// The gradient GEMMs of each chunk, into fp32 accumulators that are cast to the input dtype
-// once at the end.
+// The gradient GEMMs of each chunk.
+//  * dh: every row belongs to one chunk, so its GEMM writes the final value. When the operands
+//    are not upcast (CUDA, or fp32 anywhere) it goes straight into the input dtype (the GEMM
+//    accumulates in fp32 and rounds once); on CPU with 16-bit inputs, into fp32, cast at the end.
+//  * dW sums over chunks: an fp32 accumulator that the first chunk writes (beta = 0, so the
+//    buffer is never zero-filled or read) and the others add to, cast once at the end. When one
+//    chunk holds every row there is nothing to sum: written once in the input dtype. (At
+//    V = 128K, H = 4096 the accumulator is 2 GB: each pass over it costs ~1.3 ms on an H100.)
 struct Grads {
   at::Tensor gh, gw, gb;
-  bool need_h, need_w, has_bias;
+  bool need_h, need_w, has_bias, gh_final, gw_final, gw_written = false;
 
-  Grads(const at::Tensor& hidden, const at::Tensor& weight, bool has_bias, bool need_h, bool need_w)
+  Grads(const at::Tensor& hidden, const at::Tensor& weight, bool has_bias, bool need_h, bool need_w,
+        int64_t rows_per_chunk)
       : need_h(need_h), need_w(need_w), has_bias(has_bias) {
     const int64_t n = hidden.size(0), v = weight.size(0), hdim = hidden.size(1);
+    const bool upcast = hidden.device().is_cpu() && hidden.scalar_type() != at::kFloat;
+    gh_final = !upcast;
+    gw_final = !upcast && rows_per_chunk >= n;
     const auto f32 = hidden.options().dtype(at::kFloat);
-    gh = need_h ? at::empty({n, hdim}, f32) : at::empty({0}, hidden.options());
-    gw = need_w ? at::zeros({v, hdim}, f32) : at::empty({0}, weight.options());
+    gh = need_h ? at::empty({n, hdim}, gh_final ? hidden.options() : f32) : at::empty({0}, hidden.options());
+    gw = need_w ? at::empty({v, hdim}, gw_final ? weight.options() : f32) : at::empty({0}, weight.options());
     gb = has_bias ? at::zeros({v}, f32) : at::empty({0}, f32);
   }
 
   // z: the chunk's logits buffer, already overwritten with t * dz; h: the chunk's GEMM operand.
   void add_chunk(const at::Tensor& z, const at::Tensor& h, const Operands& ops, int64_t r0) {
     // 16-bit operands on CUDA: dz is rounded to the input dtype for the tensor-core GEMMs (as
-    // the unfused PyTorch backward does), with fp32 accumulation and output.
+    // the unfused PyTorch backward does), with fp32 accumulation.
     const at::Tensor dz = ops.weight.scalar_type() == at::kFloat ? z : z.to(ops.weight.scalar_type());
     if (need_h) {
       at::Tensor out = gh.narrow(0, r0, z.size(0));
-      gemm_f32(out, dz, ops.weight, /*accumulate=*/false);
+      if (gh_final) at::mm_out(out, dz, ops.weight); else gemm_f32(out, dz, ops.weight, /*accumulate=*/false);
     }
-    if (need_w) gemm_f32(gw, dz.t(), h, /*accumulate=*/true);
+    if (need_w) {
+      if (gw_final) at::mm_out(gw, dz.t(), h); else gemm_f32(gw, dz.t(), h, /*accumulate=*/gw_written);
+      gw_written = true;
+    }
     if (has_bias) gb.add_(z.sum(0));
   }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(const at::Tensor& hidden, const at::Tensor& weight) {
+    if (need_w && !gw_written) gw.zero_();  // no rows at all
     if (need_h) gh = gh.to(hidden.scalar_type());
     if (need_w) gw = gw.to(weight.scalar_type());
     return {gh, gw, gb};

@@ -91,8 +91,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const int64_t n = hidden.size(0), v = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
   const chunked::Operands ops(weight, bias);
-  chunked::Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight);
   const int64_t rows = chunked::rows_per_chunk(n, 2 * v, hidden.is_cuda());
+  chunked::Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight, rows);
   at::Tensor zs_buf = at::empty({rows, v}, f32), zt_buf = at::empty({rows, v}, f32);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);

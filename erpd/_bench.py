@@ -344,7 +344,12 @@ def package_version(pkg: str) -> str:
 
 
 def git_commit(path: str | Path | None = None) -> str:
-    """Short HEAD of the checkout erpd was imported from, "-dirty" if tracked files differ."""
+    """Short HEAD of the checkout erpd was imported from, "-dirty" if tracked files differ.
+
+    ERPD_COMMIT overrides it: a copy of the working tree on another machine (a lent GPU) may
+    carry a stale .git, and the header must name the code that was measured."""
+    if os.environ.get("ERPD_COMMIT"):
+        return os.environ["ERPD_COMMIT"]
     cwd = Path(path) if path else Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
