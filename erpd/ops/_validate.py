@@ -379,3 +379,20 @@ def policy_tensors(
         if is_weights is not None and bool(((is_weights < 0) & valid).any()):
             raise ValueError("is_weights must be >= 0 at valid (mask=1) positions")
     return old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights
+
+
+def vocab_shard(tp_group, weight: torch.Tensor, vocab_start) -> int | None:
+    """Checks the vocab-parallel arguments (`tp_group`, this rank's `weight` shard, `vocab_start`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("tp_group was given but torch.distributed is not initialized (call init_process_group first)")
+    if not isinstance(tp_group, dist.ProcessGroup):
+        raise TypeError(f"tp_group must be a torch.distributed ProcessGroup, got {type(tp_group).__name__}")
+    if weight.shape[0] < 1:
+        raise ValueError("with tp_group, every rank's weight shard needs at least one vocabulary row")
+    if vocab_start is not None:
+        vocab_start = index(vocab_start, "vocab_start")
+        if vocab_start < 0:
+            raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+    return vocab_start

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from erpd import backends, reference
-from erpd.ops import _validate
+from erpd.ops import _tp, _validate
 from erpd.ops.linear_logprobs import _impl as _logprobs_impl
 
 OP = "linear_kl"
@@ -160,6 +160,8 @@ def linear_kl(
     ignore_index: int = -100,
     backend: str = "auto",
     validate: bool | None = None,
+    tp_group=None,
+    vocab_start: int | None = None,
 ) -> torch.Tensor:
     r"""Per-token divergence between a teacher's and the student's next-token distributions,
     without materializing the student's (or a fused teacher's) logits.
@@ -187,6 +189,11 @@ def linear_kl(
         backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"``.
         validate: force/skip the value checks (targets and top-k ids in range); by default they
             run on CPU tensors and on CUDA only with ``ERPD_CHECK_INPUTS=1``.
+        tp_group: vocabulary sharding as in :func:`erpd.linear_logprobs`: ``weight``/``bias`` and
+            the fused teacher's ``teacher_weight``/``teacher_bias`` are this rank's rows of the
+            vocabulary, or ``teacher_logits`` is ``[..., V_r]``, sliced to the same rows;
+            ``teacher_topk`` is not supported. ``vocab_start`` is only checked (the divergence
+            does not depend on the shard's position).
 
     Returns:
         ``kl [...]`` float32 (float64 for float64 inputs on ``backend="torch"``), ≥ 0.
@@ -203,6 +210,11 @@ def linear_kl(
     )
     if direction == "jsd" and beta in (0.0, 1.0):
         direction = "forward" if beta == 0.0 else "reverse"
+    if tp_group is not None:
+        return _tp.linear_kl(
+            hidden, weight, bias, targets, form, teacher, mode=_MODE[direction], beta=beta, temperature=temperature,
+            ignore_index=ignore_index, backend=backend, tp_group=tp_group, vocab_start=vocab_start,
+        )
     if form == "topk" and direction != "forward":
         raise ValueError(f"teacher_topk supports direction='forward' only (got {direction!r}): the reverse KL and the JSD need the teacher's full distribution")
     if targets is None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from erpd import backends, reference
-from erpd.ops import _validate
+from erpd.ops import _tp, _validate
 
 OP = "linear_logprobs"
 
@@ -79,6 +79,8 @@ def linear_logprobs(
     with_entropy: bool = False,
     backend: str = "auto",
     validate: bool | None = None,
+    tp_group=None,
+    vocab_start: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Log-probability of each target token, and optionally the entropy, without materializing logits.
 
@@ -96,6 +98,15 @@ def linear_logprobs(
         backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"`` (see ``erpd.backends``).
         validate: force (True) or skip (False) the value checks on ``targets``; by default they
             run on CPU tensors and, on CUDA, only when ``ERPD_CHECK_INPUTS=1`` (they need a sync).
+        tp_group: a ``torch.distributed`` process group over which the vocabulary is sharded
+            (tensor parallelism): ``weight``/``bias`` are this rank's contiguous rows
+            ``[vocab_start, vocab_start + V_r)`` of the full head (shards may be uneven),
+            ``hidden``/``targets`` are the same on every rank and hold global token ids. The
+            outputs are the full-vocabulary values, identical on every rank; the gradient w.r.t.
+            ``hidden`` is all-reduced, the shard's ``weight``/``bias`` gradients stay local.
+            Needs a fused backend. See ``erpd/ops/_tp.py`` and the README for the communication.
+        vocab_start: this rank's first vocabulary id; None computes it with an all-gather of the
+            shard sizes on every call (pass it to avoid that collective).
 
     Returns:
         ``(logprobs, entropy)``: float32 tensors of shape ``[...]`` (float64 for float64 inputs);
@@ -111,6 +122,11 @@ def linear_logprobs(
     inv_t = 1.0 / _validate.temperature(temperature)
     ignore_index = _validate.index(ignore_index, "ignore_index")
     check_values = _validate.want_value_checks(hidden.device, validate)
+    if tp_group is not None:
+        return _tp.linear_logprobs(
+            hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
+            backend=backend, check_values=check_values, tp_group=tp_group, vocab_start=vocab_start,
+        )
     targets = _validate.targets(targets, hidden, weight.shape[0], ignore_index, check_values)
     name = backends.resolve(backend, hidden.device, OP)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from erpd import backends, reference
-from erpd.ops import _validate
+from erpd.ops import _tp, _validate
 from erpd.ops.policy_loss import metrics_from_stats
 
 OP = "linear_policy_loss"
@@ -133,6 +133,8 @@ def linear_policy_loss(
     norm_length: int | None = None,
     backend: str = "auto",
     validate: bool | None = None,
+    tp_group=None,
+    vocab_start: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Policy loss straight from hidden states and the LM head, gradients computed in the forward.
 
@@ -151,6 +153,10 @@ def linear_policy_loss(
         advantages, mask, method, agg, ..., backend, validate: as in :func:`erpd.policy_loss`;
             the entropy is computed here (it is always in the metrics), ``entropy_coef`` adds
             the bonus.
+        tp_group, vocab_start: vocabulary sharding as in :func:`erpd.linear_logprobs`. The
+            vocab-parallel log-probs and entropy (identical on every rank) go through
+            :func:`erpd.policy_loss`, whose gradient flows back through them (a backward pass
+            over the shard, instead of the gradients computed in the forward).
 
     Returns:
         ``(loss, metrics)`` as :func:`erpd.policy_loss` (``entropy`` always among the metrics).
@@ -161,6 +167,15 @@ def linear_policy_loss(
         raise ValueError(f"hidden must have shape [B, T, H], got {list(hidden.shape)}")
     inv_t = 1.0 / _validate.temperature(temperature)
     ignore_index = _validate.index(ignore_index, "ignore_index")
+    if tp_group is not None:
+        return _tp.linear_policy_loss(
+            hidden, weight, bias, targets, old_logprobs, advantages, mask, temperature=temperature,
+            ignore_index=ignore_index, backend=backend, validate=validate, tp_group=tp_group, vocab_start=vocab_start,
+            method=method, agg=agg, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, tau_pos=tau_pos,
+            tau_neg=tau_neg, cispo_cap=cispo_cap, cispo_floor=cispo_floor, reinforce_cap=reinforce_cap,
+            is_weights=is_weights, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef, num_items=num_items, norm_length=norm_length,
+        )
     dev = hidden.device
     check_values = _validate.want_value_checks(dev, validate)
     targets = _validate.targets(targets, hidden, weight.shape[0], ignore_index, check_values)

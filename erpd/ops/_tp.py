@@ -1,0 +1,335 @@
+"""Vocabulary-parallel (tensor-parallel) forms of `linear_logprobs`, `linear_kl` and `linear_policy_loss`.
+
+Each rank of ``tp_group`` holds one contiguous shard ``weight[v0 : v0 + V_r, H]`` of the LM head
+(``bias[v0 : v0 + V_r]`` with it; shards may be uneven) and the *same* hidden states and targets.
+Each rank runs the single-device fused kernels on its shard, which gives per-row statistics
+normalized over the shard only; these are combined into the full-vocabulary values with
+all-reduces of O(N) float32 tensors. No rank ever holds more than a chunk of its own shard's logits.
+
+Math (per row, shard r with logits z_k, k in r, and its fused-kernel outputs
+lse_r = log sum_{k in r} e^{z_k} and H_r = the entropy of softmax over the shard):
+
+    M = max_r lse_r,  s_r = e^{lse_r - M},  S = sum_r s_r,  lse = M + log S,  w_r = s_r / S
+    log p_y = z_y - lse                     (z_y from the one shard holding y; 0 elsewhere)
+    H = sum_r w_r H_r - sum_r w_r log w_r   (the chain rule of entropy: inside the shards, plus
+                                              across them; w_r log w_r = w_r (lse_r - M - log S))
+
+so the forward costs one MAX all-reduce of [N] and one SUM all-reduce of [5, N] (s, s H_r,
+s (lse_r - M), z_y, and a 0/1 "this rank holds y" count that checks the shards cover every target).
+
+The backward of every op is the fused kernel's own backward on the shard, fed the *global*
+statistics (lse, H; for linear_kl lse^S, lse^T and the aux term): its gradient w.r.t. the shard's
+logits is then exactly the full gradient restricted to the shard, so dweight and dbias of the
+shard stay local and dhidden is the SUM all-reduce of the ranks' partial products (N·H elements
+in hidden's dtype). For a row whose target lies on another rank, the log-prob kernels are given
+local id 0 as an anchor (they need some id in range) and the delta term they add at that column,
+g_lp (delta_{k,y} - p_k), is taken back out here with an O(N·H) rank-one correction.
+
+linear_kl: the fused KL kernels return the shard-normalized divergence D_r with lse^S_r, lse^T_r.
+With log a_r = lse^T_r - lse^T and log b_r = lse^S_r - lse^S (the shard's mass under teacher and
+student), the forward KL and the reverse KL combine exactly:
+
+    KL(T||S) = sum_r a_r [D_r + log a_r - log b_r],   KL(S||T) = sum_r b_r [D_r + log b_r - log a_r]
+
+(one MAX all-reduce of [2, N], one SUM of [2, N], one SUM of [N]). The JSD's mixture does not
+factor over shards, so for it a second pass over the shard (PyTorch, chunked over rows) evaluates
+the divergence and KL(S||M) with the global normalizers (a SUM all-reduce of [2, N]).
+
+linear_policy_loss: the vocab-parallel log-probs and entropy (identical on every rank after the
+all-reduces) go through `erpd.policy_loss`; its gradient flows back into the vocab-parallel
+log-prob backward, so gspo and the sequence aggregations need nothing special.
+
+Shard offsets: ``vocab_start`` (this rank's v0) if the caller passes it, else one all-gather of
+the shard sizes per call (an int64 per rank, read on the host: with NCCL that is a sync, so pass
+``vocab_start`` in a training loop). Every rank must call the op with the same N, arguments and
+``requires_grad`` pattern, as with any collective.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from erpd import backends
+from erpd.ops import _validate
+
+_CHUNK_BYTES = 32 << 20  # fp32 logits of one row chunk in the JSD pass (student, teacher and temporaries)
+
+
+def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def shard_start(weight: torch.Tensor, group, vocab_start: int | None) -> int:
+    """This rank's first vocabulary id: ``vocab_start``, or the sum of the lower ranks' shard sizes."""
+    if vocab_start is not None:
+        return vocab_start
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    size = torch.tensor([weight.shape[0]], dtype=torch.int64, device=weight.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    return int(sum(int(s.item()) for s in sizes[:rank]))
+
+
+def _fused(backend: str, device: torch.device, op: str) -> str:
+    name = backends.resolve(backend, device, op)
+    if name == "torch":
+        raise backends.BackendUnavailableError(
+            f"tp_group needs a fused backend (cpu, cuda or triton); backend={backend!r} resolved to 'torch' on {device}"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# linear_logprobs
+# --------------------------------------------------------------------------------------------
+
+
+def _check_cover(found: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor) -> None:
+    """Each non-ignored target must be held by exactly one rank's shard (value check, host read)."""
+    bad = valid & (found.round() != 1)
+    if bool(bad.any()):
+        first = int(targets[bad][0])
+        raise ValueError(
+            f"targets must lie in the union of the ranks' vocabulary shards (each id on exactly one rank); "
+            f"target {first} is held by {int(found[bad][0].round())} ranks ({int(bad.sum())} such rows); "
+            "check vocab_start and the targets' range"
+        )
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, v0, inv_t, ignore_index, backend, group, check_values):
+        from erpd.ops.linear_logprobs import _impl
+
+        fwd, _ = _impl(backend)
+        n, v_r = targets.shape[0], weight.shape[0]
+        valid = targets != ignore_index
+        local = targets - v0
+        mine = valid & (local >= 0) & (local < v_r)
+        # Rows whose target is on another rank get the anchor id 0 (its delta is undone in backward);
+        # ignored rows keep ignore_index, so the kernels give them zeros and zero gradient.
+        kt = torch.where(mine, local, torch.where(valid, torch.zeros_like(local), torch.full_like(local, ignore_index)))
+        logp_r, ent_r, lse_r = fwd(hidden, weight, bias, kt, inv_t, ignore_index)
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        lse_r = torch.where(valid, lse_r, zero)
+        ent_r = torch.where(valid, ent_r, zero)
+
+        m = _all_reduce(lse_r.clone(), dist.ReduceOp.MAX, group)
+        s = torch.exp(lse_r - m)
+        stats = torch.stack([s, s * ent_r, s * (lse_r - m), torch.where(mine, logp_r + lse_r, zero), mine.float()])
+        s_sum, s_ent, s_log, z_y, found = _all_reduce(stats, dist.ReduceOp.SUM, group).unbind()
+        if check_values:
+            _check_cover(found, valid, targets)
+        log_s = torch.log(s_sum)
+        lse = m + log_s
+        entropy = s_ent / s_sum - s_log / s_sum + log_s
+        logp = torch.where(valid, z_y - lse, zero)
+        entropy = torch.where(valid, entropy, zero)
+        anchored = valid & ~mine
+        ctx.save_for_backward(hidden, weight, bias, kt, lse, entropy, anchored)
+        ctx.args = (inv_t, ignore_index, backend, group)
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        from erpd.ops.linear_logprobs import _impl
+
+        hidden, weight, bias, kt, lse, entropy, anchored = ctx.saved_tensors
+        inv_t, ignore_index, backend, group = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logp is None and grad_entropy is None:
+            # Every rank sees the same graph, so every rank skips the all-reduce together.
+            return (None,) * 10
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        g_lp = grad_logp.float().contiguous()
+        _, bwd = _impl(backend)
+        gh, gw, gb = bwd(
+            hidden, weight, bias, kt, lse, entropy, g_lp,
+            None if grad_entropy is None else grad_entropy.float().contiguous(),
+            inv_t, ignore_index, need_h, need_w,
+        )
+        # Undo the anchor's delta: dz_0 -= g_lp on rows whose target is elsewhere (times t, as the
+        # kernels fold the temperature into dz).
+        c = torch.where(anchored, g_lp, torch.zeros((), dtype=torch.float32, device=g_lp.device)) * inv_t
+        if need_h:
+            gh.sub_((c.unsqueeze(1) * weight[0].float()).to(gh.dtype))
+            _all_reduce(gh, dist.ReduceOp.SUM, group)
+        if need_w:
+            gw[0].sub_((c @ hidden.float()).to(gw.dtype))
+        if need_b and bias is not None:
+            gb = gb.float()
+            gb[0] -= c.sum()
+            gb = gb.to(bias.dtype)
+        else:
+            gb = None
+        return (gh if need_h else None), (gw if need_w else None), gb, *([None] * 7)
+
+
+def linear_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index, with_entropy, backend, check_values,
+                    tp_group, vocab_start):
+    """The vocab-parallel `erpd.linear_logprobs`; the caller has validated all but `targets`, whose
+    range only the ranks together can check (`_check_cover`)."""
+    vocab_start = _validate.vocab_shard(tp_group, weight, vocab_start)
+    targets = _validate.targets(targets, hidden, 0, ignore_index, False)
+    name = _fused(backend, hidden.device, "linear_logprobs")
+    if hidden.dtype == torch.float64:
+        raise TypeError("tp_group supports fp32/bf16/fp16 inputs (the fused backends)")
+    v0 = shard_start(weight, tp_group, vocab_start)
+    lead = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    if h2.shape[0] == 0:
+        empty = (h2.sum(-1) + weight.sum() * 0).float()
+        return empty.reshape(lead), (empty.reshape(lead) if with_entropy else None)
+    logp, entropy = _VocabParallelLogprobs.apply(
+        h2, weight.contiguous(), None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(),
+        v0, 1.0 / temperature, ignore_index, name, tp_group, check_values,
+    )
+    return logp.reshape(lead), (entropy.reshape(lead) if with_entropy else None)
+
+
+# --------------------------------------------------------------------------------------------
+# linear_kl
+# --------------------------------------------------------------------------------------------
+
+
+def _jsd_partials(hidden, weight, bias, th, tw, tb, tl, lse_s, lse_t, inv_t, beta):
+    """This shard's part of the JSD and of KL(S||M) with the global normalizers, [2, N] f32,
+    chunked over rows so that only [rows, V_r] fp32 logits exist at a time."""
+    n, v_r = hidden.shape[0], weight.shape[0]
+    rows = max(1, min(n, _CHUNK_BYTES // max(1, 6 * 4 * v_r)))
+    f32 = lambda x: None if x is None else x.float()  # noqa: E731
+    w, b = f32(weight), f32(bias)
+    t_w, t_b = f32(tw), f32(tb)
+    log_1mb, log_b = math.log1p(-beta), math.log(beta)
+    out = torch.empty(2, n, dtype=torch.float32, device=hidden.device)
+    for r0 in range(0, n, rows):
+        sl = slice(r0, r0 + rows)
+        a = torch.nn.functional.linear(hidden[sl].float(), w, b) * inv_t - lse_s[sl, None]
+        zt = tl[sl].float() if tl is not None else torch.nn.functional.linear(th[sl].float(), t_w, t_b)
+        bt = zt * inv_t - lse_t[sl, None]
+        log_m = torch.logaddexp(a + log_1mb, bt + log_b)
+        kl_sm = (a.exp() * (a - log_m)).sum(1)
+        kl_tm = (bt.exp() * (bt - log_m)).sum(1)
+        out[0, sl] = beta * kl_tm + (1.0 - beta) * kl_sm
+        out[1, sl] = kl_sm
+    return out
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, th, tw, tb, tl, mask, inv_t, mode, beta, backend, group):
+        from erpd.ops.linear_kl import _impl
+
+        fwd, _ = _impl(backend)
+        # The shard pass: the jsd asks it for the normalizers only (mode 0 is the cheapest).
+        d_r, ls_r, lt_r, _ = fwd(hidden, weight, bias, th, tw, tb, tl, mask, inv_t, -1, mode if mode < 2 else 0, beta)
+        valid = mask != -1
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loc = torch.where(valid, torch.stack([ls_r, lt_r]), zero)
+        m = _all_reduce(loc.clone(), dist.ReduceOp.MAX, group)
+        lse = m + torch.log(_all_reduce(torch.exp(loc - m), dist.ReduceOp.SUM, group))
+        lse_s, lse_t = lse.unbind()
+        if mode < 2:
+            log_a, log_b = loc[1] - lse_t, loc[0] - lse_s
+            if mode == 0:
+                part = log_a.exp() * (d_r + log_a - log_b)
+            else:
+                part = log_b.exp() * (d_r + log_b - log_a)
+            kl = _all_reduce(torch.where(valid, part, zero), dist.ReduceOp.SUM, group)
+            aux = kl
+        else:
+            kl, aux = _all_reduce(
+                _jsd_partials(hidden, weight, bias, th, tw, tb, tl, lse_s, lse_t, inv_t, beta), dist.ReduceOp.SUM, group
+            ).unbind()
+        kl = torch.where(valid, kl, zero)
+        aux = torch.where(valid, aux, zero)
+        ctx.save_for_backward(hidden, weight, bias, th, tw, tb, tl, mask, lse_s.contiguous(), lse_t.contiguous(), aux)
+        ctx.args = (inv_t, mode, beta, backend, group)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        from erpd.ops.linear_kl import _impl
+
+        hidden, weight, bias, th, tw, tb, tl, mask, lse_s, lse_t, aux = ctx.saved_tensors
+        inv_t, mode, beta, backend, group = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        _, bwd = _impl(backend)
+        gh, gw, gb = bwd(
+            hidden, weight, bias, th, tw, tb, tl, mask, lse_s, lse_t, aux,
+            grad_kl.float().contiguous(), inv_t, -1, mode, beta, need_h, need_w,
+        )
+        if need_h:
+            _all_reduce(gh, dist.ReduceOp.SUM, group)
+        gb = gb.to(bias.dtype) if (need_b and bias is not None) else None
+        return (gh if need_h else None), (gw if need_w else None), gb, *([None] * 10)
+
+
+def linear_kl(hidden, weight, bias, targets, form, teacher, *, mode, beta, temperature, ignore_index, backend,
+              tp_group, vocab_start):
+    """The vocab-parallel `erpd.linear_kl`, fused or dense (shard-sliced) teacher; `vocab_start` is
+    only checked: the divergence does not depend on where the shard sits."""
+    _validate.vocab_shard(tp_group, weight, vocab_start)
+    if targets is not None:
+        targets = _validate.targets(targets, hidden, 0, ignore_index, False)
+    if form == "topk":
+        raise ValueError(
+            "tp_group supports a fused teacher (teacher_weight sharded like weight) or teacher_logits sliced to the "
+            "shard; teacher_topk's ids span the whole vocabulary and are not supported with tp_group"
+        )
+    name = _fused(backend, hidden.device, "linear_kl")
+    if hidden.dtype == torch.float64:
+        raise TypeError("tp_group supports fp32/bf16/fp16 inputs (the fused backends)")
+    lead = hidden.shape[:-1]
+    flat = lambda x, d: None if x is None else x.reshape(-1, d).contiguous()  # noqa: E731
+    h2 = flat(hidden, hidden.shape[-1])
+    if h2.shape[0] == 0:
+        return (h2.sum(-1) + weight.sum() * 0).float().reshape(lead)
+    # targets only mask rows here: 0 = counts, -1 = ignored (the kernels never index with them).
+    mask = torch.zeros(h2.shape[0], dtype=torch.long, device=hidden.device)
+    if targets is not None:
+        mask = torch.where(targets.reshape(-1) == ignore_index, -1, mask)
+    if form == "fused":
+        th, tw, tb = teacher
+        th, tw, tb, tl = flat(th.detach(), th.shape[-1]), tw.detach().contiguous(), (None if tb is None else tb.detach().contiguous()), None
+    else:
+        th = tw = tb = None
+        tl = flat(teacher[0].detach(), weight.shape[0])
+    kl = _VocabParallelKL.apply(
+        h2, weight.contiguous(), None if bias is None else bias.contiguous(), th, tw, tb, tl, mask.contiguous(),
+        1.0 / temperature, mode, beta, name, tp_group,
+    )
+    return kl.reshape(lead)
+
+
+# --------------------------------------------------------------------------------------------
+# linear_policy_loss
+# --------------------------------------------------------------------------------------------
+
+
+def linear_policy_loss(hidden, weight, bias, targets, old_logprobs, advantages, mask, *, temperature, ignore_index,
+                       backend, validate, tp_group, vocab_start, **policy_kwargs):
+    """The vocab-parallel `erpd.linear_policy_loss`: vocab-parallel log-probs and entropy, then
+    `erpd.policy_loss` on them (the same on every rank), which validates the policy arguments."""
+    from erpd.ops.policy_loss import policy_loss
+
+    check_values = _validate.want_value_checks(hidden.device, validate)
+    targets = _validate.targets(targets, hidden, 0, ignore_index, False)
+    mask = _validate.tensor(mask, "mask")
+    if mask.shape != targets.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal targets' shape {tuple(targets.shape)}")
+    logp, entropy = linear_logprobs(
+        hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index, with_entropy=True,
+        backend=backend, check_values=check_values, tp_group=tp_group, vocab_start=vocab_start,
+    )
+    valid = (mask != 0) & (targets != ignore_index)
+    return policy_loss(
+        logp, logp.detach() if old_logprobs is None else old_logprobs, advantages, valid, entropy=entropy,
+        backend=backend, validate=validate, **policy_kwargs,
+    )

@@ -1,0 +1,190 @@
+"""Vocabulary-parallel ops over gloo: 2 and 3 CPU processes, each holding an uneven shard of the
+LM head, give the unsharded op's values and gradients (hidden: all-reduced; weight and bias: the
+shard's rows of the full gradient).
+
+Each worker computes the unsharded op on the full head itself (same seed on every rank), so every
+comparison runs inside the workers; a failed assertion in any rank fails the spawn.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import erpd
+
+N, H, H_T, V = 12, 16, 8, 101
+SHARDS = {2: [40, 61], 3: [50, 17, 34]}  # uneven on purpose; 17 < the 3-rank mean
+IGNORE = -100
+TOL = dict(rtol=1e-4, atol=2e-5)
+
+
+def _inputs(seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.6  # logits of std ~2.4: peaked, far from uniform
+    b = torch.randn(V, generator=g) if bias else None
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[[0, 1, 2]] = torch.tensor([0, V - 1, 40])  # shard edges
+    targets[[5, 9]] = IGNORE
+    return hidden, weight, b, targets
+
+
+def _leaf(x):
+    return None if x is None else x.detach().clone().requires_grad_(True)
+
+
+def _shard(x, rank, world):
+    if x is None:
+        return None
+    sizes = SHARDS[world]
+    v0 = sum(sizes[:rank])
+    return x[v0 : v0 + sizes[rank]]
+
+
+def _grads(out, upstream, leaves):
+    sum(((o.double() if o.dim() else o.double()) * u).sum() for o, u in zip(out, upstream)).backward()
+    return [None if x is None else x.grad for x in leaves]
+
+
+def _compare(label, full_vals, tp_vals, full_grads, tp_grads, rank, world):
+    for i, (a, b) in enumerate(zip(full_vals, tp_vals)):
+        torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"{label}: value {i}, rank {rank}/{world}: {m}")
+    names = ("hidden", "weight", "bias")
+    for name, a, b in zip(names, full_grads, tp_grads):
+        if a is None:
+            assert b is None, f"{label}: unexpected grad of {name}"
+            continue
+        if name != "hidden":
+            a = _shard(a, rank, world)
+        # Normwise: the shard kernels' fp32 GEMMs err by ~eps * |largest gradient entry| anywhere
+        # (the anchor correction subtracts g_lp·t·h from a row of near-zero gradient).
+        scale = float(a.abs().max())
+        torch.testing.assert_close(b, a, rtol=TOL["rtol"], atol=TOL["atol"] * max(1.0, scale), msg=lambda m: f"{label}: grad {name}, rank {rank}/{world} (max|grad| {scale:.3g}): {m}")
+
+
+def _run_pair(label, op, rank, world, seed, bias, n_out, explicit_start):
+    """op(hidden, weight, bias, **tp) -> tuple of outputs; compares sharded with unsharded."""
+    hidden, weight, b, _ = _inputs(seed, bias)
+    g = torch.Generator().manual_seed(seed + 1)
+    upstream = [torch.randn(N, generator=g, dtype=torch.float64) for _ in range(n_out)]
+
+    leaves = [_leaf(hidden), _leaf(weight), _leaf(b)]
+    full = op(*leaves)
+    full_grads = _grads(full, upstream, leaves)
+
+    sizes = SHARDS[world]
+    tp = dict(tp_group=dist.group.WORLD, vocab_start=sum(sizes[:rank]) if explicit_start else None)
+    leaves = [_leaf(hidden), _leaf(_shard(weight, rank, world)), _leaf(_shard(b, rank, world))]
+    out = op(*leaves, **tp)
+    tp_grads = _grads(out, upstream, leaves)
+    _compare(label, [o.detach() for o in full], [o.detach() for o in out], full_grads, tp_grads, rank, world)
+
+
+def _check_logprobs(rank, world):
+    _, _, _, targets = _inputs(0)
+    for i, (bias, temperature, with_entropy) in enumerate([(True, 1.0, True), (False, 0.7, True), (True, 1.3, False)]):
+        def op(h, w, b, **tp):
+            lp, ent = erpd.linear_logprobs(h, w, targets, bias=b, temperature=temperature, ignore_index=IGNORE,
+                                           with_entropy=with_entropy, backend="cpu", **tp)
+            return (lp, ent) if with_entropy else (lp,)
+
+        _run_pair(f"linear_logprobs bias={bias} T={temperature} ent={with_entropy}", op, rank, world, 10 + i, bias,
+                  2 if with_entropy else 1, explicit_start=(i % 2 == 0))
+
+
+def _check_kl(rank, world):
+    _, _, _, targets = _inputs(0)
+    g = torch.Generator().manual_seed(123)
+    t_hidden = torch.randn(N, H_T, generator=g)
+    t_weight = torch.randn(V, H_T, generator=g) * 0.8
+    t_bias = torch.randn(V, generator=g)
+    t_logits = torch.randn(N, V, generator=g) * 2.0
+    cases = [("forward", "fused", 1.0, True), ("reverse", "fused", 0.8, False), ("jsd", "fused", 1.0, True),
+             ("forward", "dense", 1.0, True), ("reverse", "dense", 1.0, True), ("jsd", "dense", 0.8, False)]
+    for i, (direction, form, temperature, masked) in enumerate(cases):
+        def op(h, w, b, tp_group=None, vocab_start=None):
+            sharded = tp_group is not None
+            cut = (lambda x: _shard(x, rank, world)) if sharded else (lambda x: x)
+            teacher = (dict(teacher_hidden=t_hidden, teacher_weight=cut(t_weight), teacher_bias=cut(t_bias))
+                       if form == "fused" else dict(teacher_logits=cut(t_logits.T).T))
+            return (erpd.linear_kl(h, w, targets if masked else None, bias=b, direction=direction, beta=0.3,
+                                   temperature=temperature, ignore_index=IGNORE, backend="cpu",
+                                   tp_group=tp_group, vocab_start=vocab_start, **teacher),)
+
+        _run_pair(f"linear_kl {direction} {form} T={temperature} masked={masked}", op, rank, world, 20 + i, True, 1,
+                  explicit_start=(i % 2 == 1))
+
+
+def _check_policy(rank, world):
+    B, T = 3, N // 3
+    _, _, _, targets = _inputs(0)
+    targets = targets.view(B, T)
+    g = torch.Generator().manual_seed(7)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    mask[0] = True
+    adv = torch.randn(B, generator=g)
+    ref = -torch.rand(B, T, generator=g) * 3
+    cases = [
+        dict(method="ppo", agg="token-mean", entropy_coef=0.01, kl_coef=0.1, ref_logprobs=ref, old=True),
+        dict(method="gspo", agg="seq-mean-token-mean", old=True),
+        dict(method="cispo", agg="seq-mean-token-sum", entropy_coef=0.05, old=False),
+        dict(method="sapo", agg="seq-mean-token-sum-norm", old=True),
+        dict(method="reinforce", agg="token-mean", reinforce_cap=2.0, old=False),
+    ]
+    for i, case in enumerate(cases):
+        case = dict(case)
+        use_old = case.pop("old")
+
+        def op(h, w, b, **tp):
+            hidden = h.view(B, T, H)
+            # A fixed, nearby old policy: ratios spread around 1, some clipped.
+            old = (torch.randn(B, T, generator=torch.Generator().manual_seed(9)) * 0.3 - 4.0) if use_old else None
+            loss, metrics = erpd.linear_policy_loss(hidden, w, targets, old, adv, mask, bias=b, temperature=0.9,
+                                                    ignore_index=IGNORE, backend="cpu", **case, **tp)
+            return (loss, *[metrics[k] for k in sorted(metrics)])
+
+        hidden, weight, b, _ = _inputs(30 + i)
+        leaves = [_leaf(hidden), _leaf(weight), _leaf(b)]
+        full = op(*leaves)
+        full[0].backward()
+        full_grads = [x.grad for x in leaves]
+        leaves = [_leaf(hidden), _leaf(_shard(weight, rank, world)), _leaf(_shard(b, rank, world))]
+        out = op(*leaves, tp_group=dist.group.WORLD)
+        out[0].backward()
+        _compare(f"linear_policy_loss {case['method']} {case['agg']}", [o.detach() for o in full],
+                 [o.detach() for o in out], full_grads, [x.grad for x in leaves], rank, world)
+
+
+def _check_errors(rank, world):
+    hidden, weight, _, targets = _inputs(0, bias=False)
+    w = _shard(weight, rank, world)
+    bad = targets.clone()
+    bad[3] = V + 5  # beyond every shard: every rank sees found == 0 and raises
+    with pytest.raises(ValueError, match="union of the ranks' vocabulary shards"):
+        erpd.linear_logprobs(hidden, w, bad, backend="cpu", tp_group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="teacher_topk"):
+        ids = torch.arange(4).expand(N, 4)
+        erpd.linear_kl(hidden, w, teacher_topk=(torch.full((N, 4), -2.0), ids), backend="cpu",
+                       tp_group=dist.group.WORLD)
+
+
+def _worker(rank, world, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _check_logprobs(rank, world)
+        _check_kl(rank, world)
+        _check_policy(rank, world)
+        _check_errors(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.skipif("cpu" not in erpd.available("cpu"), reason="needs the compiled cpu backend")
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_ops_match_unsharded(tmp_path, world):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init")), nprocs=world, join=True)
