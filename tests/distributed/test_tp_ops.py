@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import erpd
+from erpd.ops import _tp
 
 N, H, H_T, V = 12, 16, 8, 101
 SHARDS = {2: [40, 61], 3: [50, 17, 34]}  # uneven on purpose; 17 < the 3-rank mean
@@ -65,6 +66,27 @@ def _compare(label, full_vals, tp_vals, full_grads, tp_grads, rank, world):
         torch.testing.assert_close(b, a, rtol=TOL["rtol"], atol=TOL["atol"] * max(1.0, scale), msg=lambda m: f"{label}: grad {name}, rank {rank}/{world} (max|grad| {scale:.3g}): {m}")
 
 
+class _Collectives:
+    """Records the element count of every all-reduce `erpd.ops._tp` issues (the communication the
+    README lists is checked here: O(N) in the forward, one [N, H] in the backward)."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def __enter__(self):
+        self._orig = _tp._all_reduce
+
+        def record(t, op, group):
+            self.sizes.append(t.numel() * t.element_size())
+            return self._orig(t, op, group)
+
+        _tp._all_reduce = record
+        return self
+
+    def __exit__(self, *exc):
+        _tp._all_reduce = self._orig
+
+
 def _run_pair(label, op, rank, world, seed, bias, n_out, explicit_start):
     """op(hidden, weight, bias, **tp) -> tuple of outputs; compares sharded with unsharded."""
     hidden, weight, b, _ = _inputs(seed, bias)
@@ -78,8 +100,15 @@ def _run_pair(label, op, rank, world, seed, bias, n_out, explicit_start):
     sizes = SHARDS[world]
     tp = dict(tp_group=dist.group.WORLD, vocab_start=sum(sizes[:rank]) if explicit_start else None)
     leaves = [_leaf(hidden), _leaf(_shard(weight, rank, world)), _leaf(_shard(b, rank, world))]
-    out = op(*leaves, **tp)
-    tp_grads = _grads(out, upstream, leaves)
+    with _Collectives() as fwd:
+        out = op(*leaves, **tp)
+    with _Collectives() as bwd:
+        tp_grads = _grads(out, upstream, leaves)
+    # Bytes: forward all-reduces are fp32 [k, N] with k <= 5 (24 B/token for log-probs, 20 or 24
+    # for the KL); the backward all-reduces dhidden once.
+    budget = 24 if label.startswith("linear_logprobs") else (24 if " jsd " in label else 20)
+    assert sum(fwd.sizes) == budget * N, (label, fwd.sizes)
+    assert bwd.sizes == [N * H * 4], (label, bwd.sizes)
     _compare(label, [o.detach() for o in full], [o.detach() for o in out], full_grads, tp_grads, rank, world)
 
 
