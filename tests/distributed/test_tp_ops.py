@@ -112,15 +112,23 @@ def _run_pair(label, op, rank, world, seed, bias, n_out, explicit_start):
     _compare(label, [o.detach() for o in full], [o.detach() for o in out], full_grads, tp_grads, rank, world)
 
 
+def _triton_too(world):
+    # The Triton interpreter is slow on CPU: one case per op, on 2 ranks only.
+    return world == 2 and "triton" in erpd.available("cpu") and "triton" in erpd.available("cpu", op="linear_kl")
+
+
 def _check_logprobs(rank, world):
     _, _, _, targets = _inputs(0)
-    for i, (bias, temperature, with_entropy) in enumerate([(True, 1.0, True), (False, 0.7, True), (True, 1.3, False)]):
+    cases = [(True, 1.0, True, "cpu"), (False, 0.7, True, "cpu"), (True, 1.3, False, "cpu")]
+    if _triton_too(world):
+        cases.append((True, 0.7, True, "triton"))
+    for i, (bias, temperature, with_entropy, backend) in enumerate(cases):
         def op(h, w, b, **tp):
             lp, ent = erpd.linear_logprobs(h, w, targets, bias=b, temperature=temperature, ignore_index=IGNORE,
-                                           with_entropy=with_entropy, backend="cpu", **tp)
+                                           with_entropy=with_entropy, backend=backend, **tp)
             return (lp, ent) if with_entropy else (lp,)
 
-        _run_pair(f"linear_logprobs bias={bias} T={temperature} ent={with_entropy}", op, rank, world, 10 + i, bias,
+        _run_pair(f"linear_logprobs {backend} bias={bias} T={temperature} ent={with_entropy}", op, rank, world, 10 + i, bias,
                   2 if with_entropy else 1, explicit_start=(i % 2 == 0))
 
 
@@ -131,19 +139,22 @@ def _check_kl(rank, world):
     t_weight = torch.randn(V, H_T, generator=g) * 0.8
     t_bias = torch.randn(V, generator=g)
     t_logits = torch.randn(N, V, generator=g) * 2.0
-    cases = [("forward", "fused", 1.0, True), ("reverse", "fused", 0.8, False), ("jsd", "fused", 1.0, True),
-             ("forward", "dense", 1.0, True), ("reverse", "dense", 1.0, True), ("jsd", "dense", 0.8, False)]
-    for i, (direction, form, temperature, masked) in enumerate(cases):
+    cases = [("forward", "fused", 1.0, True, "cpu"), ("reverse", "fused", 0.8, False, "cpu"),
+             ("jsd", "fused", 1.0, True, "cpu"), ("forward", "dense", 1.0, True, "cpu"),
+             ("reverse", "dense", 1.0, True, "cpu"), ("jsd", "dense", 0.8, False, "cpu")]
+    if _triton_too(world):
+        cases.append(("jsd", "fused", 0.8, True, "triton"))
+    for i, (direction, form, temperature, masked, backend) in enumerate(cases):
         def op(h, w, b, tp_group=None, vocab_start=None):
             sharded = tp_group is not None
             cut = (lambda x: _shard(x, rank, world)) if sharded else (lambda x: x)
             teacher = (dict(teacher_hidden=t_hidden, teacher_weight=cut(t_weight), teacher_bias=cut(t_bias))
                        if form == "fused" else dict(teacher_logits=cut(t_logits.T).T))
             return (erpd.linear_kl(h, w, targets if masked else None, bias=b, direction=direction, beta=0.3,
-                                   temperature=temperature, ignore_index=IGNORE, backend="cpu",
+                                   temperature=temperature, ignore_index=IGNORE, backend=backend,
                                    tp_group=tp_group, vocab_start=vocab_start, **teacher),)
 
-        _run_pair(f"linear_kl {direction} {form} T={temperature} masked={masked}", op, rank, world, 20 + i, True, 1,
+        _run_pair(f"linear_kl {backend} {direction} {form} T={temperature} masked={masked}", op, rank, world, 20 + i, True, 1,
                   explicit_start=(i % 2 == 1))
 
 
@@ -194,6 +205,8 @@ def _check_errors(rank, world):
     bad[3] = V + 5  # beyond every shard: every rank sees found == 0 and raises
     with pytest.raises(ValueError, match="union of the ranks' vocabulary shards"):
         erpd.linear_logprobs(hidden, w, bad, backend="cpu", tp_group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="check vocab_start"):  # every rank claims to start at 0
+        erpd.linear_logprobs(hidden, w, targets, backend="cpu", tp_group=dist.group.WORLD, vocab_start=0)
     with pytest.raises(ValueError, match="teacher_topk"):
         ids = torch.arange(4).expand(N, 4)
         erpd.linear_kl(hidden, w, teacher_topk=(torch.full((N, 4), -2.0), ids), backend="cpu",
