@@ -23,7 +23,10 @@ logits is then exactly the full gradient restricted to the shard, so dweight and
 shard stay local and dhidden is the SUM all-reduce of the ranks' partial products (N·H elements
 in hidden's dtype). For a row whose target lies on another rank, the log-prob kernels are given
 local id 0 as an anchor (they need some id in range) and the delta term they add at that column,
-g_lp (delta_{k,y} - p_k), is taken back out here with an O(N·H) rank-one correction.
+g_lp (delta_{k,y} - p_k), is taken back out here with an O(N·H) rank-one correction. (That
+subtraction leaves column 0's gradient with an absolute fp32 error of order eps·|g_lp|·|h|, the
+size of the error on the columns that do hold targets; dhidden is summed in hidden's dtype, so in
+bf16 the ranks' partial products are each rounded once before the sum.)
 
 linear_kl: the fused KL kernels return the shard-normalized divergence D_r with lse^S_r, lse^T_r.
 With log a_r = lse^T_r - lse^T and log b_r = lse^S_r - lse^S (the shard's mass under teacher and
