@@ -4,7 +4,9 @@ Each rank of ``tp_group`` holds one contiguous shard ``weight[v0 : v0 + V_r, H]`
 (``bias[v0 : v0 + V_r]`` with it; shards may be uneven) and the *same* hidden states and targets.
 Each rank runs the single-device fused kernels on its shard, which gives per-row statistics
 normalized over the shard only; these are combined into the full-vocabulary values with
-all-reduces of O(N) float32 tensors. No rank ever holds more than a chunk of its own shard's logits.
+all-reduces of O(N) float32 tensors (float64 for float64 inputs). No rank ever holds more than a
+chunk of its own shard's logits. Every backend works: cpu, cuda and triton through their own
+kernels, torch through the PyTorch shard kernels below (same interface, chunked over rows).
 
 Math (per row, shard r with logits z_k, k in r, and its fused-kernel outputs
 lse_r = log sum_{k in r} e^{z_k} and H_r = the entropy of softmax over the shard):
@@ -58,7 +60,7 @@ import torch.distributed as dist
 from erpd import backends
 from erpd.ops import _validate
 
-_CHUNK_BYTES = 32 << 20  # fp32 logits of one row chunk in the JSD pass (student, teacher and temporaries)
+_CHUNK_BYTES = 32 << 20  # logits of one row chunk in the PyTorch passes (student, teacher and temporaries)
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
@@ -77,12 +79,144 @@ def shard_start(weight: torch.Tensor, group, vocab_start: int | None) -> int:
     return int(sum(int(s.item()) for s in sizes[:rank]))
 
 
-def _fused(backend: str, device: torch.device, op: str) -> str:
-    name = backends.resolve(backend, device, op)
-    if name == "torch":
-        raise backends.BackendUnavailableError(
-            f"tp_group needs a fused backend (cpu, cuda or triton); backend={backend!r} resolved to 'torch' on {device}"
-        )
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _rows_per_chunk(n: int, v: int, buffers: int) -> int:
+    return max(1, min(n, _CHUNK_BYTES // max(1, buffers * 8 * v)))
+
+
+# The `torch` backend's shard kernels: the fused backends' (fwd, bwd) interface in plain PyTorch,
+# chunked over rows (only [rows, V_r] logits at a time), in float64 for float64 inputs.
+
+
+def _torch_logprobs_fwd(hidden, weight, bias, targets, inv_t, ignore_index):
+    acc = _acc(hidden)
+    n = hidden.shape[0]
+    w, b = weight.to(acc), (None if bias is None else bias.to(acc))
+    logp, ent, lse = (torch.zeros(n, dtype=acc, device=hidden.device) for _ in range(3))
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    rows = _rows_per_chunk(n, weight.shape[0], 3)
+    for r0 in range(0, n, rows):
+        sl = slice(r0, r0 + rows)
+        z = torch.nn.functional.linear(hidden[sl].to(acc), w, b) * inv_t
+        l = torch.logsumexp(z, 1)
+        logq = z - l[:, None]
+        lse[sl] = l
+        logp[sl] = logq.gather(1, safe[sl, None]).squeeze(1)
+        ent[sl] = -(logq.exp() * logq).sum(1)
+    zero = logp.new_zeros(())
+    return torch.where(valid, logp, zero), torch.where(valid, ent, zero), torch.where(valid, lse, zero)
+
+
+def _torch_logprobs_bwd(hidden, weight, bias, targets, lse, ent, g_lp, g_ent, inv_t, ignore_index, need_h, need_w):
+    acc = _acc(hidden)
+    n, v = hidden.shape[0], weight.shape[0]
+    w, b = weight.to(acc), (None if bias is None else bias.to(acc))
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    gh = torch.zeros(n, hidden.shape[1], dtype=acc, device=hidden.device) if need_h else None
+    gw = torch.zeros(v, weight.shape[1], dtype=acc, device=hidden.device) if need_w else None
+    gb = torch.zeros(v, dtype=acc, device=hidden.device) if bias is not None else None
+    g = torch.where(valid, g_lp.to(acc), 0.0) * inv_t
+    g_h = None if g_ent is None else torch.where(valid, g_ent.to(acc), 0.0) * inv_t
+    rows = _rows_per_chunk(n, v, 3)
+    for r0 in range(0, n, rows):
+        sl = slice(r0, r0 + rows)
+        h = hidden[sl].to(acc)
+        logq = torch.nn.functional.linear(h, w, b) * inv_t - lse[sl, None]
+        p = logq.exp()
+        dz = -p * g[sl, None]
+        if g_h is not None:
+            dz -= g_h[sl, None] * p * (logq + ent[sl, None])
+        dz.scatter_add_(1, safe[sl, None], g[sl, None])
+        if need_h:
+            gh[sl] = dz @ w
+        if need_w:
+            gw.addmm_(dz.T, h)
+        if gb is not None:
+            gb += dz.sum(0)
+    empty = hidden.new_empty(0)
+    return (gh.to(hidden.dtype) if need_h else empty), (gw.to(weight.dtype) if need_w else empty), (empty if gb is None else gb)
+
+
+def _torch_teacher(th, tw, tb, tl, sl, acc, inv_t):
+    if tl is not None:
+        return tl[sl].to(acc) * inv_t
+    return torch.nn.functional.linear(th[sl].to(acc), tw.to(acc), None if tb is None else tb.to(acc)) * inv_t
+
+
+def _torch_kl_fwd(hidden, weight, bias, th, tw, tb, tl, targets, inv_t, ignore_index, mode, beta):
+    """Shard-normalized (kl, lse_s, lse_t, aux) for mode 0 (forward) and 1 (reverse)."""
+    assert mode in (0, 1)
+    acc = _acc(hidden)
+    n = hidden.shape[0]
+    w, b = weight.to(acc), (None if bias is None else bias.to(acc))
+    kl, ls, lt = (torch.zeros(n, dtype=acc, device=hidden.device) for _ in range(3))
+    rows = _rows_per_chunk(n, weight.shape[0], 4)
+    for r0 in range(0, n, rows):
+        sl = slice(r0, r0 + rows)
+        zs = torch.nn.functional.linear(hidden[sl].to(acc), w, b) * inv_t
+        zt = _torch_teacher(th, tw, tb, tl, sl, acc, inv_t)
+        ls[sl], lt[sl] = torch.logsumexp(zs, 1), torch.logsumexp(zt, 1)
+        a, bt = zs - ls[sl, None], zt - lt[sl, None]
+        kl[sl] = (bt.exp() * (bt - a)).sum(1) if mode == 0 else (a.exp() * (a - bt)).sum(1)
+    valid = targets != ignore_index
+    kl = torch.where(valid, kl, 0.0)
+    return kl, ls, lt, kl
+
+
+def _torch_kl_bwd(hidden, weight, bias, th, tw, tb, tl, targets, lse_s, lse_t, aux, g_kl, inv_t, ignore_index, mode,
+                  beta, need_h, need_w):
+    acc = _acc(hidden)
+    n, v = hidden.shape[0], weight.shape[0]
+    w, b = weight.to(acc), (None if bias is None else bias.to(acc))
+    g = torch.where(targets != ignore_index, g_kl.to(acc), 0.0) * inv_t
+    gh = torch.zeros(n, hidden.shape[1], dtype=acc, device=hidden.device) if need_h else None
+    gw = torch.zeros(v, weight.shape[1], dtype=acc, device=hidden.device) if need_w else None
+    gb = torch.zeros(v, dtype=acc, device=hidden.device) if bias is not None else None
+    rows = _rows_per_chunk(n, v, 5)
+    for r0 in range(0, n, rows):
+        sl = slice(r0, r0 + rows)
+        h = hidden[sl].to(acc)
+        a = torch.nn.functional.linear(h, w, b) * inv_t - lse_s[sl, None]
+        bt = _torch_teacher(th, tw, tb, tl, sl, acc, inv_t) - lse_t[sl, None]
+        ps = a.exp()
+        if mode == 0:
+            dz = ps - bt.exp()
+        elif mode == 1:
+            dz = ps * (a - bt - aux[sl, None])
+        else:
+            log_m = torch.logaddexp(a + math.log1p(-beta), bt + math.log(beta))
+            dz = (1.0 - beta) * ps * (a - log_m - aux[sl, None])
+        dz = dz * g[sl, None]
+        if need_h:
+            gh[sl] = dz @ w
+        if need_w:
+            gw.addmm_(dz.T, h)
+        if gb is not None:
+            gb += dz.sum(0)
+    empty = hidden.new_empty(0)
+    return (gh.to(hidden.dtype) if need_h else empty), (gw.to(weight.dtype) if need_w else empty), (empty if gb is None else gb)
+
+
+def _kernels(backend: str, op: str):
+    """(fwd, bwd) of the shard kernels of `op` for a resolved backend."""
+    if backend == "torch":
+        return (_torch_logprobs_fwd, _torch_logprobs_bwd) if op == "linear_logprobs" else (_torch_kl_fwd, _torch_kl_bwd)
+    if op == "linear_logprobs":
+        from erpd.ops.linear_logprobs import _impl
+    else:
+        from erpd.ops.linear_kl import _impl
+    return _impl(backend)
+
+
+def _resolve(backend: str, hidden: torch.Tensor, op: str) -> str:
+    name = backends.resolve(backend, hidden.device, op)
+    if hidden.dtype == torch.float64 and name != "torch":
+        raise TypeError(f"backend={name!r} supports fp32/bf16/fp16 inputs; float64 runs only on backend='torch'")
     return name
 
 
@@ -106,9 +240,7 @@ def _check_cover(found: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, v0, inv_t, ignore_index, backend, group, check_values):
-        from erpd.ops.linear_logprobs import _impl
-
-        fwd, _ = _impl(backend)
+        fwd, _ = _kernels(backend, "linear_logprobs")
         n, v_r = targets.shape[0], weight.shape[0]
         valid = targets != ignore_index
         local = targets - v0
@@ -117,13 +249,13 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         # ignored rows keep ignore_index, so the kernels give them zeros and zero gradient.
         kt = torch.where(mine, local, torch.where(valid, torch.zeros_like(local), torch.full_like(local, ignore_index)))
         logp_r, ent_r, lse_r = fwd(hidden, weight, bias, kt, inv_t, ignore_index)
-        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        zero = lse_r.new_zeros(())
         lse_r = torch.where(valid, lse_r, zero)
         ent_r = torch.where(valid, ent_r, zero)
 
         m = _all_reduce(lse_r.clone(), dist.ReduceOp.MAX, group)
         s = torch.exp(lse_r - m)
-        stats = torch.stack([s, s * ent_r, s * (lse_r - m), torch.where(mine, logp_r + lse_r, zero), mine.float()])
+        stats = torch.stack([s, s * ent_r, s * (lse_r - m), torch.where(mine, logp_r + lse_r, zero), mine.to(zero.dtype)])
         s_sum, s_ent, s_log, z_y, found = _all_reduce(stats, dist.ReduceOp.SUM, group).unbind()
         if check_values:
             _check_cover(found, valid, targets)
@@ -140,8 +272,6 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        from erpd.ops.linear_logprobs import _impl
-
         hidden, weight, bias, kt, lse, entropy, anchored = ctx.saved_tensors
         inv_t, ignore_index, backend, group = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -150,23 +280,24 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             return (None,) * 10
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
-        g_lp = grad_logp.float().contiguous()
-        _, bwd = _impl(backend)
+        acc = lse.dtype
+        g_lp = grad_logp.to(acc).contiguous()
+        _, bwd = _kernels(backend, "linear_logprobs")
         gh, gw, gb = bwd(
             hidden, weight, bias, kt, lse, entropy, g_lp,
-            None if grad_entropy is None else grad_entropy.float().contiguous(),
+            None if grad_entropy is None else grad_entropy.to(acc).contiguous(),
             inv_t, ignore_index, need_h, need_w,
         )
         # Undo the anchor's delta: dz_0 -= g_lp on rows whose target is elsewhere (times t, as the
         # kernels fold the temperature into dz).
-        c = torch.where(anchored, g_lp, torch.zeros((), dtype=torch.float32, device=g_lp.device)) * inv_t
+        c = torch.where(anchored, g_lp, g_lp.new_zeros(())) * inv_t
         if need_h:
-            gh.sub_((c.unsqueeze(1) * weight[0].float()).to(gh.dtype))
+            gh.sub_((c.unsqueeze(1) * weight[0].to(acc)).to(gh.dtype))
             _all_reduce(gh, dist.ReduceOp.SUM, group)
         if need_w:
-            gw[0].sub_((c @ hidden.float()).to(gw.dtype))
+            gw[0].sub_((c @ hidden.to(acc)).to(gw.dtype))
         if need_b and bias is not None:
-            gb = gb.float()
+            gb = gb.to(acc)
             gb[0] -= c.sum()
             gb = gb.to(bias.dtype)
         else:
@@ -180,14 +311,12 @@ def linear_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index,
     range only the ranks together can check (`_check_cover`)."""
     vocab_start = _validate.vocab_shard(tp_group, weight, vocab_start)
     targets = _validate.targets(targets, hidden, 0, ignore_index, False)
-    name = _fused(backend, hidden.device, "linear_logprobs")
-    if hidden.dtype == torch.float64:
-        raise TypeError("tp_group supports fp32/bf16/fp16 inputs (the fused backends)")
+    name = _resolve(backend, hidden, "linear_logprobs")
     v0 = shard_start(weight, tp_group, vocab_start)
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     if h2.shape[0] == 0:
-        empty = (h2.sum(-1) + weight.sum() * 0).float()
+        empty = (h2.sum(-1) + weight.sum() * 0).to(_acc(hidden))
         return empty.reshape(lead), (empty.reshape(lead) if with_entropy else None)
     logp, entropy = _VocabParallelLogprobs.apply(
         h2, weight.contiguous(), None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(),
@@ -204,18 +333,16 @@ def linear_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index,
 def _jsd_partials(hidden, weight, bias, th, tw, tb, tl, lse_s, lse_t, inv_t, beta):
     """This shard's part of the JSD and of KL(S||M) with the global normalizers, [2, N] f32,
     chunked over rows so that only [rows, V_r] fp32 logits exist at a time."""
-    n, v_r = hidden.shape[0], weight.shape[0]
-    rows = max(1, min(n, _CHUNK_BYTES // max(1, 6 * 4 * v_r)))
-    f32 = lambda x: None if x is None else x.float()  # noqa: E731
-    w, b = f32(weight), f32(bias)
-    t_w, t_b = f32(tw), f32(tb)
+    n = hidden.shape[0]
+    acc = lse_s.dtype
+    rows = _rows_per_chunk(n, weight.shape[0], 6)
+    w, b = weight.to(acc), (None if bias is None else bias.to(acc))
     log_1mb, log_b = math.log1p(-beta), math.log(beta)
-    out = torch.empty(2, n, dtype=torch.float32, device=hidden.device)
+    out = torch.empty(2, n, dtype=acc, device=hidden.device)
     for r0 in range(0, n, rows):
         sl = slice(r0, r0 + rows)
-        a = torch.nn.functional.linear(hidden[sl].float(), w, b) * inv_t - lse_s[sl, None]
-        zt = tl[sl].float() if tl is not None else torch.nn.functional.linear(th[sl].float(), t_w, t_b)
-        bt = zt * inv_t - lse_t[sl, None]
+        a = torch.nn.functional.linear(hidden[sl].to(acc), w, b) * inv_t - lse_s[sl, None]
+        bt = _torch_teacher(th, tw, tb, tl, sl, acc, inv_t) - lse_t[sl, None]
         log_m = torch.logaddexp(a + log_1mb, bt + log_b)
         kl_sm = (a.exp() * (a - log_m)).sum(1)
         kl_tm = (bt.exp() * (bt - log_m)).sum(1)
@@ -227,13 +354,11 @@ def _jsd_partials(hidden, weight, bias, th, tw, tb, tl, lse_s, lse_t, inv_t, bet
 class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, th, tw, tb, tl, mask, inv_t, mode, beta, backend, group):
-        from erpd.ops.linear_kl import _impl
-
-        fwd, _ = _impl(backend)
+        fwd, _ = _kernels(backend, "linear_kl")
         # The shard pass: the jsd asks it for the normalizers only (mode 0 is the cheapest).
         d_r, ls_r, lt_r, _ = fwd(hidden, weight, bias, th, tw, tb, tl, mask, inv_t, -1, mode if mode < 2 else 0, beta)
         valid = mask != -1
-        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        zero = ls_r.new_zeros(())
         loc = torch.where(valid, torch.stack([ls_r, lt_r]), zero)
         m = _all_reduce(loc.clone(), dist.ReduceOp.MAX, group)
         lse = m + torch.log(_all_reduce(torch.exp(loc - m), dist.ReduceOp.SUM, group))
@@ -258,15 +383,13 @@ class _VocabParallelKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kl):
-        from erpd.ops.linear_kl import _impl
-
         hidden, weight, bias, th, tw, tb, tl, mask, lse_s, lse_t, aux = ctx.saved_tensors
         inv_t, mode, beta, backend, group = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        _, bwd = _impl(backend)
+        _, bwd = _kernels(backend, "linear_kl")
         gh, gw, gb = bwd(
             hidden, weight, bias, th, tw, tb, tl, mask, lse_s, lse_t, aux,
-            grad_kl.float().contiguous(), inv_t, -1, mode, beta, need_h, need_w,
+            grad_kl.to(lse_s.dtype).contiguous(), inv_t, -1, mode, beta, need_h, need_w,
         )
         if need_h:
             _all_reduce(gh, dist.ReduceOp.SUM, group)
@@ -286,14 +409,12 @@ def linear_kl(hidden, weight, bias, targets, form, teacher, *, mode, beta, tempe
             "tp_group supports a fused teacher (teacher_weight sharded like weight) or teacher_logits sliced to the "
             "shard; teacher_topk's ids span the whole vocabulary and are not supported with tp_group"
         )
-    name = _fused(backend, hidden.device, "linear_kl")
-    if hidden.dtype == torch.float64:
-        raise TypeError("tp_group supports fp32/bf16/fp16 inputs (the fused backends)")
+    name = _resolve(backend, hidden, "linear_kl")
     lead = hidden.shape[:-1]
     flat = lambda x, d: None if x is None else x.reshape(-1, d).contiguous()  # noqa: E731
     h2 = flat(hidden, hidden.shape[-1])
     if h2.shape[0] == 0:
-        return (h2.sum(-1) + weight.sum() * 0).float().reshape(lead)
+        return (h2.sum(-1) + weight.sum() * 0).to(_acc(hidden)).reshape(lead)
     # targets only mask rows here: 0 = counts, -1 = ignored (the kernels never index with them).
     mask = torch.zeros(h2.shape[0], dtype=torch.long, device=hidden.device)
     if targets is not None:

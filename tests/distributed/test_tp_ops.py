@@ -20,13 +20,14 @@ N, H, H_T, V = 12, 16, 8, 101
 SHARDS = {2: [40, 61], 3: [50, 17, 34]}  # uneven on purpose; 17 < the 3-rank mean
 IGNORE = -100
 TOL = dict(rtol=1e-4, atol=2e-5)
+F64_TOL = dict(rtol=1e-9, atol=1e-10)  # the torch backend in float64
 
 
-def _inputs(seed, bias=True):
+def _inputs(seed, bias=True, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, H, generator=g)
-    weight = torch.randn(V, H, generator=g) * 0.6  # logits of std ~2.4: peaked, far from uniform
-    b = torch.randn(V, generator=g) if bias else None
+    hidden = torch.randn(N, H, generator=g, dtype=dtype)
+    weight = torch.randn(V, H, generator=g, dtype=dtype) * 0.6  # logits of std ~2.4: peaked, far from uniform
+    b = torch.randn(V, generator=g, dtype=dtype) if bias else None
     targets = torch.randint(0, V, (N,), generator=g)
     targets[[0, 1, 2]] = torch.tensor([0, V - 1, 40])  # shard edges
     targets[[5, 9]] = IGNORE
@@ -51,8 +52,9 @@ def _grads(out, upstream, leaves):
 
 
 def _compare(label, full_vals, tp_vals, full_grads, tp_grads, rank, world):
+    tol = F64_TOL if full_vals[0].dtype == torch.float64 else TOL
     for i, (a, b) in enumerate(zip(full_vals, tp_vals)):
-        torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"{label}: value {i}, rank {rank}/{world}: {m}")
+        torch.testing.assert_close(b, a, **tol, msg=lambda m: f"{label}: value {i}, rank {rank}/{world}: {m}")
     names = ("hidden", "weight", "bias")
     for name, a, b in zip(names, full_grads, tp_grads):
         if a is None:
@@ -63,7 +65,7 @@ def _compare(label, full_vals, tp_vals, full_grads, tp_grads, rank, world):
         # Normwise: the shard kernels' fp32 GEMMs err by ~eps * |largest gradient entry| anywhere
         # (the anchor correction subtracts g_lp·t·h from a row of near-zero gradient).
         scale = float(a.abs().max())
-        torch.testing.assert_close(b, a, rtol=TOL["rtol"], atol=TOL["atol"] * max(1.0, scale), msg=lambda m: f"{label}: grad {name}, rank {rank}/{world} (max|grad| {scale:.3g}): {m}")
+        torch.testing.assert_close(b, a, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale), msg=lambda m: f"{label}: grad {name}, rank {rank}/{world} (max|grad| {scale:.3g}): {m}")
 
 
 class _Collectives:
@@ -87,9 +89,9 @@ class _Collectives:
         _tp._all_reduce = self._orig
 
 
-def _run_pair(label, op, rank, world, seed, bias, n_out, explicit_start):
+def _run_pair(label, op, rank, world, seed, bias, n_out, explicit_start, dtype=torch.float32):
     """op(hidden, weight, bias, **tp) -> tuple of outputs; compares sharded with unsharded."""
-    hidden, weight, b, _ = _inputs(seed, bias)
+    hidden, weight, b, _ = _inputs(seed, bias, dtype)
     g = torch.Generator().manual_seed(seed + 1)
     upstream = [torch.randn(N, generator=g, dtype=torch.float64) for _ in range(n_out)]
 
@@ -107,8 +109,9 @@ def _run_pair(label, op, rank, world, seed, bias, n_out, explicit_start):
     # Bytes: forward all-reduces are fp32 [k, N] with k <= 5 (24 B/token for log-probs, 20 or 24
     # for the KL); the backward all-reduces dhidden once.
     budget = 24 if label.startswith("linear_logprobs") else (24 if " jsd " in label else 20)
-    assert sum(fwd.sizes) == budget * N, (label, fwd.sizes)
-    assert bwd.sizes == [N * H * 4], (label, bwd.sizes)
+    width = 2 if dtype == torch.float64 else 1  # float64 inputs reduce float64 statistics
+    assert sum(fwd.sizes) == budget * N * width, (label, fwd.sizes)
+    assert bwd.sizes == [N * H * hidden.element_size()], (label, bwd.sizes)
     _compare(label, [o.detach() for o in full], [o.detach() for o in out], full_grads, tp_grads, rank, world)
 
 
@@ -119,7 +122,7 @@ def _triton_too(world):
 
 def _check_logprobs(rank, world):
     _, _, _, targets = _inputs(0)
-    cases = [(True, 1.0, True, "cpu"), (False, 0.7, True, "cpu"), (True, 1.3, False, "cpu")]
+    cases = [(True, 1.0, True, "cpu"), (False, 0.7, True, "cpu"), (True, 1.3, False, "cpu"), (True, 0.7, True, "torch")]
     if _triton_too(world):
         cases.append((True, 0.7, True, "triton"))
     for i, (bias, temperature, with_entropy, backend) in enumerate(cases):
@@ -129,7 +132,8 @@ def _check_logprobs(rank, world):
             return (lp, ent) if with_entropy else (lp,)
 
         _run_pair(f"linear_logprobs {backend} bias={bias} T={temperature} ent={with_entropy}", op, rank, world, 10 + i, bias,
-                  2 if with_entropy else 1, explicit_start=(i % 2 == 0))
+                  2 if with_entropy else 1, explicit_start=(i % 2 == 0),
+                  dtype=torch.float64 if backend == "torch" else torch.float32)
 
 
 def _check_kl(rank, world):
@@ -141,21 +145,26 @@ def _check_kl(rank, world):
     t_logits = torch.randn(N, V, generator=g) * 2.0
     cases = [("forward", "fused", 1.0, True, "cpu"), ("reverse", "fused", 0.8, False, "cpu"),
              ("jsd", "fused", 1.0, True, "cpu"), ("forward", "dense", 1.0, True, "cpu"),
-             ("reverse", "dense", 1.0, True, "cpu"), ("jsd", "dense", 0.8, False, "cpu")]
+             ("reverse", "dense", 1.0, True, "cpu"), ("jsd", "dense", 0.8, False, "cpu"),
+             ("forward", "fused", 0.8, True, "torch"), ("reverse", "dense", 1.0, False, "torch"),
+             ("jsd", "fused", 1.0, True, "torch")]
     if _triton_too(world):
         cases.append(("jsd", "fused", 0.8, True, "triton"))
     for i, (direction, form, temperature, masked, backend) in enumerate(cases):
+        dtype = torch.float64 if backend == "torch" else torch.float32
+
         def op(h, w, b, tp_group=None, vocab_start=None):
             sharded = tp_group is not None
             cut = (lambda x: _shard(x, rank, world)) if sharded else (lambda x: x)
-            teacher = (dict(teacher_hidden=t_hidden, teacher_weight=cut(t_weight), teacher_bias=cut(t_bias))
+            teacher = (dict(teacher_hidden=t_hidden.to(dtype), teacher_weight=cut(t_weight).to(dtype),
+                            teacher_bias=cut(t_bias).to(dtype))
                        if form == "fused" else dict(teacher_logits=cut(t_logits.T).T))
             return (erpd.linear_kl(h, w, targets if masked else None, bias=b, direction=direction, beta=0.3,
                                    temperature=temperature, ignore_index=IGNORE, backend=backend,
                                    tp_group=tp_group, vocab_start=vocab_start, **teacher),)
 
         _run_pair(f"linear_kl {backend} {direction} {form} T={temperature} masked={masked}", op, rank, world, 20 + i, True, 1,
-                  explicit_start=(i % 2 == 1))
+                  explicit_start=(i % 2 == 1), dtype=dtype)
 
 
 def _check_policy(rank, world):
@@ -173,20 +182,23 @@ def _check_policy(rank, world):
         dict(method="cispo", agg="seq-mean-token-sum", entropy_coef=0.05, old=False),
         dict(method="sapo", agg="seq-mean-token-sum-norm", old=True),
         dict(method="reinforce", agg="token-mean", reinforce_cap=2.0, old=False),
+        dict(method="gspo", agg="seq-mean-token-sum", entropy_coef=0.02, old=True, backend="torch"),
     ]
     for i, case in enumerate(cases):
         case = dict(case)
         use_old = case.pop("old")
+        backend = case.pop("backend", "cpu")
+        dtype = torch.float64 if backend == "torch" else torch.float32
 
         def op(h, w, b, **tp):
             hidden = h.view(B, T, H)
             # A fixed, nearby old policy: ratios spread around 1, some clipped.
-            old = (torch.randn(B, T, generator=torch.Generator().manual_seed(9)) * 0.3 - 4.0) if use_old else None
-            loss, metrics = erpd.linear_policy_loss(hidden, w, targets, old, adv, mask, bias=b, temperature=0.9,
-                                                    ignore_index=IGNORE, backend="cpu", **case, **tp)
+            old = (torch.randn(B, T, generator=torch.Generator().manual_seed(9), dtype=dtype) * 0.3 - 4.0) if use_old else None
+            loss, metrics = erpd.linear_policy_loss(hidden, w, targets, old, adv.to(dtype), mask, bias=b, temperature=0.9,
+                                                    ignore_index=IGNORE, backend=backend, **case, **tp)
             return (loss, *[metrics[k] for k in sorted(metrics)])
 
-        hidden, weight, b, _ = _inputs(30 + i)
+        hidden, weight, b, _ = _inputs(30 + i, dtype=dtype)
         leaves = [_leaf(hidden), _leaf(weight), _leaf(b)]
         full = op(*leaves)
         full[0].backward()
