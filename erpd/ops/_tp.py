@@ -38,7 +38,8 @@ student), the forward KL and the reverse KL combine exactly:
 
 (one MAX all-reduce of [2, N], one SUM of [2, N], one SUM of [N]). The JSD's mixture does not
 factor over shards, so for it a second pass over the shard (PyTorch, chunked over rows) evaluates
-the divergence and KL(S||M) with the global normalizers (a SUM all-reduce of [2, N]).
+the divergence and KL(S||M) with the global normalizers (a SUM all-reduce of [2, N]); it casts a
+bf16/fp16 shard (and a fused teacher's) to fp32 once for its GEMMs, V_r·H·4 bytes more memory.
 
 linear_policy_loss: the vocab-parallel log-probs and entropy (identical on every rank after the
 all-reduces) go through `erpd.policy_loss`; its gradient flows back into the vocab-parallel
@@ -421,7 +422,8 @@ def linear_kl(hidden, weight, bias, targets, form, teacher, *, mode, beta, tempe
         mask = torch.where(targets.reshape(-1) == ignore_index, -1, mask)
     if form == "fused":
         th, tw, tb = teacher
-        th, tw, tb, tl = flat(th.detach(), th.shape[-1]), tw.detach().contiguous(), (None if tb is None else tb.detach().contiguous()), None
+        th, tw, tl = flat(th.detach(), th.shape[-1]), tw.detach().contiguous(), None
+        tb = None if tb is None else tb.detach().contiguous()
     else:
         th = tw = tb = None
         tl = flat(teacher[0].detach(), weight.shape[0])

@@ -65,7 +65,10 @@ def _compare(label, full_vals, tp_vals, full_grads, tp_grads, rank, world):
         # Normwise: the shard kernels' fp32 GEMMs err by ~eps * |largest gradient entry| anywhere
         # (the anchor correction subtracts g_lp·t·h from a row of near-zero gradient).
         scale = float(a.abs().max())
-        torch.testing.assert_close(b, a, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale), msg=lambda m: f"{label}: grad {name}, rank {rank}/{world} (max|grad| {scale:.3g}): {m}")
+        torch.testing.assert_close(
+            b, a, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale),
+            msg=lambda m: f"{label}: grad {name}, rank {rank}/{world} (max|grad| {scale:.3g}): {m}",
+        )
 
 
 class _Collectives:
