@@ -2,7 +2,8 @@
 
 Shape, rank, dtype and device checks always run (they are free). Checks that read tensor values
 (targets in range) run eagerly on CPU tensors; on CUDA they would force a host sync, so there
-they run only when ``ERPD_CHECK_INPUTS=1`` or ``validate=True`` asks for them.
+they run only when ``ERPD_CHECK_INPUTS=1`` or ``validate=True`` asks for them. Under
+``torch.compile`` they never run (`want_value_checks`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def want_value_checks(device: torch.device, validate: bool | None) -> bool:
+    """Whether to run the checks that read tensor values (see the module docstring).
+
+    Never while torch.compile traces (even with validate=True): each check reads a tensor value
+    on the host, which in a graph is a data-dependent branch, i.e. a graph break (an error under
+    fullgraph=True) and, on CUDA, a sync. A compiled caller that wants them runs the op once
+    eagerly with validate=True, or checks its inputs outside the compiled region.
+    """
+    if torch.compiler.is_compiling():
+        return False
     if validate is not None:
         return bool(validate)
     if device.type == "cpu":
@@ -266,7 +276,10 @@ class PolicyOptions:
 def policy_options(**options) -> "PolicyOptions":
     """Checks the options of policy_loss / linear_policy_loss (see _policy_options); the result
     is cached per option tuple, since a trainer calls with the same options every step and the
-    checks would otherwise be a visible part of a small call's cost."""
+    checks would otherwise be a visible part of a small call's cost. (Not under torch.compile,
+    which traces the checks once and would only warn that it ignores the cache.)"""
+    if torch.compiler.is_compiling():
+        return _policy_options(**options)
     try:
         return _policy_options_cached(**options)
     except TypeError as exc:
