@@ -76,6 +76,10 @@ def linear_head(hidden, weight, bias, prefix: str = "") -> tuple[torch.Tensor, t
         )
     if weight.shape[0] == 0:
         raise ValueError(f"{w_name} has an empty vocabulary (shape {tuple(weight.shape)})")
+    if weight.shape[1] == 0:
+        # Every logit would be the bias alone: surely a slicing mistake, and the kernels' [N, H] views
+        # of a zero-size tensor are ambiguous.
+        raise ValueError(f"{h_name} and {w_name} have hidden size 0 (shapes {tuple(hidden.shape)}, {tuple(weight.shape)})")
     if weight.device != hidden.device:
         raise ValueError(f"{w_name} is on {weight.device} but {h_name} is on {hidden.device}")
     if bias is not None:
@@ -389,6 +393,10 @@ def policy_tensors(
             where = valid.any(1) if t.dim() == 1 else valid
             if bool((torch.isnan(t) & where).any()):
                 raise ValueError(f"{name} has NaN at {int((torch.isnan(t) & where).sum())} valid (mask=1) position(s)")
+            # ±inf log-probs are defined (the log-ratio is clamped to ±20); an infinite advantage
+            # or weight would make the loss infinite and its gradient NaN.
+            if name in ("advantages", "is_weights") and bool((torch.isinf(t) & where).any()):
+                raise ValueError(f"{name} has inf at {int((torch.isinf(t) & where).sum())} valid (mask=1) position(s)")
         if is_weights is not None and bool(((is_weights < 0) & valid).any()):
             raise ValueError("is_weights must be >= 0 at valid (mask=1) positions")
     return old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights
