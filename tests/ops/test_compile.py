@@ -15,7 +15,7 @@ Runtime: compiling costs several seconds per graph on this 2-core CPU (10-30 s w
 which generates and builds C++), so the tests are few and tiny and use the ``aot_eager``
 backend, which runs dynamo, the fake-tensor tracing and AOTAutograd (everything a registration
 error would break) but not Inductor's code generation; one test runs Inductor end to end. The
-whole file takes about 1.5-2 minutes here.
+whole file takes about 1.5-2 minutes here. `test_no_host_sync_on_cuda` needs a GPU.
 """
 
 import pytest
@@ -273,3 +273,39 @@ def test_inductor_end_to_end():
     compiled = _run(torch.compile(f, fullgraph=True), x, upstream)
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# host syncs
+# --------------------------------------------------------------------------------------------
+# On CPU, "no host sync" holds by construction where it matters: any host read of a tensor
+# value in an op (.item(), bool(tensor)) is a data-dependent branch, which fails the
+# fullgraph=True compiles above. On CUDA the dispatcher can also say so directly:
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_no_host_sync_on_cuda(backend):
+    """Forward and backward of every op with validate=False (the CUDA default) under
+    torch.cuda.set_sync_debug_mode("error"). (Written without a GPU at hand: not yet run.)"""
+    dev = "cuda"
+    if backend not in erpd.available(dev, op="linear_policy_loss"):
+        pytest.skip(f"backend {backend!r} not available on CUDA here")
+    x = make_linear_inputs(SHAPE.n, SHAPE.h, SHAPE.v, bias=True, seed=9, ignore_frac=0.25, device=dev)
+    teacher = make_kl_teacher(x, "fused", h=24, seed=2)
+    _, old, adv, mask = (t.to(dev) for t in _policy_batch(9))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lp, ent = erpd.linear_logprobs(x.hidden, x.weight, x.targets, bias=x.bias, with_entropy=True,
+                                       backend=backend, validate=False)
+        kl = erpd.linear_kl(x.hidden, x.weight, x.targets, bias=x.bias, backend=backend, validate=False, **teacher)
+        pl, _ = erpd.policy_loss(lp.view(B, T), old, adv, mask, entropy=ent.view(B, T), entropy_coef=0.01,
+                                 backend=backend, validate=False)
+        lpl, _ = erpd.linear_policy_loss(x.hidden.view(B, T, -1), x.weight, x.targets.view(B, T), old, adv, mask,
+                                         bias=x.bias, backend=backend, validate=False)
+        (lp.sum() + kl.sum() + pl + lpl).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(x.hidden.grad).all()
