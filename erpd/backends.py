@@ -87,6 +87,10 @@ def why_unavailable(backend: str, device: torch.device, op: str | None = None) -
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+# Under torch.compile the answer is a constant of the trace (it depends only on the build, the
+# environment and the device, which the tensors' guards pin): dynamo calls it once instead of
+# tracing the dispatcher queries inside, which it cannot.
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device, op: str) -> str:
     """Turn the user's `backend` argument into a concrete backend name for `op`."""
     if not isinstance(backend, str) or backend not in BACKENDS:

@@ -146,6 +146,9 @@ def linear_kl(
             teacher_hidden.to(acc), teacher_weight.to(acc), None if teacher_bias is None else teacher_bias.to(acc)
         )
     kl = kl_from_logits(logits, teacher_logits, teacher_topk, direction=direction, beta=beta, temperature=temperature)
+    # A divergence is >= 0, but rounding leaves ~-1e-10 where the distributions coincide: clamp the
+    # value as the fused kernels do, keeping the unclamped gradient (theirs too); NaN stays NaN.
+    kl = kl + (kl.clamp_min(0.0) - kl).detach()
     if targets is not None:
         kl = torch.where(targets != ignore_index, kl, kl.new_zeros(()))
     return kl

@@ -145,8 +145,8 @@ def _store_pass1(
     (= aux) in modes 0/1 (0 on ignored rows); in mode 2 also (m, log s) of both sides for the
     second pass."""
     # s == 0 only on padding rows past N (never stored); keep log(0) and 0/0 out of them.
-    s_w = tl.where(s_w > 0, s_w, 1.0)
-    s_o = tl.where(s_o > 0, s_o, 1.0)
+    s_w = tl.where(s_w == 0, 1.0, s_w)  # == 0, not > 0: a NaN sum must stay NaN
+    s_o = tl.where(s_o == 0, 1.0, s_o)  # == 0, not > 0: a NaN sum must stay NaN
     log_sw = tl.log(s_w)
     log_so = tl.log(s_o)
     if MODE == 1:

@@ -108,7 +108,7 @@ def _merge_stats(m, s, u, m_blk, s_blk, u_blk):
 def _finalize(m, s, u, z_tgt, valid):
     """(log p_y, entropy, lse) from merged statistics; ignored rows give 0, 0 and their lse."""
     # s == 0 only on padding rows past N (never stored); keep log(0) and 0/0 out of them.
-    s = tl.where(s > 0, s, 1.0)
+    s = tl.where(s == 0, 1.0, s)  # == 0, not > 0: a NaN sum must stay NaN
     log_s = tl.log(s)
     lse = m + log_s
     logp = tl.where(valid, z_tgt - lse, 0.0)

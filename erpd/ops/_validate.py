@@ -2,7 +2,8 @@
 
 Shape, rank, dtype and device checks always run (they are free). Checks that read tensor values
 (targets in range) run eagerly on CPU tensors; on CUDA they would force a host sync, so there
-they run only when ``ERPD_CHECK_INPUTS=1`` or ``validate=True`` asks for them.
+they run only when ``ERPD_CHECK_INPUTS=1`` or ``validate=True`` asks for them. Under
+``torch.compile`` they never run (`want_value_checks`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def want_value_checks(device: torch.device, validate: bool | None) -> bool:
+    """Whether to run the checks that read tensor values (see the module docstring).
+
+    Never while torch.compile traces (even with validate=True): each check reads a tensor value
+    on the host, which in a graph is a data-dependent branch, i.e. a graph break (an error under
+    fullgraph=True) and, on CUDA, a sync. A compiled caller that wants them runs the op once
+    eagerly with validate=True, or checks its inputs outside the compiled region.
+    """
+    if torch.compiler.is_compiling():
+        return False
     if validate is not None:
         return bool(validate)
     if device.type == "cpu":
@@ -66,6 +76,10 @@ def linear_head(hidden, weight, bias, prefix: str = "") -> tuple[torch.Tensor, t
         )
     if weight.shape[0] == 0:
         raise ValueError(f"{w_name} has an empty vocabulary (shape {tuple(weight.shape)})")
+    if weight.shape[1] == 0:
+        # Every logit would be the bias alone: surely a slicing mistake, and the kernels' [N, H] views
+        # of a zero-size tensor are ambiguous.
+        raise ValueError(f"{h_name} and {w_name} have hidden size 0 (shapes {tuple(hidden.shape)}, {tuple(weight.shape)})")
     if weight.device != hidden.device:
         raise ValueError(f"{w_name} is on {weight.device} but {h_name} is on {hidden.device}")
     if bias is not None:
@@ -266,7 +280,10 @@ class PolicyOptions:
 def policy_options(**options) -> "PolicyOptions":
     """Checks the options of policy_loss / linear_policy_loss (see _policy_options); the result
     is cached per option tuple, since a trainer calls with the same options every step and the
-    checks would otherwise be a visible part of a small call's cost."""
+    checks would otherwise be a visible part of a small call's cost. (Not under torch.compile,
+    which traces the checks once and would only warn that it ignores the cache.)"""
+    if torch.compiler.is_compiling():
+        return _policy_options(**options)
     try:
         return _policy_options_cached(**options)
     except TypeError as exc:
@@ -376,6 +393,10 @@ def policy_tensors(
             where = valid.any(1) if t.dim() == 1 else valid
             if bool((torch.isnan(t) & where).any()):
                 raise ValueError(f"{name} has NaN at {int((torch.isnan(t) & where).sum())} valid (mask=1) position(s)")
+            # ±inf log-probs are defined (the log-ratio is clamped to ±20); an infinite advantage
+            # or weight would make the loss infinite and its gradient NaN.
+            if name in ("advantages", "is_weights") and bool((torch.isinf(t) & where).any()):
+                raise ValueError(f"{name} has inf at {int((torch.isinf(t) & where).sum())} valid (mask=1) position(s)")
         if is_weights is not None and bool(((is_weights < 0) & valid).any()):
             raise ValueError("is_weights must be >= 0 at valid (mask=1) positions")
     return old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights

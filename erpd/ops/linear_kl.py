@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from erpd import backends, reference
-from erpd.ops import _tp, _validate
+from erpd.ops import _library, _tp, _validate
 from erpd.ops.linear_logprobs import _impl as _logprobs_impl
 
 OP = "linear_kl"
@@ -33,14 +33,9 @@ _MODE = {"forward": 0, "reverse": 1, "jsd": 2}
 
 
 def _impl(backend: str):
-    """(fwd, bwd) of a fused backend for the fused and dense teacher forms."""
-    if backend == "triton":
-        from erpd.kernels import linear_kl as k
-
-        return k.linear_kl_fwd, k.linear_kl_bwd
-    if backend in ("cpu", "cuda"):
-        return torch.ops.erpd.linear_kl_fwd, torch.ops.erpd.linear_kl_bwd
-    raise AssertionError(backend)
+    """(fwd, bwd) of a fused backend for the fused and dense teacher forms, as registered torch
+    ops (erpd/ops/_library.py)."""
+    return _library.impl(backend, "linear_kl_fwd"), _library.impl(backend, "linear_kl_bwd")
 
 
 class _KLFunction(torch.autograd.Function):

@@ -22,21 +22,14 @@ from __future__ import annotations
 import torch
 
 from erpd import backends, reference
-from erpd.ops import _tp, _validate
+from erpd.ops import _library, _tp, _validate
 
 OP = "linear_logprobs"
 
 
 def _impl(backend: str):
-    """(fwd, bwd) of a fused backend."""
-    if backend == "triton":
-        from erpd.kernels import linear_logprobs as k
-
-        return k.linear_logprobs_fwd, k.linear_logprobs_bwd
-    if backend in ("cpu", "cuda"):
-        ops = torch.ops.erpd
-        return ops.linear_logprobs_fwd, ops.linear_logprobs_bwd
-    raise AssertionError(backend)
+    """(fwd, bwd) of a fused backend, as registered torch ops (erpd/ops/_library.py)."""
+    return _library.impl(backend, "linear_logprobs_fwd"), _library.impl(backend, "linear_logprobs_bwd")
 
 
 class _LinearLogprobsFunction(torch.autograd.Function):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from erpd import backends, reference
-from erpd.ops import _tp, _validate
+from erpd.ops import _library, _tp, _validate
 from erpd.ops.policy_loss import metrics_from_stats
 
 OP = "linear_policy_loss"
@@ -78,8 +78,8 @@ def _run_compiled(h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n
 
 
 def _run_triton(h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_tensor, args):
-    from erpd.kernels import linear_logprobs as kl
-    from erpd.kernels import policy_loss as kp
+    # The registered Triton ops (erpd/ops/_library.py), so that torch.compile traces through.
+    kl = kp = torch.ops.erpd_triton
 
     B, T = mask.shape
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from erpd import backends, reference
-from erpd.ops import _validate
+from erpd.ops import _library, _validate
 
 OP = "policy_loss"
 
@@ -38,13 +38,8 @@ _KL_REF, _ENTROPY = STAT_NAMES.index("kl_ref"), STAT_NAMES.index("entropy")
 
 
 def _impl(backend: str):
-    if backend == "triton":
-        from erpd.kernels import policy_loss as k
-
-        return k.policy_loss_fwd
-    if backend in ("cpu", "cuda"):
-        return torch.ops.erpd.policy_loss_fwd
-    raise AssertionError(backend)
+    """The fused backend's registered op (erpd/ops/_library.py)."""
+    return _library.impl(backend, "policy_loss_fwd")
 
 
 def metrics_from_stats(stats: torch.Tensor, has_ref: bool, has_entropy: bool) -> dict[str, torch.Tensor]:
