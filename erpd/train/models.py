@@ -213,16 +213,44 @@ class Policy:
         finally:
             self.backbone.layers = full
 
-    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """The backbone's final (normed) hidden states ``[B, L, H]`` for right-padded inputs.
+    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's final (normed) hidden states ``[B, L, H]``.
 
-        ``prefix`` (``[B, L, H]``, from :meth:`prefix_pass`) replaces the frozen bottom layers.
+        Right-padded rows by default. Packed rows (several sequences per row) pass ``position_ids``
+        restarting at 0 for each sequence and ``segment_ids`` (equal within a sequence, -1 on
+        padding): see :meth:`packed_attention_mask`. ``prefix`` (``[B, L, H]``, from
+        :meth:`prefix_pass`) replaces the frozen bottom layers.
         """
+        mask = attention_mask if segment_ids is None else self.packed_attention_mask(segment_ids)
+        kw = dict(attention_mask=mask, position_ids=position_ids, use_cache=False)
         if prefix is None or self.n_frozen == 0:
-            return self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return self.backbone(input_ids=input_ids, **kw).last_hidden_state
         with self._top_layers_only():
-            return self.backbone(inputs_embeds=prefix, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return self.backbone(inputs_embeds=prefix, **kw).last_hidden_state
+
+    def packed_attention_mask(self, segment_ids: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask that isolates packed sequences from each other.
+
+        eager / sdpa attention: an explicit 4D additive mask ``[B, 1, L, L]``, 0 where query q may
+        see key k (same segment, k <= q) and the dtype's minimum elsewhere; Hugging Face models
+        use a 4D mask as given. Padding tokens (segment -1) see only themselves, so no softmax
+        row is empty. Flash-attention kernels take no 4D mask: for them None is returned and the
+        model isolates the sequences from the position ids' resets (transformers' packed-sequence
+        path); other attention implementations are refused rather than silently leaking.
+        """
+        impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        if "flash" in impl:
+            return None
+        if impl not in ("eager", "sdpa"):
+            raise ValueError(f"packing needs eager, sdpa or flash attention; the model uses {impl!r}")
+        L = segment_ids.shape[1]
+        ar = torch.arange(L, device=segment_ids.device)
+        causal = ar[None, :] <= ar[:, None]
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        allowed = (same & causal & (segment_ids[:, :, None] >= 0)) | torch.eye(L, dtype=torch.bool, device=segment_ids.device)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=segment_ids.device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
 
     @torch.no_grad()
     def prefix_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
