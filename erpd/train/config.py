@@ -40,6 +40,9 @@ class ModelConfig:
     tiny_vocab: str = "char"  # tiny preset's tokenizer: "char" (built in code) or "smollm2"
     tiny_hidden: int = 64
     tiny_layers: int = 2
+    # Under torchrun: shard the decoder layers over the ranks with FSDP2 (torch >= 2.6); the
+    # embeddings and LM head stay replicated. Default: a full replica per rank.
+    fsdp: bool = False
 
 
 @dataclass

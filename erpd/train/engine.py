@@ -306,7 +306,9 @@ def generate(policy: Policy, prompts: list[str], n_per_prompt: int, max_new_toke
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
             torch.manual_seed(seed * 100003 + b)
             gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos,
+                                 # FSDP: every rank decodes until all ranks are done (forwards are collectives)
+                                 synced_gpus=dist.lockstep())
             new = gen[:, enc["input_ids"].shape[1]:].cpu()
             for j in range(len(chunk)):
                 p_ids = enc["input_ids"][j][enc["attention_mask"][j].bool()].cpu().tolist()
@@ -442,7 +444,8 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
     """
     params = [p for _, p in policy.trainable_named()]
     dist.broadcast_params(params)
-    opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=scfg.weight_decay)
+    # foreach kernels take no mix of DTensor (FSDP-sharded) and plain parameters.
+    opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=scfg.weight_decay, foreach=False if dist.lockstep() else None)
     ckpt_path = run_dir / "checkpoint.pt"
     state = dict(extra_state or {})
     done_epochs, skip, step, sums = 0, 0, 0, {}
@@ -451,7 +454,7 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
         if ck.get("stage") != stage:
             raise ValueError(f"{ckpt_path} is a {ck.get('stage')!r} checkpoint, not {stage!r}")
         policy.load_trainable_state(ck["trainable"])
-        opt.load_state_dict(ck["optimizer"])
+        dist.load_optimizer_state(opt, ck["optimizer"])
         state.update(ck["state"])
         done_epochs = ck["epoch"]
         skip = ck.get("step_in_epoch", 0)
@@ -472,11 +475,12 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
         history.append(rec)
 
     def checkpoint(epoch_done: int, step_in_epoch: int) -> None:
+        # Gathered on every rank (a collective under FSDP), written by rank 0.
+        trainable, optimizer = policy.trainable_state(), dist.optimizer_state(opt)
         if dist.is_main():
             save_checkpoint(ckpt_path, dict(version=CHECKPOINT_VERSION, stage=stage, epoch=epoch_done,
                                             step_in_epoch=step_in_epoch, step=step, sums=dict(sums),
-                                            trainable=policy.trainable_state(), optimizer=opt.state_dict(),
-                                            state=state, rng=_rng_state()))
+                                            trainable=trainable, optimizer=optimizer, state=state, rng=_rng_state()))
         dist.barrier()
 
     n = len(data)
@@ -495,10 +499,17 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
             n_tok, n_seq = int(mask_all[mb].sum()), len(mb)
             step_loss, step_stats = 0.0, {}
             local = dist.shard(mb)  # this rank's rows; the normalizers above count the whole mini-batch
-            for idx in micro_batches(len(local), scfg.micro_batch_size):
-                batch = collate(data, local[idx], policy.device, cache.prefix, pack=getattr(scfg, "pack", False),
-                                pack_length=getattr(scfg, "pack_length", 0))
+            chunks = [local[idx] for idx in micro_batches(len(local), scfg.micro_batch_size)]
+            if dist.lockstep():
+                # Every forward/backward is a collective: a rank short of rows runs zero-weight ones.
+                chunks += [None] * (dist.micro_batch_count(len(mb), scfg.micro_batch_size) - len(chunks))
+            for rows_ in chunks:
+                batch = collate(data, mb[:1] if rows_ is None else rows_, policy.device, cache.prefix,
+                                pack=getattr(scfg, "pack", False), pack_length=getattr(scfg, "pack_length", 0))
                 out = step_fn(batch, n_tok, n_seq, state)
+                if rows_ is None:
+                    (out.loss * 0).backward()
+                    continue
                 out.loss.backward()
                 step_loss += out.loss.item()
                 for key, v in out.stats.items():
@@ -509,7 +520,7 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
             reduced = dist.sum_floats({"loss": step_loss, **{f"stat.{key}": v for key, v in step_stats.items()}})
             step_loss = reduced.pop("loss")
             step_stats = {key[5:]: v for key, v in reduced.items()}
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, scfg.grad_clip if scfg.grad_clip else float("inf"))
+            grad_norm = dist.clip_grad_norm(params, scfg.grad_clip if scfg.grad_clip else float("inf"))
             opt.step()
             step += 1
             rec = dict(kind="step", stage=stage, epoch=epoch, step=step, loss=step_loss, grad_norm=float(grad_norm),

@@ -184,10 +184,15 @@ class Policy:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.trainable_named()}
+        """Full copies of the trainable parameters (FSDP-sharded ones gathered: a collective)."""
+        from erpd.train import dist
+
+        return {n: dist.full_tensor(p.detach()).clone() for n, p in self.trainable_named()}
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from erpd.train import dist
+
         own = dict(self.trainable_named())
         missing, extra = set(own) - set(state), set(state) - set(own)
         if missing or extra:
@@ -195,7 +200,10 @@ class Policy:
         for n, p in own.items():
             if p.shape != state[n].shape:
                 raise ValueError(f"parameter {n}: shape {tuple(state[n].shape)} does not match the model's {tuple(p.shape)}")
-            p.copy_(state[n].to(p.device, p.dtype))
+            if dist.is_sharded(p):  # keep this rank's shard of the full tensor
+                p.copy_(dist.shard_like(state[n], p))
+            else:
+                p.copy_(state[n].to(p.device, p.dtype))
 
     def head_weight(self) -> torch.Tensor:
         return self.head.weight
@@ -277,18 +285,24 @@ def load_policy(cfg: ModelConfig, seed: int = 0) -> Policy:
         model, tok = _tiny(cfg, seed)
     else:
         model, tok = _load_hf(cfg, dtype)
-    return Policy(model, tok, cfg, device, dtype)
+    policy = Policy(model, tok, cfg, device, dtype)
+    if cfg.fsdp:
+        from erpd.train import dist
+
+        dist.shard_model(policy)
+    return policy
 
 
 POLICY_FORMAT = "erpd.policy_state"
 
 
-def save_policy_state(policy: Policy, directory, meta: dict | None = None):
+def save_policy_state(policy: Policy, directory, meta: dict | None = None, state: dict | None = None):
     """Save the trainable parameters (all of them when every layer trains) and what they apply to.
 
     ``model.safetensors`` holds the tensors; ``policy.json`` the base model, ``train_layers`` and
     ``meta`` (e.g. the stage-1 config and final metrics). Load with :func:`load_policy_state` onto
-    a policy built from the same base model and ``train_layers``.
+    a policy built from the same base model and ``train_layers``. ``state``: the tensors, when
+    the caller already gathered them (``trainable_state()`` is a collective under FSDP).
     """
     import json
 
@@ -296,7 +310,8 @@ def save_policy_state(policy: Policy, directory, meta: dict | None = None):
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.detach().contiguous().cpu() for n, t in policy.trainable_state().items()}, str(d / "model.safetensors"))
+    save_file({n: t.detach().contiguous().cpu() for n, t in (state or policy.trainable_state()).items()},
+              str(d / "model.safetensors"))
     info = {"format": POLICY_FORMAT, "version": 1, "base": policy.name, "train_layers": policy.cfg.train_layers,
             "meta": meta or {}}
     (d / "policy.json").write_text(json.dumps(info, indent=1, default=str))

@@ -11,22 +11,31 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _train(out_dir, objective, epochs=2, resume=False, checkpoint_every=0):
+def _train(out_dir, objective, epochs=2, resume=False, checkpoint_every=0, fsdp=False, train_layers=1, batch_size=6):
     from conftest import make_policy, synthetic_data, tiny_cfg, with_old_logprobs
 
-    from erpd.train import stage1
+    from erpd.train import engine, stage1
 
     torch.set_num_threads(1)
-    policy = make_policy(train_layers=1)
+    policy = make_policy(train_layers=train_layers, fsdp=fsdp)
+    from erpd.train import dist as D
+
+    assert any(D.is_sharded(p) for _, p in policy.trainable_named()) == (fsdp and D.enabled())
     data = synthetic_data(policy, n_prompts=3, k=4, seed=7)
     cache = with_old_logprobs(policy, data)
-    cfg = tiny_cfg(train_layers=1)
+    cfg = tiny_cfg(train_layers=train_layers)
     cfg.sample.temperature = 1.0
     cfg.stage1.objective = objective
-    cfg.stage1.epochs, cfg.stage1.batch_size, cfg.stage1.micro_batch_size = epochs, 6, 2
+    cfg.stage1.epochs, cfg.stage1.batch_size, cfg.stage1.micro_batch_size = epochs, batch_size, 2
     cfg.stage1.checkpoint_every = checkpoint_every
-    stage1.run(policy, data, cache, cfg, out_dir, lambda epoch, last: {"heldout_reward": 0.5}, resume=resume)
-    return torch.cat([p.detach().flatten() for _, p in policy.trainable_named()])
+
+    def evaluate(epoch, last):
+        # Sampling from the policy (under FSDP on every rank, with synced_gpus): a digest of the samples.
+        samples = engine.generate(policy, ["abc", "hello"], 2, 5, 1.0, 4, seed=epoch)
+        return {"heldout_reward": 0.5, "sample_digest": sum(t for _, r, _ in samples for t in r)}
+
+    stage1.run(policy, data, cache, cfg, out_dir, evaluate, resume=resume)
+    return torch.cat([t.flatten() for t in policy.trainable_state().values()])  # FSDP shards gathered
 
 
 def _steps(out_dir):
@@ -35,11 +44,12 @@ def _steps(out_dir):
     return [r for r in engine.read_jsonl(os.path.join(out_dir, "stage1", "metrics.jsonl")) if r["kind"] == "step"]
 
 
-def _worker(rank, world, init_file, out_dir, objective, result_dir, epochs=2, resume=False, checkpoint_every=0):
+def _worker(rank, world, init_file, out_dir, objective, result_dir, epochs=2, resume=False, checkpoint_every=0,
+            fsdp=False, train_layers=1, batch_size=6):
     sys.path.insert(0, os.path.dirname(__file__))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        flat = _train(out_dir, objective, epochs, resume, checkpoint_every)
+        flat = _train(out_dir, objective, epochs, resume, checkpoint_every, fsdp, train_layers, batch_size)
         gathered = [torch.zeros_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
         torch.save(gathered, os.path.join(result_dir, f"rank{rank}.pt"))
@@ -99,3 +109,35 @@ def test_checkpoint_resumes_on_a_different_world_size(tmp_path, first, then):
     assert resumed[2]["loss"] == pytest.approx(ref[2]["loss"], abs=1e-5)  # the first step after the resume
     for a, b in zip(resumed, ref):
         assert abs(a["loss"] - b["loss"]) < 1e-5
+
+
+def _epochs(out_dir):
+    from erpd.train import engine
+
+    return [r for r in engine.read_jsonl(os.path.join(out_dir, "stage1", "metrics.jsonl")) if r["kind"] == "epoch"]
+
+
+@pytest.mark.parametrize("train_layers", [1, None])
+def test_fsdp2_two_gloo_processes_equal_one_process(tmp_path, train_layers):
+    """FSDP2 (``model.fsdp``) on CPU/gloo: decoder layers sharded over 2 ranks, mini-batches of 5
+    rows (shards of 3 and 2 rows: the short rank runs a zero-weight micro-batch to stay in
+    lockstep), step checkpoints gathered from the shards. Same losses, grad norms, samples and
+    final weights as one unsharded process; the checkpoint then resumes on one process."""
+    from torch.distributed.fsdp import fully_shard  # noqa: F401  (the feature under test)
+
+    args = (2, str(tmp_path / "init"), str(tmp_path / "fsdp"), "ppo", str(tmp_path), 2, False, 2, True, train_layers, 5)
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
+    gathered = torch.load(tmp_path / "rank0.pt")
+    assert torch.equal(gathered[0], gathered[1])  # full weights gathered from the shards agree
+    single = _train(tmp_path / "single", "ppo", 2, checkpoint_every=2, train_layers=train_layers, batch_size=5)
+    assert torch.allclose(gathered[0], single, atol=1e-5, rtol=1e-4)
+    for a, b in zip(_steps(tmp_path / "fsdp"), _steps(tmp_path / "single"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
+    for a, b in zip(_epochs(tmp_path / "fsdp"), _epochs(tmp_path / "single"), strict=True):
+        assert a["sample_digest"] == b["sample_digest"] and abs(a["kl_full"] - b["kl_full"]) < 1e-5
+    # The FSDP checkpoint (full tensors) continues on one unsharded process.
+    ck = torch.load(tmp_path / "fsdp" / "stage1" / "checkpoint.pt", weights_only=False)
+    assert all(type(t) is torch.Tensor for t in ck["trainable"].values())
+    more = _train(tmp_path / "fsdp", "ppo", 3, resume=True, checkpoint_every=2, train_layers=train_layers, batch_size=5)
+    ref = _train(tmp_path / "single", "ppo", 3, resume=True, checkpoint_every=2, train_layers=train_layers, batch_size=5)
+    assert torch.allclose(more, ref, atol=1e-5, rtol=1e-4)
