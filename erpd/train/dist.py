@@ -216,6 +216,23 @@ def barrier() -> None:
         dist.barrier()
 
 
+_IN_ON_MAIN = False
+
+
 def on_main(fn, *args, **kwargs):
-    """Run ``fn`` on rank 0 only (every rank in lockstep) and give every rank rank 0's result."""
-    return broadcast_object(fn(*args, **kwargs) if is_main() or lockstep() else None)
+    """Run ``fn`` on rank 0 only (every rank in lockstep) and give every rank rank 0's result.
+
+    Re-entrant: inside ``fn`` a nested ``on_main`` just calls its function (it already runs
+    where it should, and the other ranks are waiting for the outer broadcast, not this one).
+    """
+    global _IN_ON_MAIN
+    if _IN_ON_MAIN:
+        return fn(*args, **kwargs)
+    result = None
+    if is_main() or lockstep():
+        _IN_ON_MAIN = True
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            _IN_ON_MAIN = False
+    return broadcast_object(result)

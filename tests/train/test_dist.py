@@ -141,3 +141,23 @@ def test_fsdp2_two_gloo_processes_equal_one_process(tmp_path, train_layers):
     more = _train(tmp_path / "fsdp", "ppo", 3, resume=True, checkpoint_every=2, train_layers=train_layers, batch_size=5)
     ref = _train(tmp_path / "single", "ppo", 3, resume=True, checkpoint_every=2, train_layers=train_layers, batch_size=5)
     assert torch.allclose(more, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_torchrun_demo_two_processes(tmp_path, fsdp):
+    """The documented command, end to end on CPU: ``torchrun --nproc-per-node 2 -m erpd.cli demo``
+    (tiny model, step checkpoints, packing), replicated and with ``--fsdp``."""
+    import subprocess
+
+    from test_cli import TINY
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "erpd.cli",
+           "demo", "--out", str(out), *(["--fsdp"] if fsdp else []), *TINY, "stage1.checkpoint_every=1", "stage1.pack=true",
+           "model.threads=1"]
+    env = dict(os.environ, ERPD_PROGRESS="0", PYTHONPATH=os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "student (stage2)" in p.stdout and (out / "summary.json").is_file()
+    steps = [r["step"] for r in _steps(out)]
+    assert steps == sorted(set(steps)) and steps  # rank 0 logged each step once
