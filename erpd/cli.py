@@ -10,7 +10,8 @@
 same run directory. Config overrides: ``stage1.epochs=8`` or ``--stage1.epochs 8`` (see
 ``erpd.train.config``); ``--resume`` continues a stopped run (reuses the data, skips finished
 stages, restarts a stage from its last epoch checkpoint). Under ``torchrun --nproc-per-node N
--m erpd.cli demo ...`` the stages run data-parallel (see ``erpd.train.dist``).
+-m erpd.cli demo ...`` the stages run data-parallel, with ``--fsdp`` the decoder layers sharded
+by FSDP2 (see ``erpd.train.dist``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true", help="continue a stopped run in the same directory")
     ap.add_argument("--models", default="base,teacher,student",
                     help="eval: comma-separated base|teacher|student|<policy dir> (default all three)")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="under torchrun: shard the decoder layers with FSDP2 (same as model.fsdp=true)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return ap
 
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.out:
         cfg.out_dir = args.out
+    if args.fsdp:
+        cfg.model.fsdp = True
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0

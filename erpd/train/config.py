@@ -40,6 +40,9 @@ class ModelConfig:
     tiny_vocab: str = "char"  # tiny preset's tokenizer: "char" (built in code) or "smollm2"
     tiny_hidden: int = 64
     tiny_layers: int = 2
+    # Under torchrun: shard the decoder layers over the ranks with FSDP2 (torch >= 2.6); the
+    # embeddings and LM head stay replicated. Default: a full replica per rank.
+    fsdp: bool = False
 
 
 @dataclass
@@ -84,6 +87,13 @@ class Stage1Config:
     kl_coef: float = 0.0  # optional KL(π‖π0) penalty on the sampled tokens
     kl_estimator: str = "k3"  # k1 | k2 | k3
     seed: int = 0
+    # Also checkpoint every N optimizer steps (0: only at epoch ends), so a crash mid-epoch loses
+    # at most N steps; a checkpoint holds the weights, AdamW, RNG and the position in the epoch.
+    checkpoint_every: int = 0
+    # Pack several responses into each row of a micro-batch (block-diagonal attention, positions
+    # restarting per response); pack_length caps a packed row (0: the micro-batch's longest sequence).
+    pack: bool = False
+    pack_length: int = 0
 
 
 @dataclass
@@ -107,6 +117,9 @@ class Stage2Config:
     gating: str = "none"  # then on reward-0 responses: none | drop | negate
     kl_coef: float = 0.0  # optional β · KL(π‖π0) (full vocabulary) penalty
     seed: int = 0
+    checkpoint_every: int = 0  # as stage1
+    pack: bool = False  # as stage1
+    pack_length: int = 0
 
 
 @dataclass
@@ -280,6 +293,8 @@ def validate(cfg: RunConfig) -> None:
         need(c.epochs >= 0, f"{s}.epochs must be >= 0")
         need(c.batch_size > 0 and c.micro_batch_size > 0, f"{s}.batch_size and micro_batch_size must be > 0")
         need(c.lr > 0, f"{s}.lr must be > 0")
+        need(c.checkpoint_every >= 0, f"{s}.checkpoint_every must be >= 0 (0: epoch ends only)")
+        need(c.pack_length >= 0, f"{s}.pack_length must be >= 0 (0: the micro-batch's longest sequence)")
     need(cfg.stage1.kl_estimator in ("k1", "k2", "k3"), f"stage1.kl_estimator must be k1|k2|k3, got {cfg.stage1.kl_estimator!r}")
     need(cfg.sample.k >= 2, f"sample.k must be >= 2 (group-normalized advantages need a group), got {cfg.sample.k}")
     need(cfg.sample.temperature > 0 and cfg.eval.temperature > 0, "temperatures must be > 0")

@@ -170,7 +170,46 @@ def load(directory: str | os.PathLike) -> FixedData:
     n = len(data)
     if any(getattr(data, k).shape[0] != n for k in _TENSOR_KEYS) or len(data.responses) != n:
         raise CorruptDataError(f"{d}: tensors and texts disagree on the number of sequences")
+    if manifest.get("n_sequences") not in (None, n):
+        raise CorruptDataError(f"{d}: {n} sequences, the manifest says {manifest['n_sequences']}")
+    check_consistency(data, where=str(d / TENSORS))
     return data
+
+
+def check_consistency(data: FixedData, where: str = "fixed data") -> None:
+    """The layout invariants of the format, checked on load: they catch a file that is
+    self-consistent to its checksum but wrong (rewritten by hand, or by a buggy tool)."""
+
+    def bad(msg):
+        raise CorruptDataError(f"{where}: {msg}")
+
+    n = len(data)
+    if data.input_ids.dim() != 2 or data.attention_mask.shape != data.input_ids.shape:
+        bad(f"input_ids {tuple(data.input_ids.shape)} and attention_mask {tuple(data.attention_mask.shape)} must be equal [N, L]")
+    if data.targets.dim() != 2 or data.old_logprobs.shape != data.targets.shape:
+        bad(f"targets {tuple(data.targets.shape)} and old_logprobs {tuple(data.old_logprobs.shape)} must be equal [N, R]")
+    if n == 0:
+        return
+    plen, rlen = data.prompt_len, data.response_len
+    if int(rlen.min()) < 1 or int(plen.min()) < 1:
+        bad("every row needs a prompt and at least one response token")
+    if int(rlen.max()) > data.targets.shape[1] or int((plen + rlen).max()) > data.input_ids.shape[1]:
+        bad("prompt_len + response_len exceeds the padded width")
+    if not torch.equal(data.mask.sum(1), rlen):
+        bad("the number of response targets (!= -100) disagrees with response_len")
+    if not torch.equal(data.attention_mask.sum(1), plen + rlen):
+        bad("attention_mask disagrees with prompt_len + response_len")
+    cols = plen[:, None] + torch.arange(data.targets.shape[1])[None, :]
+    resp = torch.gather(data.input_ids, 1, cols.clamp(max=data.input_ids.shape[1] - 1))
+    if not torch.equal(torch.where(data.mask, resp, -100), data.targets):
+        bad("targets are not the response tokens of input_ids")
+    lp = data.old_logprobs[data.mask]
+    if not torch.isfinite(lp).all() or (lp > 0).any():
+        bad("old_logprobs must be finite and <= 0 on response tokens")
+    if not (torch.isfinite(data.rewards).all() and torch.isfinite(data.advantages).all()):
+        bad("rewards and advantages must be finite")
+    if int(data.group.min()) < 0 or int(data.group.max()) >= max(1, len(data.prompts)):
+        bad(f"group ids must index the {len(data.prompts)} prompts")
 
 
 def build(prompt_ids: list, response_ids: list, rewards: list, group: list, pad_id: int, advantage: str = "group",

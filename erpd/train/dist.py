@@ -1,24 +1,41 @@
 """Data parallelism for the trainer, written against ``torch.distributed`` only.
 
-Under ``torchrun`` (``WORLD_SIZE > 1``) every rank holds the whole policy and the whole fixed
-data; each optimizer step's mini-batch is split across ranks (rank r takes rows r, r + W, ...).
-Every loss is already normalized by the *mini-batch's* token or sequence count (see
-``engine.aggregate``), so summing the ranks' gradients (one all-reduce per step) gives exactly the
-single-process gradient, and every rank then takes the same AdamW step: the replicas stay equal
-without a DDP wrapper (which would only synchronize through ``model.forward``, and the trainer
-calls the backbone and the fused ops directly). Measurement passes run on every rank (they are
-deterministic); sampling, held-out evaluation, logs and checkpoints happen on rank 0 and their
-results are broadcast.
+Under ``torchrun`` (``WORLD_SIZE > 1``) every rank holds the whole fixed data; each optimizer
+step's mini-batch is split across ranks (rank r takes rows r, r + W, ...). Every loss is already
+normalized by the *mini-batch's* token or sequence count (see ``engine.aggregate``), so summing
+the ranks' gradients gives exactly the single-process gradient, and every rank then takes the
+same AdamW step. Per-step metrics are the ranks' shares of those global sums, summed over ranks,
+so rank 0 logs the global numbers.
 
-FSDP2 sharding is not implemented: the replicated scheme fits models that fit on one device.
+Two ways to hold the model:
+
+* replicated (default): a full replica per rank, one all-reduce of the gradients per step
+  (no DDP wrapper: it would only synchronize through ``model.forward``, and the trainer calls the
+  backbone and the fused ops directly);
+* ``model.fsdp`` (``erpd --fsdp``): FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every
+  decoder layer over the ranks: all-gathered for each forward/backward, gradients
+  reduce-scattered (summed, not averaged). The embeddings, final norm and LM head stay
+  replicated (the fused ops need the whole head; vocabulary sharding is the ``tp_group`` route)
+  and their gradients are all-reduced as above. Sharded layers make every forward a collective,
+  so the ranks then run in *lockstep*: the same number of micro-batches per step (a rank short
+  of rows runs a zero-weight one), and sampling/evaluation run on every rank (HF ``generate``
+  with ``synced_gpus``), rank 0's result being the one used.
+
+Measurement passes run on every rank (they are deterministic); sampling, held-out evaluation,
+logs and checkpoints happen on rank 0 (or on every rank in lockstep) and their results are
+broadcast. Checkpoints hold full tensors, so a run resumes on any number of processes.
 """
 
 from __future__ import annotations
 
 import os
 
+import math
+
 import torch
 import torch.distributed as dist
+
+_LOCKSTEP = False  # set by shard_model: the model holds FSDP-sharded parameters
 
 
 def enabled() -> bool:
@@ -52,11 +69,114 @@ def shard(idx: torch.Tensor) -> torch.Tensor:
     return idx[rank():: world()] if enabled() else idx
 
 
+def lockstep() -> bool:
+    """Whether every forward pass is a collective (FSDP-sharded layers): all ranks must run it."""
+    return _LOCKSTEP and enabled()
+
+
+def is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def micro_batch_count(mini_batch: int, micro_batch_size: int) -> int:
+    """Micro-batches every rank runs per step in lockstep: those of the largest shard."""
+    return math.ceil(math.ceil(mini_batch / world()) / micro_batch_size)
+
+
+def shard_model(policy) -> None:
+    """FSDP2: shard each decoder layer over all ranks (gradients summed; see the module doc)."""
+    global _LOCKSTEP
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:  # torch < 2.6
+        raise RuntimeError("model.fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6)") from e
+    if not enabled():
+        return  # one process: nothing to shard over
+    if not policy._layers_attr():
+        raise ValueError("model.fsdp needs a decoder whose blocks are in a `.layers` ModuleList")
+    mesh = init_device_mesh(policy.device.type, (world(),))
+    layers = policy.backbone.layers
+    in_layers = {id(p) for p in layers.parameters()}
+    for module in (*layers, policy.backbone):
+        if module is policy.backbone:
+            # The backbone is the FSDP root (the trainer calls it, not the LM wrapper); without a
+            # root each layer would be its own and keep its parameters unsharded after a no-grad
+            # forward. Its own parameters (embeddings, final norm; the tied head) stay replicated.
+            ignored = {p for p in module.parameters() if id(p) not in in_layers}
+            fully_shard(module, mesh=mesh, ignored_params=ignored)
+        else:
+            fully_shard(module, mesh=mesh)
+        # Losses are normalized by the global counts: the ranks' gradients are summed, with plain
+        # SUM collectives (gloo has no PREMUL_SUM; NCCL's zero-copy path wants SUM too).
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+    _LOCKSTEP = True
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP-sharded) parameter or state; a collective if sharded."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``like`` (a DTensor: this rank's shard, cut locally, no communication)."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """``opt.state_dict()`` with sharded states gathered (a collective under FSDP)."""
+    sd = opt.state_dict()
+    if lockstep():
+        sd["state"] = {i: {k: full_tensor(v).cpu() if is_sharded(v) else v for k, v in st.items()}
+                       for i, st in sd["state"].items()}
+    return sd
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """Load full-tensor optimizer state; states of sharded parameters are re-sharded locally."""
+    opt.load_state_dict(sd)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not is_sharded(p):
+                continue
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and not is_sharded(v) and v.shape == p.shape:
+                    opt.state[p][k] = shard_like(v, p)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Global gradient-norm clipping; sharded gradients' squares are summed over the ranks."""
+    if not lockstep():
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    local = [g.to_local() for g in grads if is_sharded(g)]
+    dev = grads[0].to_local().device if is_sharded(grads[0]) else grads[0].device
+    sharded_sq = torch.stack([g.float().pow(2).sum() for g in local]).sum() if local else torch.zeros((), device=dev)
+    dist.all_reduce(sharded_sq, op=dist.ReduceOp.SUM)
+    rep = [g for g in grads if not is_sharded(g)]
+    rep_sq = torch.stack([g.float().pow(2).sum() for g in rep]).sum().to(dev) if rep else torch.zeros((), device=dev)
+    total = (sharded_sq + rep_sq).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g.to_local() if is_sharded(g) else g).mul_(coef.to((g.to_local() if is_sharded(g) else g).device))
+    return total
+
+
 def all_reduce_grads(params) -> None:
-    """Sum each parameter's gradient over the ranks (a zero gradient for a rank with no rows)."""
+    """Sum each replicated parameter's gradient over the ranks (a zero gradient for a rank with
+    no rows); FSDP-sharded parameters were already reduce-scattered in backward."""
     if not enabled():
         return
     for p in params:
+        if is_sharded(p):
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
@@ -79,7 +199,8 @@ def broadcast_params(params) -> None:
         return
     with torch.no_grad():
         for p in params:
-            dist.broadcast(p.data, src=0)
+            if not is_sharded(p):  # FSDP shards came from identical replicas
+                dist.broadcast(p.data, src=0)
 
 
 def broadcast_object(obj):
@@ -95,6 +216,23 @@ def barrier() -> None:
         dist.barrier()
 
 
+_IN_ON_MAIN = False
+
+
 def on_main(fn, *args, **kwargs):
-    """Run ``fn`` on rank 0 only and give every rank its result."""
-    return broadcast_object(fn(*args, **kwargs) if is_main() else None)
+    """Run ``fn`` on rank 0 only (every rank in lockstep) and give every rank rank 0's result.
+
+    Re-entrant: inside ``fn`` a nested ``on_main`` just calls its function (it already runs
+    where it should, and the other ranks are waiting for the outer broadcast, not this one).
+    """
+    global _IN_ON_MAIN
+    if _IN_ON_MAIN:
+        return fn(*args, **kwargs)
+    result = None
+    if is_main() or lockstep():
+        _IN_ON_MAIN = True
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            _IN_ON_MAIN = False
+    return broadcast_object(result)

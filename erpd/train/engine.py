@@ -40,12 +40,25 @@ def progress(iterable=None, **kw):
 
 @dataclass
 class Batch:
+    """A micro-batch of ``b`` responses of the fixed data, ready for the backbone.
+
+    Unpacked (the default), row j of the model inputs is response j, right-padded. Packed
+    (``collate(..., pack=True)``), several responses share a row: ``packed_row[j]`` is response
+    j's row, ``position_ids`` restart at 0 for each response, and ``segment_ids`` (-1 on padding)
+    tell the policy which tokens may attend to which (block-diagonal causal). Either way the
+    fields indexed by response (``idx``, ``positions``, ``targets``) are ``[b, ...]``, so losses,
+    per-response aggregations and advantages apply per response unchanged.
+    """
+
     idx: torch.Tensor  # [b] rows of the fixed data
-    input_ids: torch.Tensor  # [b, L]
-    attention_mask: torch.Tensor  # [b, L]
-    positions: torch.Tensor  # [b, R] hidden-state position predicting each response token
+    input_ids: torch.Tensor  # [rows, L]
+    attention_mask: torch.Tensor  # [rows, L] 1 on real tokens
+    positions: torch.Tensor  # [b, R] column (in its row) of the hidden state predicting each response token
     targets: torch.Tensor  # [b, R], -100 past the end
-    prefix: torch.Tensor | None  # [b, L, H] cached frozen-bottom activations
+    prefix: torch.Tensor | None  # [rows, L, H] cached frozen-bottom activations
+    packed_row: torch.Tensor | None = None  # [b] packed row of each response (None: row j is response j)
+    position_ids: torch.Tensor | None = None  # [rows, L] (packed only)
+    segment_ids: torch.Tensor | None = None  # [rows, L] response index within the batch, -1 on padding (packed only)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -62,21 +75,90 @@ def rows(data: FixedData, idx: torch.Tensor, *names: str, device=None) -> list[t
     return out
 
 
-def collate(data: FixedData, idx: torch.Tensor, device, prefix_rows: list | None = None) -> Batch:
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: groups of sequence indices whose lengths sum to at most ``capacity``.
+
+    Deterministic (ties keep the input order), so a packed step is reproducible.
+    """
+    if lengths and max(lengths) > capacity:
+        raise ValueError(f"pack_length={capacity} is shorter than a sequence of {max(lengths)} tokens "
+                         "(prompt + response); raise it or set it to 0 (the micro-batch's longest sequence)")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def collate(data: FixedData, idx: torch.Tensor, device, prefix_rows: list | None = None, pack: bool = False,
+            pack_length: int = 0) -> Batch:
     plen, rlen = data.prompt_len[idx], data.response_len[idx]
-    L, R = int((plen + rlen).max()), int(rlen.max())
+    R = int(rlen.max())
+    targets = data.targets[idx, :R].to(device)
+    if pack:
+        return _collate_packed(data, idx, device, prefix_rows, pack_length, targets)
+    L = int((plen + rlen).max())
     positions = (plen[:, None] - 1 + torch.arange(R)[None, :]).clamp(max=L - 1)
     prefix = None
     if prefix_rows is not None:
         prefix = pad_sequence([prefix_rows[i][:L] for i in idx.tolist()], batch_first=True).to(device)
     return Batch(idx=idx, input_ids=data.input_ids[idx, :L].to(device), attention_mask=data.attention_mask[idx, :L].to(device),
-                 positions=positions.to(device), targets=data.targets[idx, :R].to(device), prefix=prefix)
+                 positions=positions.to(device), targets=targets, prefix=prefix)
+
+
+def _collate_packed(data, idx, device, prefix_rows, pack_length, targets) -> Batch:
+    plen, rlen = data.prompt_len[idx], data.response_len[idx]
+    lengths = (plen + rlen).tolist()
+    capacity = pack_length or max(lengths)
+    groups = pack_rows(lengths, capacity)
+    L = max(sum(lengths[j] for j in g) for g in groups)
+    n_rows, R = len(groups), targets.shape[1]
+    # Padding ids are arbitrary: padding is a block of its own that no response token sees.
+    input_ids = torch.zeros((n_rows, L), dtype=data.input_ids.dtype)
+    segment_ids = torch.full((n_rows, L), -1, dtype=torch.long)
+    # Padding gets positions 0, 1, ... too: a block of its own, as a further "sequence".
+    position_ids = torch.zeros((n_rows, L), dtype=torch.long)
+    packed_row = torch.empty(len(idx), dtype=torch.long)
+    positions = torch.empty((len(idx), R), dtype=torch.long)
+    prefix = None
+    if prefix_rows is not None:
+        first = prefix_rows[int(idx[0])]
+        prefix = first.new_zeros((n_rows, L, first.shape[-1]))
+    for r, g in enumerate(groups):
+        off = 0
+        for j in g:
+            i, n = int(idx[j]), lengths[j]
+            input_ids[r, off : off + n] = data.input_ids[i, :n]
+            segment_ids[r, off : off + n] = j
+            position_ids[r, off : off + n] = torch.arange(n)
+            if prefix is not None:
+                prefix[r, off : off + n] = prefix_rows[i][:n]
+            packed_row[j] = r
+            # Past a response's end the position is clamped inside it; those targets are -100.
+            positions[j] = (off + int(plen[j]) - 1 + torch.arange(R)).clamp(max=off + n - 1)
+            off += n
+        position_ids[r, off:] = torch.arange(L - off)
+    return Batch(idx=idx, input_ids=input_ids.to(device), attention_mask=(segment_ids >= 0).long().to(device),
+                 positions=positions.to(device), targets=targets, prefix=None if prefix is None else prefix.to(device),
+                 packed_row=packed_row.to(device), position_ids=position_ids.to(device), segment_ids=segment_ids.to(device))
 
 
 def response_hidden(policy: Policy, batch: Batch) -> torch.Tensor:
     """Final hidden states at the positions that predict the response tokens: ``[b, R, H]``."""
-    h = policy.final_hidden(batch.input_ids, batch.attention_mask, batch.prefix)
-    return gather_positions(h, batch.positions)
+    if batch.packed_row is None:
+        h = policy.final_hidden(batch.input_ids, batch.attention_mask, batch.prefix)
+        return gather_positions(h, batch.positions)
+    h = policy.final_hidden(batch.input_ids, batch.attention_mask, batch.prefix, position_ids=batch.position_ids,
+                            segment_ids=batch.segment_ids)
+    L = h.shape[1]
+    return h.reshape(-1, h.shape[-1])[batch.packed_row[:, None] * L + batch.positions]
 
 
 def gather_positions(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -224,7 +306,9 @@ def generate(policy: Policy, prompts: list[str], n_per_prompt: int, max_new_toke
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
             torch.manual_seed(seed * 100003 + b)
             gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos,
+                                 # FSDP: every rank decodes until all ranks are done (forwards are collectives)
+                                 synced_gpus=dist.lockstep())
             new = gen[:, enc["input_ids"].shape[1]:].cpu()
             for j in range(len(chunk)):
                 p_ids = enc["input_ids"][j][enc["attention_mask"][j].bool()].cpu().tolist()
@@ -255,14 +339,18 @@ def heldout_reward(policy: Policy, prompts: list[str], answers: list, verifier: 
 
 
 class MetricsLog:
-    """JSONL metrics: one object per line with ``"kind"`` = ``"step"`` or ``"epoch"``."""
+    """JSONL metrics: one object per line with ``"kind"`` = ``"step"`` or ``"epoch"``.
 
-    def __init__(self, path: str | os.PathLike, keep_upto_epoch: int | None = None):
+    ``keep`` (a predicate on records) keeps the matching records of an existing file and drops
+    the rest: a resumed run keeps what its checkpoint covers, so no step is logged twice.
+    """
+
+    def __init__(self, path: str | os.PathLike, keep: Callable[[dict], bool] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if keep_upto_epoch is not None and self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if r.get("epoch", 0) <= keep_upto_epoch]
+        if keep is not None and self.path.exists():
+            kept = [r for r in read_jsonl(self.path) if keep(r)]
         with open(self.path, "w") as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")
@@ -277,6 +365,9 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+CHECKPOINT_VERSION = 2
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -287,7 +378,29 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated/garbled zip or pickle; the message names the file
+        raise RuntimeError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to restart the stage "
+                           "from scratch") from e
+    if not isinstance(ck, dict) or not {"stage", "epoch", "trainable", "optimizer"} <= set(ck):
+        raise RuntimeError(f"{path}: not an erpd training checkpoint")
+    return ck
+
+
+def _rng_state() -> dict:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(rng: dict | None) -> None:
+    if not rng:
+        return
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,78 +433,113 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
     ``step_fn(batch, n_tokens, n_seqs, state) -> StepOutput`` computes one micro-batch's loss;
     ``epoch_end(epoch, state) -> dict`` measures the policy and returns the epoch's metrics;
     ``state`` is a dict the caller may use across epochs (saved in checkpoints, e.g. the anchor).
-    A checkpoint (trainable weights, optimizer, ``state``, epoch) is written after every epoch;
-    with ``resume`` the loop continues after the last one. The data order of epoch ``e`` depends
-    only on (seed, e), so a resumed run takes exactly the steps an uninterrupted one would.
+
+    A checkpoint (trainable weights, AdamW, ``state``, RNG, the epoch and how many of its steps
+    are done, the epoch's running metric sums) is written after every epoch and, with
+    ``scfg.checkpoint_every = k > 0``, after every k-th optimizer step; with ``resume`` the loop
+    continues from it. The data order of epoch ``e`` depends only on (seed, e), so a resumed run
+    skips the steps already taken and then takes exactly the steps an uninterrupted one would.
+    The checkpoint holds full (unsharded) tensors and no rank-dependent state, so a run may
+    resume on a different number of processes.
     """
     params = [p for _, p in policy.trainable_named()]
     dist.broadcast_params(params)
-    opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=scfg.weight_decay)
+    # foreach kernels take no mix of DTensor (FSDP-sharded) and plain parameters.
+    opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=scfg.weight_decay, foreach=False if dist.lockstep() else None)
     ckpt_path = run_dir / "checkpoint.pt"
     state = dict(extra_state or {})
-    start = 0
-    if resume:
-        ck = load_checkpoint(ckpt_path)
-        if ck is not None:
-            if ck.get("stage") != stage:
-                raise ValueError(f"{ckpt_path} is a {ck.get('stage')!r} checkpoint, not {stage!r}")
-            policy.load_trainable_state(ck["trainable"])
-            opt.load_state_dict(ck["optimizer"])
-            state.update(ck["state"])
-            start = ck["epoch"]
-    # A resumed run keeps the records of the epochs its checkpoint covers and drops the rest
-    # (e.g. the steps of an epoch that was interrupted). Only rank 0 writes files.
-    log = MetricsLog(run_dir / "metrics.jsonl", keep_upto_epoch=start if start > 0 else None) if dist.is_main() else None
+    done_epochs, skip, step, sums = 0, 0, 0, {}
+    ck = load_checkpoint(ckpt_path) if resume else None
+    if ck is not None:
+        if ck.get("stage") != stage:
+            raise ValueError(f"{ckpt_path} is a {ck.get('stage')!r} checkpoint, not {stage!r}")
+        policy.load_trainable_state(ck["trainable"])
+        dist.load_optimizer_state(opt, ck["optimizer"])
+        state.update(ck["state"])
+        done_epochs = ck["epoch"]
+        skip = ck.get("step_in_epoch", 0)
+        step = ck.get("step", done_epochs * math.ceil(len(data) / scfg.batch_size))
+        sums = dict(ck.get("sums", {}))
+        _set_rng_state(ck.get("rng"))
+
+    def covered(r: dict) -> bool:  # records the checkpoint covers; the rest is redone
+        return r["step"] <= step if r["kind"] == "step" else r["epoch"] <= done_epochs
+
+    # Only rank 0 writes files.
+    log = MetricsLog(run_dir / "metrics.jsonl", keep=covered if ck is not None else None) if dist.is_main() else None
     history = dist.broadcast_object([r for r in read_jsonl(log.path) if r["kind"] == "epoch"] if log else None)
     write = log.write if log else (lambda record: None)
-    if start == 0:
+    if ck is None:
         rec = dict(kind="epoch", stage=stage, epoch=0, **epoch_end(0, state))
         write(rec)
         history.append(rec)
 
+    def checkpoint(epoch_done: int, step_in_epoch: int) -> None:
+        # Gathered on every rank (a collective under FSDP), written by rank 0.
+        trainable, optimizer = policy.trainable_state(), dist.optimizer_state(opt)
+        if dist.is_main():
+            save_checkpoint(ckpt_path, dict(version=CHECKPOINT_VERSION, stage=stage, epoch=epoch_done,
+                                            step_in_epoch=step_in_epoch, step=step, sums=dict(sums),
+                                            trainable=trainable, optimizer=optimizer, state=state, rng=_rng_state()))
+        dist.barrier()
+
     n = len(data)
     mask_all = data.mask
-    step = start * math.ceil(n / scfg.batch_size)
-    for epoch in range(start + 1, scfg.epochs + 1):
+    every = getattr(scfg, "checkpoint_every", 0)
+    for epoch in range(done_epochs + 1, scfg.epochs + 1):
         t0 = time.time()
         g = torch.Generator().manual_seed(scfg.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=g)
-        sums: dict = {}
-        bar = progress(list(micro_batches(n, scfg.batch_size, order)), desc=f"{stage} epoch {epoch}/{scfg.epochs}",
-                       unit="step")
-        for mb in bar:
+        mini = list(micro_batches(n, scfg.batch_size, order))
+        bar = progress(total=len(mini), initial=skip, desc=f"{stage} epoch {epoch}/{scfg.epochs}", unit="step")
+        for k, mb in enumerate(mini):
+            if k < skip:  # taken before the checkpoint this run resumed from
+                continue
             opt.zero_grad(set_to_none=True)
             n_tok, n_seq = int(mask_all[mb].sum()), len(mb)
             step_loss, step_stats = 0.0, {}
             local = dist.shard(mb)  # this rank's rows; the normalizers above count the whole mini-batch
-            for idx in micro_batches(len(local), scfg.micro_batch_size):
-                batch = collate(data, local[idx], policy.device, cache.prefix)
+            chunks = [local[idx] for idx in micro_batches(len(local), scfg.micro_batch_size)]
+            if dist.lockstep():
+                # Every forward/backward is a collective: a rank short of rows runs zero-weight ones.
+                chunks += [None] * (dist.micro_batch_count(len(mb), scfg.micro_batch_size) - len(chunks))
+            for rows_ in chunks:
+                batch = collate(data, mb[:1] if rows_ is None else rows_, policy.device, cache.prefix,
+                                pack=getattr(scfg, "pack", False), pack_length=getattr(scfg, "pack_length", 0))
                 out = step_fn(batch, n_tok, n_seq, state)
+                if rows_ is None:
+                    (out.loss * 0).backward()
+                    continue
                 out.loss.backward()
                 step_loss += out.loss.item()
-                for k, v in out.stats.items():
-                    step_stats[k] = step_stats.get(k, 0.0) + float(v)
+                for key, v in out.stats.items():
+                    step_stats[key] = step_stats.get(key, 0.0) + float(v)
             dist.all_reduce_grads(params)
-            reduced = dist.sum_floats({"loss": step_loss, **step_stats})
+            # Every rank's loss and stats are its share of sums normalized by the whole step's
+            # counts: their sum over ranks is the global value that rank 0 logs.
+            reduced = dist.sum_floats({"loss": step_loss, **{f"stat.{key}": v for key, v in step_stats.items()}})
             step_loss = reduced.pop("loss")
-            step_stats = reduced
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, scfg.grad_clip if scfg.grad_clip else float("inf"))
+            step_stats = {key[5:]: v for key, v in reduced.items()}
+            grad_norm = dist.clip_grad_norm(params, scfg.grad_clip if scfg.grad_clip else float("inf"))
             opt.step()
             step += 1
             rec = dict(kind="step", stage=stage, epoch=epoch, step=step, loss=step_loss, grad_norm=float(grad_norm),
-                       **{k: v / max(1, n_tok) for k, v in step_stats.items()})
+                       **{key: v / max(1, n_tok) for key, v in step_stats.items()})
             write(rec)
-            for k in ("loss", *step_stats):
-                sums[k] = sums.get(k, 0.0) + rec[k]
+            for key in ("loss", *step_stats):
+                sums[key] = sums.get(key, 0.0) + rec[key]
             sums["_steps"] = sums.get("_steps", 0) + 1
+            bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
-        train_means = {f"train_{k}": v / sums["_steps"] for k, v in sums.items() if k != "_steps"}
+            if every and step % every == 0 and k + 1 < len(mini):
+                checkpoint(epoch - 1, k + 1)
+        bar.close()
+        skip = 0
+        train_means = {f"train_{key}": v / sums["_steps"] for key, v in sums.items() if key != "_steps"}
+        sums = {}
         measured = epoch_end(epoch, state)
         rec = dict(kind="epoch", stage=stage, epoch=epoch, **train_means, **measured, epoch_seconds=time.time() - t0)
         write(rec)
         history.append(rec)
-        if dist.is_main():
-            save_checkpoint(ckpt_path, dict(stage=stage, epoch=epoch, trainable=policy.trainable_state(),
-                                            optimizer=opt.state_dict(), state=state))
-        dist.barrier()
+        checkpoint(epoch, 0)
     return history

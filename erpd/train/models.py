@@ -184,10 +184,15 @@ class Policy:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.trainable_named()}
+        """Full copies of the trainable parameters (FSDP-sharded ones gathered: a collective)."""
+        from erpd.train import dist
+
+        return {n: dist.full_tensor(p.detach()).clone() for n, p in self.trainable_named()}
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from erpd.train import dist
+
         own = dict(self.trainable_named())
         missing, extra = set(own) - set(state), set(state) - set(own)
         if missing or extra:
@@ -195,7 +200,10 @@ class Policy:
         for n, p in own.items():
             if p.shape != state[n].shape:
                 raise ValueError(f"parameter {n}: shape {tuple(state[n].shape)} does not match the model's {tuple(p.shape)}")
-            p.copy_(state[n].to(p.device, p.dtype))
+            if dist.is_sharded(p):  # keep this rank's shard of the full tensor
+                p.copy_(dist.shard_like(state[n], p))
+            else:
+                p.copy_(state[n].to(p.device, p.dtype))
 
     def head_weight(self) -> torch.Tensor:
         return self.head.weight
@@ -213,16 +221,44 @@ class Policy:
         finally:
             self.backbone.layers = full
 
-    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """The backbone's final (normed) hidden states ``[B, L, H]`` for right-padded inputs.
+    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's final (normed) hidden states ``[B, L, H]``.
 
-        ``prefix`` (``[B, L, H]``, from :meth:`prefix_pass`) replaces the frozen bottom layers.
+        Right-padded rows by default. Packed rows (several sequences per row) pass ``position_ids``
+        restarting at 0 for each sequence and ``segment_ids`` (equal within a sequence, -1 on
+        padding): see :meth:`packed_attention_mask`. ``prefix`` (``[B, L, H]``, from
+        :meth:`prefix_pass`) replaces the frozen bottom layers.
         """
+        mask = attention_mask if segment_ids is None else self.packed_attention_mask(segment_ids)
+        kw = dict(attention_mask=mask, position_ids=position_ids, use_cache=False)
         if prefix is None or self.n_frozen == 0:
-            return self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return self.backbone(input_ids=input_ids, **kw).last_hidden_state
         with self._top_layers_only():
-            return self.backbone(inputs_embeds=prefix, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return self.backbone(inputs_embeds=prefix, **kw).last_hidden_state
+
+    def packed_attention_mask(self, segment_ids: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask that isolates packed sequences from each other.
+
+        eager / sdpa attention: an explicit 4D additive mask ``[B, 1, L, L]``, 0 where query q may
+        see key k (same segment, k <= q) and the dtype's minimum elsewhere; Hugging Face models
+        use a 4D mask as given. Padding tokens (segment -1) see only themselves, so no softmax
+        row is empty. Flash-attention kernels take no 4D mask: for them None is returned and the
+        model isolates the sequences from the position ids' resets (transformers' packed-sequence
+        path); other attention implementations are refused rather than silently leaking.
+        """
+        impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        if "flash" in impl:
+            return None
+        if impl not in ("eager", "sdpa"):
+            raise ValueError(f"packing needs eager, sdpa or flash attention; the model uses {impl!r}")
+        L = segment_ids.shape[1]
+        ar = torch.arange(L, device=segment_ids.device)
+        causal = ar[None, :] <= ar[:, None]
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        allowed = (same & causal & (segment_ids[:, :, None] >= 0)) | torch.eye(L, dtype=torch.bool, device=segment_ids.device)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=segment_ids.device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
 
     @torch.no_grad()
     def prefix_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -249,18 +285,24 @@ def load_policy(cfg: ModelConfig, seed: int = 0) -> Policy:
         model, tok = _tiny(cfg, seed)
     else:
         model, tok = _load_hf(cfg, dtype)
-    return Policy(model, tok, cfg, device, dtype)
+    policy = Policy(model, tok, cfg, device, dtype)
+    if cfg.fsdp:
+        from erpd.train import dist
+
+        dist.shard_model(policy)
+    return policy
 
 
 POLICY_FORMAT = "erpd.policy_state"
 
 
-def save_policy_state(policy: Policy, directory, meta: dict | None = None):
+def save_policy_state(policy: Policy, directory, meta: dict | None = None, state: dict | None = None):
     """Save the trainable parameters (all of them when every layer trains) and what they apply to.
 
     ``model.safetensors`` holds the tensors; ``policy.json`` the base model, ``train_layers`` and
     ``meta`` (e.g. the stage-1 config and final metrics). Load with :func:`load_policy_state` onto
-    a policy built from the same base model and ``train_layers``.
+    a policy built from the same base model and ``train_layers``. ``state``: the tensors, when
+    the caller already gathered them (``trainable_state()`` is a collective under FSDP).
     """
     import json
 
@@ -268,7 +310,8 @@ def save_policy_state(policy: Policy, directory, meta: dict | None = None):
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.detach().contiguous().cpu() for n, t in policy.trainable_state().items()}, str(d / "model.safetensors"))
+    save_file({n: t.detach().contiguous().cpu() for n, t in (state or policy.trainable_state()).items()},
+              str(d / "model.safetensors"))
     info = {"format": POLICY_FORMAT, "version": 1, "base": policy.name, "train_layers": policy.cfg.train_layers,
             "meta": meta or {}}
     (d / "policy.json").write_text(json.dumps(info, indent=1, default=str))

@@ -43,6 +43,8 @@ class Run:
         self.base_state = None
         self.data = None
         self.cache = None
+        if cfg.model.fsdp and dist.enabled():
+            _ = self.policy  # sharding is a collective: every rank builds the policy now, together
 
     # -- lazily built pieces -------------------------------------------------------------------
     @property
@@ -67,7 +69,9 @@ class Run:
         if self.data is not None:
             return self.data
         ddir = self.out / "data"
-        if not dist.is_main():  # rank 0 samples (or finds) the data; the others read it
+        # Rank 0 samples (or finds) the data and the others read it; in lockstep (FSDP: every
+        # forward is a collective) every rank samples, identically, and rank 0 writes.
+        if not dist.is_main() and not (dist.lockstep() and not (fixed_data.exists(ddir) and self.resume)):
             dist.barrier()
             self.data = fixed_data.load(ddir)
             return self.data
@@ -79,7 +83,8 @@ class Run:
         self.reset_to_base()
         self.data, self.cache = fixed_data.sample_fixed_data(self.policy, self.train_problems, self.cfg, self.verifier,
                                                              self.cfg.task.system_prompt)
-        fixed_data.save(self.data, ddir)
+        if dist.is_main():
+            fixed_data.save(self.data, ddir)
         dist.barrier()
         r = self.data.rewards
         say(f"[erpd] fixed data: {len(r)} responses, mean reward {r.mean():.3f}, "
@@ -120,7 +125,8 @@ class Run:
         self.reset_to_base()
         res = engine.heldout_reward(self.policy, self.heldout_prompts(), [p.answer for p in self.heldout], self.verifier,
                                     self.cfg.eval.samples_per_prompt, self.cfg.eval, desc="held-out eval π0")
-        path.write_text(json.dumps(res))
+        if dist.is_main():
+            path.write_text(json.dumps(res))
         return res
 
     def evaluator(self, n_epochs: int, stage: str):

@@ -66,7 +66,9 @@ def run(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, ou
 
     history = engine.train_stage(policy, data, cache, cfg.stage1, cfg.sample.temperature, run_dir, make_step(policy, data, cfg),
                                  epoch_end, resume, stage="stage1")
+    final = policy.trainable_state()  # every rank: gathering FSDP shards is a collective
     if dist.is_main():
-        save_policy_state(policy, Path(out_dir) / "teacher", meta={"stage1": cfg.to_dict()["stage1"], "final": history[-1]})
+        save_policy_state(policy, Path(out_dir) / "teacher", state=final,
+                          meta={"stage1": cfg.to_dict()["stage1"], "final": history[-1]})
     dist.barrier()
     return history

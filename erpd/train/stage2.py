@@ -133,9 +133,11 @@ def run(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, ou
     history = engine.train_stage(policy, data, cache, s2, cfg.sample.temperature, run_dir,
                                  make_step(policy, data, cache, cfg, teachers, signal_all), epoch_end, resume,
                                  stage="stage2", extra_state={"anchor": data.old_logprobs.clone()})
+    final = policy.trainable_state()  # every rank: gathering FSDP shards is a collective
     if dist.is_main():
-        save_policy_state(policy, Path(out_dir) / "student", meta={"stage2": cfg.to_dict()["stage2"], "final": history[-1],
-                                                                     "teachers": [str(d) for d in teacher_dirs]})
+        save_policy_state(policy, Path(out_dir) / "student", state=final,
+                          meta={"stage2": cfg.to_dict()["stage2"], "final": history[-1],
+                                "teachers": [str(d) for d in teacher_dirs]})
     dist.barrier()
     teacher_metrics = [t["metrics"] for t in teachers]
     return history, teacher_metrics

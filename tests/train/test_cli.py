@@ -68,3 +68,11 @@ def test_config_layers(tmp_path):
 def test_config_errors(override, match):
     with pytest.raises(C.ConfigError, match=match):
         C.build(None, override)
+
+
+def test_fsdp_flag_and_new_knobs(capsys):
+    assert cli.main(["stage1", "--fsdp", "--print-config", "stage1.checkpoint_every=5", "stage2.pack=true"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["model"]["fsdp"] is True and cfg["stage1"]["checkpoint_every"] == 5 and cfg["stage2"]["pack"] is True
+    assert cli.main(["stage1", "--print-config", "stage1.checkpoint_every=-1"]) == 2
+    assert "checkpoint_every must be >= 0" in capsys.readouterr().err

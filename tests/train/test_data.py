@@ -116,3 +116,51 @@ def test_sampling_from_the_policy(tiny):
     _, lp = engine.build_cache(policy, data, cfg.sample.temperature, 2)
     assert torch.allclose(lp, data.old_logprobs, atol=1e-5)
     assert len(cache.ref_hidden) == len(data)
+
+
+def test_truncated_or_flipped_texts_file_is_detected(tiny, tmp_path):
+    d = _saved(tiny, tmp_path)
+    f = d / D.TEXTS
+    raw = f.read_bytes()
+    f.write_bytes(raw[: len(raw) - 1])
+    with pytest.raises(D.CorruptDataError, match=r"texts.json: .* bytes, the manifest says .*truncated"):
+        D.load(d)
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x01  # one bit, same size
+    f.write_bytes(bytes(flipped))
+    with pytest.raises(D.CorruptDataError, match="texts.json: sha256"):
+        D.load(d)
+
+
+@pytest.mark.parametrize("where", [0, 0.5, -1])
+def test_single_bit_flip_anywhere_in_the_tensors_is_detected(tiny, tmp_path, where):
+    d = _saved(tiny, tmp_path)
+    f = d / D.TENSORS
+    raw = bytearray(f.read_bytes())
+    i = int(where * (len(raw) - 1)) if where != -1 else len(raw) - 1
+    raw[i] ^= 0x10
+    f.write_bytes(bytes(raw))
+    with pytest.raises(D.CorruptDataError, match="sha256"):
+        D.load(d)
+
+
+def _rewrite_consistently(d, **edits):
+    """Edit tensors and re-save with a fresh manifest: checksums pass, the layout checks must not."""
+    data = D.load(d)
+    for k, fn in edits.items():
+        setattr(data, k, fn(getattr(data, k).clone()))
+    D.save(data, d)
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (dict(response_len=lambda t: t + 1), "response_len"),
+    (dict(targets=lambda t: torch.where(t != -100, (t + 1) % 50, t)), "targets are not the response tokens"),
+    (dict(old_logprobs=lambda t: t.abs() + 0.1), "old_logprobs"),
+    (dict(attention_mask=lambda t: torch.ones_like(t)), "attention_mask"),
+    (dict(group=lambda t: t + 100), "group ids"),
+])
+def test_checksum_valid_but_inconsistent_data_is_detected(tiny, tmp_path, edit, msg):
+    d = _saved(tiny, tmp_path)
+    _rewrite_consistently(d, **edit)
+    with pytest.raises(D.CorruptDataError, match=msg):
+        D.load(d)
