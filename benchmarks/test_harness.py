@@ -59,3 +59,33 @@ def test_quantiles():
     assert _bench.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == 1.8
     s = _bench.summarize([3.0])
     assert s["median"] == s["p20"] == s["p80"] == 3.0
+
+
+def test_suite_runner_writes_table_rows_and_plot(tmp_path):
+    """`python -m benchmarks.run` end to end on the smallest shape: every op's table, CSV rows
+    whose ratios agree with the raw samples, and a plot."""
+    import csv
+    import importlib.util
+    import json
+
+    from benchmarks import run
+
+    rc = run.main(["--suite", "cpu", "--shapes", "tiny", "--repeats", "1", "--rounds", "1", "--ops", "linear_logprobs,linear_policy_loss",
+                   "--providers", "naive,erpd-cpu,matmul-floor", "--out-dir", str(tmp_path), "--label", "smoke"])
+    assert rc == 0
+    for op, coef in (("linear_logprobs", 8), ("linear_policy_loss", 6)):
+        stem = tmp_path / f"cpu-{op}-smoke"
+        assert "| tiny (N=16, H=32, V=128) |" in stem.with_suffix(".md").read_text()
+        assert stem.with_suffix(".png").stat().st_size > 0 or not importlib.util.find_spec("matplotlib")
+        rows = {(r["provider"], r["mode"]): r for r in csv.DictReader(stem.with_suffix(".csv").open())}
+        raw = {r["provider"]: r for r in json.loads(stem.with_suffix(".json").read_text())["rows"]}
+        for prov in ("naive", "erpd-cpu", "matmul-floor"):
+            if "times" not in raw[prov]:
+                continue  # e.g. the extension is not built here: the table says why
+            r = rows[(prov, "fwd+bwd")]
+            ms = _bench.summarize(raw[prov]["times"]["fwd+bwd"])["median"]
+            assert abs(float(r["median_ms"]) - ms) <= 1e-3 * ms + 1e-4
+            assert r["op"] == op and r["dtype"] == "fp32" and r["commit"] and r["date"]
+            assert abs(float(r["tflops"]) - round(coef * 16 * 32 * 128 / ms / 1e9, 2)) <= 0.011
+        floor = float(rows[("matmul-floor", "fwd+bwd")]["median_ms"])
+        assert abs(float(rows[("naive", "fwd+bwd")]["x_floor"]) - float(rows[("naive", "fwd+bwd")]["median_ms"]) / floor) < 2e-3 * float(rows[("naive", "fwd+bwd")]["x_floor"]) + 1e-3
