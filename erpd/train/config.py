@@ -113,7 +113,11 @@ class Stage2Config:
     reanchor: bool = False  # anchor = the previous pass's policy instead of π0
     scale: float = 1.0  # signal post-processing: a ← scale · a
     signal_clip: float | None = None  # then clip a to [-c, c]
-    center: bool = False  # then subtract each response's mean signal
+    # then subtract each response's mean signal. On by default: on π0's own tokens the teacher's
+    # log-ratio is mostly one negative shift (mass moved off the sampled tokens); centering keeps
+    # which tokens of a response the teacher preferred. On the demo it took the student from
+    # 0.104 to 0.156 held-out accuracy and its KL(·‖π0) from 0.498 to 0.322 (docs/trainer.md).
+    center: bool = True
     gating: str = "none"  # then on reward-0 responses: none | drop | negate
     kl_coef: float = 0.0  # optional β · KL(π‖π0) (full vocabulary) penalty
     seed: int = 0
