@@ -112,15 +112,41 @@ def _torch_logprobs_fwd(hidden, weight, bias, targets, inv_t, ignore_index):
     return torch.where(valid, logp, zero), torch.where(valid, ent, zero), torch.where(valid, lse, zero)
 
 
+class _ShardGrads:
+    """dhidden, dweight, dbias of the PyTorch shard kernels, accumulated chunk by chunk in `acc`."""
+
+    def __init__(self, hidden, weight, bias, acc, need_h, need_w):
+        n, v, dev = hidden.shape[0], weight.shape[0], hidden.device
+        self.hidden, self.weight = hidden, weight
+        self.gh = torch.zeros(n, hidden.shape[1], dtype=acc, device=dev) if need_h else None
+        self.gw = torch.zeros(v, weight.shape[1], dtype=acc, device=dev) if need_w else None
+        self.gb = torch.zeros(v, dtype=acc, device=dev) if bias is not None else None
+
+    def add(self, dz, h, w, sl):
+        """One row chunk `sl`: dz [rows, V_r], its hidden rows h and the (accumulation-dtype) shard w."""
+        if self.gh is not None:
+            self.gh[sl] = dz @ w
+        if self.gw is not None:
+            self.gw.addmm_(dz.T, h)
+        if self.gb is not None:
+            self.gb += dz.sum(0)
+
+    def finish(self):
+        empty = self.hidden.new_empty(0)
+        return (
+            empty if self.gh is None else self.gh.to(self.hidden.dtype),
+            empty if self.gw is None else self.gw.to(self.weight.dtype),
+            empty if self.gb is None else self.gb,
+        )
+
+
 def _torch_logprobs_bwd(hidden, weight, bias, targets, lse, ent, g_lp, g_ent, inv_t, ignore_index, need_h, need_w):
     acc = _acc(hidden)
     n, v = hidden.shape[0], weight.shape[0]
     w, b = weight.to(acc), (None if bias is None else bias.to(acc))
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0)
-    gh = torch.zeros(n, hidden.shape[1], dtype=acc, device=hidden.device) if need_h else None
-    gw = torch.zeros(v, weight.shape[1], dtype=acc, device=hidden.device) if need_w else None
-    gb = torch.zeros(v, dtype=acc, device=hidden.device) if bias is not None else None
+    grads = _ShardGrads(hidden, weight, bias, acc, need_h, need_w)
     g = torch.where(valid, g_lp.to(acc), 0.0) * inv_t
     g_h = None if g_ent is None else torch.where(valid, g_ent.to(acc), 0.0) * inv_t
     rows = _rows_per_chunk(n, v, 3)
@@ -133,14 +159,8 @@ def _torch_logprobs_bwd(hidden, weight, bias, targets, lse, ent, g_lp, g_ent, in
         if g_h is not None:
             dz -= g_h[sl, None] * p * (logq + ent[sl, None])
         dz.scatter_add_(1, safe[sl, None], g[sl, None])
-        if need_h:
-            gh[sl] = dz @ w
-        if need_w:
-            gw.addmm_(dz.T, h)
-        if gb is not None:
-            gb += dz.sum(0)
-    empty = hidden.new_empty(0)
-    return (gh.to(hidden.dtype) if need_h else empty), (gw.to(weight.dtype) if need_w else empty), (empty if gb is None else gb)
+        grads.add(dz, h, w, sl)
+    return grads.finish()
 
 
 def _torch_teacher(th, tw, tb, tl, sl, acc, inv_t):
@@ -175,9 +195,7 @@ def _torch_kl_bwd(hidden, weight, bias, th, tw, tb, tl, targets, lse_s, lse_t, a
     n, v = hidden.shape[0], weight.shape[0]
     w, b = weight.to(acc), (None if bias is None else bias.to(acc))
     g = torch.where(targets != ignore_index, g_kl.to(acc), 0.0) * inv_t
-    gh = torch.zeros(n, hidden.shape[1], dtype=acc, device=hidden.device) if need_h else None
-    gw = torch.zeros(v, weight.shape[1], dtype=acc, device=hidden.device) if need_w else None
-    gb = torch.zeros(v, dtype=acc, device=hidden.device) if bias is not None else None
+    grads = _ShardGrads(hidden, weight, bias, acc, need_h, need_w)
     rows = _rows_per_chunk(n, v, 5)
     for r0 in range(0, n, rows):
         sl = slice(r0, r0 + rows)
@@ -193,14 +211,8 @@ def _torch_kl_bwd(hidden, weight, bias, th, tw, tb, tl, targets, lse_s, lse_t, a
             log_m = torch.logaddexp(a + math.log1p(-beta), bt + math.log(beta))
             dz = (1.0 - beta) * ps * (a - log_m - aux[sl, None])
         dz = dz * g[sl, None]
-        if need_h:
-            gh[sl] = dz @ w
-        if need_w:
-            gw.addmm_(dz.T, h)
-        if gb is not None:
-            gb += dz.sum(0)
-    empty = hidden.new_empty(0)
-    return (gh.to(hidden.dtype) if need_h else empty), (gw.to(weight.dtype) if need_w else empty), (empty if gb is None else gb)
+        grads.add(dz, h, w, sl)
+    return grads.finish()
 
 
 def _kernels(backend: str, op: str):
