@@ -4,7 +4,10 @@
 // unit (csrc/cpu/<op>.cpp for CPU, csrc/cuda/<op>.cpp for CUDA); this file only declares the
 // schemas, so the op set is visible in one place.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
+
+#include "cpu/vocab_rows.h"
 
 TORCH_LIBRARY(erpd, m) {
   // linear_logprobs (DESIGN.md §3): per-row log p(target), entropy and log-sum-exp of
@@ -68,4 +71,8 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
+  // The ISA level of the CPU epilogues' row loops (csrc/cpu/vocab_rows.h).
+  m.def("cpu_isa", []() { return std::string(erpd::cpu::vocab_rows().isa); });
+  m.def("cpu_isas", &erpd::cpu::supported_isas, "the levels this CPU and build can run");
+  m.def("set_cpu_isa", &erpd::cpu::set_vocab_rows_isa, "switch the level (for tests and benchmarks)");
 }

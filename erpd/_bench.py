@@ -42,6 +42,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from erpd import _ext
+
 MODES = ("fwd", "fwd+bwd")
 
 # Large enough that per-chunk buffers are still mmapped, small enough that nothing big lingers
@@ -368,6 +370,7 @@ def environment(device: str, threads: int | None = None) -> dict[str, str]:
         "triton": package_version("triton"),
         "python": platform.python_version(),
         "threads": str(threads or torch.get_num_threads()),
+        "cpu epilogue ISA": _ext.cpu_isa() or "—",
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }

@@ -23,6 +23,13 @@ def has_cuda() -> bool:
     return _C is not None and bool(_C.built_with_cuda())
 
 
+def cpu_isa() -> str | None:
+    """The ISA level of the CPU epilogues' vectorized row loops (``default`` = the compiler's
+    baseline, ``avx2``, ``avx512``): ERPD_CPU_ISA if set, else the best this CPU runs. None when
+    the extension is not built."""
+    return None if _C is None else _C.cpu_isa()
+
+
 def unavailable_reason() -> str:
     if _C is None:
         return (

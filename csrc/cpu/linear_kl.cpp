@@ -1,5 +1,7 @@
 // linear_kl on CPU: the chunked driver (csrc/linear_kl_driver.h, MKL GEMMs) with epilogues
-// parallel over rows (ATen's OpenMP pool). Math: csrc/linear_kl_math.h.
+// parallel over rows (ATen's OpenMP pool). Math: csrc/linear_kl_math.h. The forward and reverse
+// KL passes are the vectorized row loops of csrc/cpu/vocab_rows.h; jsd's log-mixture passes stay
+// scalar (they need log1p as well as exp).
 //
 // Forward, per row, with m = max z and d = z - m for each distribution:
 //   pass 1: the two maxima;  pass 2: s^S = sum e^{d^S}, s^T = sum e^{d^T} and, for the KLs,
@@ -13,8 +15,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 
+#include "cpu/vocab_rows.h"
 #include "linear_kl_driver.h"
 #include "linear_kl_math.h"
 
@@ -22,16 +24,6 @@ namespace erpd {
 namespace {
 
 using linear_kl::Mode;
-
-// Rows per parallel task: about 64k logits (tiny batches stay on one thread).
-inline int64_t row_grain(int64_t v) { return (int64_t(1) << 16) / std::max<int64_t>(v, 1) + 1; }
-
-inline float row_max(const float* z, int64_t v) {
-  // std::max skips NaN here; a NaN logit still reaches the sums (and the row's outputs) below.
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t k = 0; k < v; ++k) m = std::max(m, z[k]);
-  return m;
-}
 
 struct CpuEpilogue {
   void forward(const at::Tensor& zs, const at::Tensor& zt, int64_t r0, double inv_t, int64_t ignore_index,
@@ -44,20 +36,12 @@ struct CpuEpilogue {
     const int64_t* tgt = targets.data_ptr<int64_t>() + r0;
     float *out = kl.data_ptr<float>() + r0, *ls = lse_s.data_ptr<float>() + r0,
           *lt = lse_t.data_ptr<float>() + r0, *ax = aux.data_ptr<float>() + r0;
-    at::parallel_for(0, r, row_grain(v), [&](int64_t lo, int64_t hi) {
+    const cpu::VocabRows& rows = cpu::vocab_rows();
+    at::parallel_for(0, r, cpu::row_grain(v), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const float *zsi = zsp + i * v, *zti = ztp + i * v;
-        const float ms = row_max(zsi, v) * t, mt = row_max(zti, v) * t;  // t > 0
-        // Sequential fp32 sums over ~1e5 terms would lose ~sqrt(V) ulps; double costs little.
-        double ss = 0.0, st = 0.0, cross = 0.0;
-        for (int64_t k = 0; k < v; ++k) {
-          const float ds = zsi[k] * t - ms, dt = zti[k] * t - mt;
-          const float es = std::exp(ds), et = std::exp(dt);
-          ss += es;
-          st += et;
-          if (mode == Mode::kForward) cross += double(et) * (dt - ds);
-          else if (mode == Mode::kReverse) cross += double(es) * (ds - dt);
-        }
+        const float ms = rows.row_max(zsi, v) * t, mt = rows.row_max(zti, v) * t;  // t > 0
+        const auto [ss, st, cross] = rows.kl_sums(zsi, zti, v, t, ms, mt, int(mode));
         const double log_ss = std::log(ss), log_st = std::log(st);
         ls[i] = float(ms + log_ss);
         lt[i] = float(mt + log_st);
@@ -99,7 +83,8 @@ struct CpuEpilogue {
     const float *ls = lse_s.data_ptr<float>() + r0, *lt = lse_t.data_ptr<float>() + r0,
                 *ax = aux.data_ptr<float>() + r0, *g = grad_kl.data_ptr<float>() + r0;
     const int m = int(mode);
-    at::parallel_for(0, r, row_grain(v), [&](int64_t lo, int64_t hi) {
+    const cpu::VocabRows& rows = cpu::vocab_rows();
+    at::parallel_for(0, r, cpu::row_grain(v), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         float* zsi = zsp + i * v;
         const float* zti = ztp + i * v;
@@ -108,8 +93,12 @@ struct CpuEpilogue {
           continue;
         }
         const float gt = g[i] * t, la = ls[i], lb = lt[i], x = ax[i];
-        for (int64_t k = 0; k < v; ++k)
-          zsi[k] = gt * linear_kl::grad_logit(m, zsi[k] * t - la, zti[k] * t - lb, x, w);
+        if (m == Mode::kJsd) {
+          for (int64_t k = 0; k < v; ++k)
+            zsi[k] = gt * linear_kl::grad_logit(m, zsi[k] * t - la, zti[k] * t - lb, x, w);
+        } else {
+          rows.kl_grad(zsi, zti, v, t, la, lb, x, gt, m);
+        }
       }
     });
   }

@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
+
 #include "policy_loss_math.h"
 
 namespace erpd {
@@ -81,10 +83,39 @@ inline policy::Batch batch(const at::Tensor& logprobs, const at::Tensor* old_log
   return in;
 }
 
+// The arguments of the fused op (csrc/{cpu,cuda}/linear_policy_loss.cpp): hidden is [B * T, H] for
+// the [B, T] mask, and the per-token inputs are checked as in the pointwise op (check_batch wants
+// a [B, T] logprobs to compare shapes with; the real ones come from the driver).
+inline policy::Params fused_params(const at::Tensor& hidden, const at::Tensor& targets,
+                                   const c10::optional<at::Tensor>& old_logprobs, const at::Tensor& advantages,
+                                   const at::Tensor& mask, const c10::optional<at::Tensor>& ref_logprobs,
+                                   const c10::optional<at::Tensor>& is_weights, int64_t method, int64_t agg,
+                                   double lo, double hi, double dual_clip, double tau_pos, double tau_neg,
+                                   double kl_coef, int64_t kl_estimator, double entropy_coef) {
+  TORCH_CHECK(mask.dim() == 2, "mask must be [B, T]");
+  const int64_t n = mask.numel();
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == n, "hidden must be [B * T, H] for a [B, T] mask");
+  TORCH_CHECK(targets.numel() == n, "targets must have B * T entries");
+  check_batch(at::empty(mask.sizes(), hidden.options().dtype(at::kFloat)), old_logprobs, advantages, mask,
+              ref_logprobs, c10::nullopt, is_weights);
+  return make_params(method, agg, lo, hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
+                     ref_logprobs.has_value(), /*has_entropy=*/true);
+}
+
 // Every given tensor is on `device` (the raw-pointer code would otherwise read another device's
-// memory).
-inline void check_device(const c10::optional<at::Tensor>& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(!t || t->device() == device, name, " must be on ", device, ", got ", t->device());
+// memory), and num_items, read by a kernel there, has one element. Absent optionals are skipped.
+struct Named {
+  const char* name;
+  const c10::optional<at::Tensor>& tensor;
+};
+inline void check_devices(const at::Device& device, std::initializer_list<Named> tensors,
+                          const c10::optional<at::Tensor>& num_items) {
+  for (const Named& t : tensors) {
+    TORCH_CHECK(!t.tensor || t.tensor->device() == device, t.name, " must be on ", device, ", got ",
+                t.tensor->device());
+  }
+  TORCH_CHECK(!num_items || num_items->device() == device, "num_items must be on ", device);
+  TORCH_CHECK(!num_items || num_items->numel() == 1, "num_items must have one element");
 }
 
 // A tensor `num_items` (a CPU scalar here: this reads it on the host) wins over the float; <= 0

@@ -33,30 +33,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     const c10::optional<at::Tensor>& num_items, int64_t method, int64_t agg, double ratio_lo, double ratio_hi,
     double dual_clip, double tau_pos, double tau_neg, double kl_coef, int64_t kl_estimator, double entropy_coef,
     double num_items_value, double norm_scale, bool need_grad_hidden, bool need_grad_weight) {
-  TORCH_CHECK(mask.dim() == 2, "mask must be [B, T]");
+  const policy::Params p = policy_cpu::fused_params(hidden, targets, old_logprobs, advantages, mask, ref_logprobs,
+                                                    is_weights, method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos,
+                                                    tau_neg, kl_coef, kl_estimator, entropy_coef);
   const int64_t B = mask.size(0), T = mask.size(1), n = hidden.size(0);
-  TORCH_CHECK(hidden.dim() == 2 && n == B * T, "hidden must be [B * T, H] for a [B, T] mask");
-  TORCH_CHECK(targets.numel() == n, "targets must have B * T entries");
   const at::Device dev = hidden.device();
   TORCH_CHECK(dev.is_cuda(), "hidden must be a CUDA tensor");
-  policy_cpu::check_device(weight, "weight", dev);
-  policy_cpu::check_device(bias, "bias", dev);
-  policy_cpu::check_device(targets, "targets", dev);
-  policy_cpu::check_device(old_logprobs, "old_logprobs", dev);
-  policy_cpu::check_device(advantages, "advantages", dev);
-  policy_cpu::check_device(mask, "mask", dev);
-  policy_cpu::check_device(ref_logprobs, "ref_logprobs", dev);
-  policy_cpu::check_device(is_weights, "is_weights", dev);
-  policy_cpu::check_device(num_items, "num_items", dev);
-  TORCH_CHECK(!num_items || num_items->numel() == 1, "num_items must have one element");
+  policy_cpu::check_devices(dev,
+                            {{"weight", weight}, {"bias", bias}, {"targets", targets}, {"old_logprobs", old_logprobs},
+                             {"advantages", advantages}, {"mask", mask}, {"ref_logprobs", ref_logprobs},
+                             {"is_weights", is_weights}},
+                            num_items);
   const c10::cuda::CUDAGuard guard(dev);
   const auto f32 = hidden.options().dtype(at::kFloat);
-  // check_batch wants a [B, T] logprobs to compare shapes with; the real ones come from the driver.
-  policy_cpu::check_batch(at::empty({B, T}, f32), old_logprobs, advantages, mask, ref_logprobs, c10::nullopt,
-                          is_weights);
-  const policy::Params p = policy_cpu::make_params(method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef,
-                                                   kl_estimator, entropy_coef, ref_logprobs.has_value(),
-                                                   /*has_entropy=*/true);
   const at::Tensor items = num_items ? num_items->to(at::kFloat).contiguous() : at::Tensor();
   const float* items_ptr = items.defined() ? items.data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -23,14 +23,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
   policy_cpu::check_batch(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights);
   const at::Device dev = logprobs.device();
   TORCH_CHECK(dev.is_cuda(), "logprobs must be a CUDA tensor");
-  policy_cpu::check_device(old_logprobs, "old_logprobs", dev);
-  policy_cpu::check_device(advantages, "advantages", dev);
-  policy_cpu::check_device(mask, "mask", dev);
-  policy_cpu::check_device(ref_logprobs, "ref_logprobs", dev);
-  policy_cpu::check_device(entropy, "entropy", dev);
-  policy_cpu::check_device(is_weights, "is_weights", dev);
-  policy_cpu::check_device(num_items, "num_items", dev);
-  TORCH_CHECK(!num_items || num_items->numel() == 1, "num_items must have one element");
+  policy_cpu::check_devices(dev,
+                            {{"old_logprobs", old_logprobs}, {"advantages", advantages}, {"mask", mask},
+                             {"ref_logprobs", ref_logprobs}, {"entropy", entropy}, {"is_weights", is_weights}},
+                            num_items);
   const c10::cuda::CUDAGuard guard(dev);
   const policy::Params p = policy_cpu::make_params(method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef,
                                                    kl_estimator, entropy_coef, ref_logprobs.has_value(),

@@ -26,6 +26,22 @@ def _run(x, backend, **opts):
     return loss.detach(), metrics, grads
 
 
+def _check_micro_batches(x, backend, num_items, **opts):
+    """Uneven micro-batches of `x`, each given the step's `num_items`, add up to the one-batch loss
+    and gradients. Returns the first micro-batch's loss."""
+    full_loss, _, full_grads = _run(x, backend, **opts)
+    losses, grads = [], [[], []]
+    for sl in (slice(0, 1), slice(1, 4), slice(4, 6)):
+        loss, _, g = _run(x.rows(sl), backend, num_items=num_items, **opts)
+        losses.append(loss)
+        for i, gi in enumerate(g):
+            grads[i].append(gi)
+    torch.testing.assert_close(sum(losses), full_loss, rtol=1e-5, atol=1e-6)
+    for i, full in enumerate(full_grads):
+        torch.testing.assert_close(torch.cat(grads[i]), full, rtol=1e-5, atol=1e-7)
+    return losses[0]
+
+
 def check_backend(x, backend, dtype=torch.float32, **opts):
     """`dtype`: the precision of the differentiable inputs; the float64 reference sees the same
     (rounded) values, and plain PyTorch (the rule's baseline) runs on them in `dtype`."""
@@ -105,24 +121,14 @@ def test_extreme_log_ratios_are_clamped(cpu_backend):
 @pytest.mark.parametrize("agg", POLICY_AGGS)
 def test_micro_batches_with_num_items_sum_to_the_full_batch(backend, agg):
     """Gradient accumulation: micro-batch losses with the step's num_items add up to the one-batch loss."""
-    x = make_policy_inputs(6, 29, seed=19, ref=True, entropy=True)
+    x = make_policy_inputs(6, 29, seed=19, ref=True, entropy=True).cast(torch.float32)
     opts = dict(method="ppo", agg=agg, kl_coef=0.1, entropy_coef=0.02)
-    full_loss, _, full_grads = _run(x.cast(torch.float32), backend, **opts)
     count = int(x.mask.sum()) if agg == "token-mean" else x.mask.shape[0]
-    losses, grads = [], [[], []]
-    for sl in (slice(0, 1), slice(1, 4), slice(4, 6)):  # uneven micro-batches
-        mb = x.rows(sl).cast(torch.float32)
-        loss, _, g = _run(mb, backend, num_items=count, **opts)
-        losses.append(loss)
-        for i, gi in enumerate(g):
-            grads[i].append(gi)
-    torch.testing.assert_close(sum(losses), full_loss, rtol=1e-5, atol=1e-6)
-    for i, full in enumerate(full_grads):
-        torch.testing.assert_close(torch.cat(grads[i]), full, rtol=1e-5, atol=1e-7)
+    first = _check_micro_batches(x, backend, count, **opts)
     # Without num_items, token-mean micro-batches would not add up (the bug TRL and verl fixed).
     if agg == "token-mean":
-        loss_local, _, _ = _run(x.rows(slice(0, 1)).cast(torch.float32), backend, **opts)
-        assert not torch.allclose(loss_local, losses[0])
+        loss_local, _, _ = _run(x.rows(slice(0, 1)), backend, **opts)
+        assert not torch.allclose(loss_local, first)
 
 
 def test_num_items_tensor_equals_number(cpu_backend):
@@ -274,17 +280,8 @@ def test_gpu_micro_batches_with_num_items_tensor(backend, agg):
     _need_gpu_backend(backend)
     x = make_policy_inputs(6, 300, seed=19, ref=True, entropy=True, device="cuda")
     opts = dict(method="gspo", agg=agg, kl_coef=0.1, entropy_coef=0.02)
-    full_loss, _, full_grads = _run(x, backend, **opts)
     count = x.mask.sum().float() if agg == "token-mean" else torch.tensor(6.0, device="cuda")
-    losses, grads = [], [[], []]
-    for sl in (slice(0, 1), slice(1, 4), slice(4, 6)):
-        loss, _, g = _run(x.rows(sl), backend, num_items=count, **opts)
-        losses.append(loss)
-        for i, gi in enumerate(g):
-            grads[i].append(gi)
-    torch.testing.assert_close(sum(losses), full_loss, rtol=1e-5, atol=1e-6)
-    for i, full in enumerate(full_grads):
-        torch.testing.assert_close(torch.cat(grads[i]), full, rtol=1e-5, atol=1e-7)
+    _check_micro_batches(x, backend, count, **opts)
 
 
 @pytest.mark.gpu
