@@ -2,6 +2,7 @@
 single-process run (the gradient all-reduce sums shards of losses normalized by the whole
 mini-batch's counts)."""
 
+import faulthandler
 import os
 import sys
 
@@ -46,6 +47,9 @@ def _steps(out_dir):
 
 def _worker(rank, world, init_file, out_dir, objective, result_dir, epochs=2, resume=False, checkpoint_every=0,
             fsdp=False, train_layers=1, batch_size=6):
+    # A rank that aborts (see test_fsdp2_two_gloo_processes_equal_one_process) prints every
+    # thread's Python stack.
+    faulthandler.enable(all_threads=True)
     sys.path.insert(0, os.path.dirname(__file__))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
