@@ -15,19 +15,21 @@
 namespace erpd {
 namespace chunked {
 
-// Rows per chunk for `v` fp32 logits per row (pass the total width when an op keeps several
-// [rows, V] buffers), within a logits byte budget that ERPD_CHUNK_BYTES overrides. Default:
-//  * CPU 64 MiB: MKL's GEMM is near its peak long before that, and the epilogue's passes over a
-//    chunk then run out of the last-level cache;
-//  * CUDA 1 GiB (~2000 rows at V = 128K): a cuBLAS GEMM needs M in the thousands to run at the
-//    tensor cores' rate, the one-block-per-row epilogues need rows >> SMs, and every chunk
-//    re-reads and re-writes the fp32 dW accumulator (2 GB at V = 128K, H = 4096). With 64 MiB
-//    chunks (130 rows) an H100 took 98 ms for a backward whose GEMMs alone take 19 ms
+// Rows per chunk for `buffers` fp32 [rows, v] logits blocks (two for linear_kl: student and
+// teacher), within a byte budget for all of them that ERPD_CHUNK_BYTES overrides. Default:
+//  * CPU 128 MiB per block (512 rows at V = 64K): with K = H = 512, MKL's [rows, H] x [H, V] GEMM
+//    ran at 72% of its one-big-GEMM rate with 128-row chunks, 86% with 256 and 90% with 512
+//    (2-core EPYC, V = 65536); linear_kl's fwd+bwd went from 9.4 s to 6.8 s at N = 2048 when its
+//    chunks grew from 128 to 512 rows, for +200 MB. Memory stays O(rows * V);
+//  * CUDA 1 GiB in all (~2000 rows at V = 128K for one block): a cuBLAS GEMM needs M in the
+//    thousands to run at the tensor cores' rate, the one-block-per-row epilogues need rows >> SMs,
+//    and every chunk re-reads and re-writes the fp32 dW accumulator (2 GB at V = 128K, H = 4096).
+//    With 64 MiB chunks (130 rows) an H100 took 98 ms for a backward whose GEMMs alone take 19 ms
 //    (N = 4096, H = 4096, V = 128256, bf16; notes in benchmarks/results/README.md).
-inline int64_t rows_per_chunk(int64_t n, int64_t v, bool cuda) {
-  int64_t budget = cuda ? int64_t(1) << 30 : int64_t(64) << 20;
+inline int64_t rows_per_chunk(int64_t n, int64_t v, int64_t buffers, bool cuda) {
+  int64_t budget = cuda ? int64_t(1) << 30 : buffers * (int64_t(128) << 20);
   if (const char* env = std::getenv("ERPD_CHUNK_BYTES")) budget = std::max<int64_t>(std::atoll(env), 1);
-  return std::max<int64_t>(std::min<int64_t>(budget / (v * int64_t(sizeof(float))), n), 1);
+  return std::max<int64_t>(std::min<int64_t>(budget / (buffers * v * int64_t(sizeof(float))), n), 1);
 }
 
 // GEMM operands. CPU: 16-bit inputs are upcast (W once, each hidden chunk when used): MKL's

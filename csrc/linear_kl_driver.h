@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor kl = at::empty({n}, f32), lse_s = at::empty({n}, f32), lse_t = at::empty({n}, f32),
              aux = at::empty({n}, f32);
   const chunked::Operands ops(weight, bias);
-  const int64_t rows = chunked::rows_per_chunk(n, 2 * v, hidden.is_cuda());  // two [rows, V] blocks
+  const int64_t rows = chunked::rows_per_chunk(n, v, 2, hidden.is_cuda());
   at::Tensor zs_buf = at::empty({rows, v}, f32), zt_buf = at::empty({rows, v}, f32);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const int64_t n = hidden.size(0), v = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
   const chunked::Operands ops(weight, bias);
-  const int64_t rows = chunked::rows_per_chunk(n, 2 * v, hidden.is_cuda());
+  const int64_t rows = chunked::rows_per_chunk(n, v, 2, hidden.is_cuda());
   chunked::Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight, rows);
   at::Tensor zs_buf = at::empty({rows, v}, f32), zt_buf = at::empty({rows, v}, f32);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {

@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({n}, f32), ent = at::empty({n}, f32), lse = at::empty({n}, f32);
   const Operands ops(weight, bias);
-  const int64_t rows = rows_per_chunk(n, v, hidden.is_cuda());
+  const int64_t rows = rows_per_chunk(n, v, 1, hidden.is_cuda());
   at::Tensor zbuf = at::empty({rows, v}, f32);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     int64_t ignore_index, bool need_grad_hidden, bool need_grad_weight, const Epilogue& ep) {
   const int64_t n = hidden.size(0), v = weight.size(0);
   const Operands ops(weight, bias);
-  const int64_t rows = rows_per_chunk(n, v, hidden.is_cuda());
+  const int64_t rows = rows_per_chunk(n, v, 1, hidden.is_cuda());
   Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight, rows);
   at::Tensor zbuf = at::empty({rows, v}, hidden.options().dtype(at::kFloat));
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
@@ -97,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_w
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({n}, f32), ent = at::empty({n}, f32), lse = at::empty({n}, f32);
   const Operands ops(weight, bias);
-  const int64_t rows = rows_per_chunk(n, v, hidden.is_cuda());
+  const int64_t rows = rows_per_chunk(n, v, 1, hidden.is_cuda());
   Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight, rows);
   at::Tensor zbuf = at::empty({rows, v}, f32);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {

@@ -346,7 +346,8 @@ def package_version(pkg: str) -> str:
 
 
 def git_commit(path: str | Path | None = None) -> str:
-    """Short HEAD of the checkout erpd was imported from, "-dirty" if tracked files differ.
+    """Short HEAD of the checkout erpd was imported from, "-dirty" if tracked files differ
+    (the results folder aside: a suite rewrites its tables as it goes).
 
     ERPD_COMMIT overrides it: a copy of the working tree on another machine (a lent GPU) may
     carry a stale .git, and the header must name the code that was measured."""
@@ -356,7 +357,8 @@ def git_commit(path: str | Path | None = None) -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, check=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+            cwd=cwd, capture_output=True, text=True, check=True,
         ).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
