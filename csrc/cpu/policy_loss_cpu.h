@@ -21,13 +21,11 @@ inline void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef sha
   TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }
 
-inline void check_batch(const at::Tensor& logprobs, const c10::optional<at::Tensor>& old_logprobs,
-                        const at::Tensor& advantages, const at::Tensor& mask,
-                        const c10::optional<at::Tensor>& ref_logprobs, const c10::optional<at::Tensor>& entropy,
-                        const c10::optional<at::Tensor>& is_weights) {
-  TORCH_CHECK(logprobs.dim() == 2, "logprobs must be [B, T]");
-  const auto bt = logprobs.sizes();
-  check_f32(logprobs, "logprobs", bt);
+// The per-token inputs of a [B, T] batch `bt`.
+inline void check_per_token(at::IntArrayRef bt, const c10::optional<at::Tensor>& old_logprobs,
+                            const at::Tensor& advantages, const at::Tensor& mask,
+                            const c10::optional<at::Tensor>& ref_logprobs, const c10::optional<at::Tensor>& entropy,
+                            const c10::optional<at::Tensor>& is_weights) {
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.sizes() == bt,
               "mask must be a contiguous bool tensor of shape ", bt);
   if (old_logprobs) check_f32(*old_logprobs, "old_logprobs", bt);
@@ -36,6 +34,15 @@ inline void check_batch(const at::Tensor& logprobs, const c10::optional<at::Tens
   if (ref_logprobs) check_f32(*ref_logprobs, "ref_logprobs", bt);
   if (entropy) check_f32(*entropy, "entropy", bt);
   if (is_weights) check_f32(*is_weights, "is_weights", bt);
+}
+
+inline void check_batch(const at::Tensor& logprobs, const c10::optional<at::Tensor>& old_logprobs,
+                        const at::Tensor& advantages, const at::Tensor& mask,
+                        const c10::optional<at::Tensor>& ref_logprobs, const c10::optional<at::Tensor>& entropy,
+                        const c10::optional<at::Tensor>& is_weights) {
+  TORCH_CHECK(logprobs.dim() == 2, "logprobs must be [B, T]");
+  check_f32(logprobs, "logprobs", logprobs.sizes());
+  check_per_token(logprobs.sizes(), old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights);
 }
 
 inline policy::Params make_params(int64_t method, int64_t agg, double lo, double hi, double dual_clip, double tau_pos,
@@ -84,8 +91,7 @@ inline policy::Batch batch(const at::Tensor& logprobs, const at::Tensor* old_log
 }
 
 // The arguments of the fused op (csrc/{cpu,cuda}/linear_policy_loss.cpp): hidden is [B * T, H] for
-// the [B, T] mask, and the per-token inputs are checked as in the pointwise op (check_batch wants
-// a [B, T] logprobs to compare shapes with; the real ones come from the driver).
+// the [B, T] mask, and the per-token inputs are checked as in the pointwise op.
 inline policy::Params fused_params(const at::Tensor& hidden, const at::Tensor& targets,
                                    const c10::optional<at::Tensor>& old_logprobs, const at::Tensor& advantages,
                                    const at::Tensor& mask, const c10::optional<at::Tensor>& ref_logprobs,
@@ -96,8 +102,7 @@ inline policy::Params fused_params(const at::Tensor& hidden, const at::Tensor& t
   const int64_t n = mask.numel();
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == n, "hidden must be [B * T, H] for a [B, T] mask");
   TORCH_CHECK(targets.numel() == n, "targets must have B * T entries");
-  check_batch(at::empty(mask.sizes(), hidden.options().dtype(at::kFloat)), old_logprobs, advantages, mask,
-              ref_logprobs, c10::nullopt, is_weights);
+  check_per_token(mask.sizes(), old_logprobs, advantages, mask, ref_logprobs, c10::nullopt, is_weights);
   return make_params(method, agg, lo, hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
                      ref_logprobs.has_value(), /*has_entropy=*/true);
 }

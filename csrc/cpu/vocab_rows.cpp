@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "linear_kl_math.h"  // linear_kl::Mode, for the KL loops
+
 namespace erpd {
 namespace cpu {
 

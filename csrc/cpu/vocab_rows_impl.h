@@ -81,8 +81,8 @@ static KlSums kl_sums_mode(const float* zs, const float* zt, int64_t v, float t,
       const float es = exp_f(ds), et = exp_f(dt);
       bs += es;
       bt += et;
-      if (Mode == 0) bc += et * (dt - ds);
-      if (Mode == 1) bc += es * (ds - dt);
+      if (Mode == linear_kl::kForward) bc += et * (dt - ds);
+      if (Mode == linear_kl::kReverse) bc += es * (ds - dt);
     }
     ss += bs;
     st += bt;
@@ -92,14 +92,14 @@ static KlSums kl_sums_mode(const float* zs, const float* zt, int64_t v, float t,
 }
 
 static KlSums kl_sums(const float* zs, const float* zt, int64_t v, float t, float ms, float mt, int mode) {
-  if (mode == 0) return kl_sums_mode<0>(zs, zt, v, t, ms, mt);
-  if (mode == 1) return kl_sums_mode<1>(zs, zt, v, t, ms, mt);
-  return kl_sums_mode<2>(zs, zt, v, t, ms, mt);
+  if (mode == linear_kl::kForward) return kl_sums_mode<linear_kl::kForward>(zs, zt, v, t, ms, mt);
+  if (mode == linear_kl::kReverse) return kl_sums_mode<linear_kl::kReverse>(zs, zt, v, t, ms, mt);
+  return kl_sums_mode<linear_kl::kJsd>(zs, zt, v, t, ms, mt);
 }
 
 static void kl_grad(float* zs, const float* zt, int64_t v, float t, float lse_s, float lse_t, float kl, float g,
                     int mode) {
-  if (mode == 0) {
+  if (mode == linear_kl::kForward) {
 #pragma omp simd
     for (int64_t k = 0; k < v; ++k) zs[k] = g * (exp_f(zs[k] * t - lse_s) - exp_f(zt[k] * t - lse_t));
   } else {
