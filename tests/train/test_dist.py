@@ -129,8 +129,9 @@ def test_fsdp2_two_gloo_processes_equal_one_process(tmp_path, train_layers):
     final weights as one unsharded process; the checkpoint then resumes on one process."""
     from torch.distributed.fsdp import fully_shard  # noqa: F401  (the feature under test)
 
-    # Known, not yet understood: about one run in three, a rank aborts with "terminate called
-    # without an active exception" (SIGABRT) around sampling, seen only with FSDP2 on gloo/CPU.
+    # Known, not yet understood: now and then a rank aborts with "terminate called without an
+    # active exception" (SIGABRT) around sampling; first seen here with FSDP2 (about one run in
+    # three), since also once in the plain 2-process resume test above, which has no retry.
     # One retry in a fresh directory, so that the comparison below still decides the test; a
     # second abort fails it.
     for attempt in range(2):
