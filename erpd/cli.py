@@ -81,14 +81,24 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
 
+    from erpd.train import dist
+
+    if dist.init_from_env() and args.command == "eval":
+        print("erpd: `erpd eval` runs in one process; launch it without torchrun", file=sys.stderr)
+        dist.shutdown()
+        return 2
+    try:
+        return _run(args, cfg)
+    finally:
+        dist.shutdown()  # under torchrun: the group's threads must end before the interpreter does
+
+
+def _run(args, cfg) -> int:
     import torch
 
     from erpd.train import dist
     from erpd.train.pipeline import Run, format_table, say, write_summary
 
-    if dist.init_from_env() and args.command == "eval":
-        print("erpd: `erpd eval` runs in one process; launch it without torchrun", file=sys.stderr)
-        return 2
     torch.manual_seed(cfg.seed)
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)

@@ -28,9 +28,11 @@ broadcast. Checkpoints hold full tensors, so a run resumes on any number of proc
 
 from __future__ import annotations
 
-import os
-
+import gc
 import math
+import os
+import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -63,6 +65,55 @@ def init_from_env() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return True
+
+
+def shutdown() -> None:
+    """Destroy the default process group, so that its backend's threads end before the interpreter.
+
+    A gloo group still alive at interpreter shutdown can abort the process ("terminate called
+    without an active exception"): a gloo worker thread that drops the last C++ reference to a
+    Python-owned tensor (the tail of a finished collective) must take the GIL, the finalizing
+    interpreter makes it exit instead, and the forced unwind through C++ calls std::terminate.
+
+    ``destroy_process_group`` frees nothing while something else holds the group. torch's DTensor
+    caches do after an FSDP2 run (emptied here, see :func:`_clear_mesh_caches`). So does
+    ``torch.distributed.nn.functional``, which binds ``group.WORLD`` as default arguments when
+    first imported: ``torch._dynamo`` (so ``import erpd``) imports it, and a process that creates
+    its group *before* importing them pins the group for life; create it after ``import erpd``.
+    Warns if the group is still held.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    _clear_mesh_caches()
+    gc.collect()  # free unreachable cycles that still hold the group before judging
+    if group() is not None:
+        import warnings
+
+        warnings.warn("the default process group is still referenced after destroy_process_group(), so its "
+                      "threads outlive it into interpreter shutdown (see erpd.train.dist.shutdown); was "
+                      "torch._dynamo (or torch.distributed.nn.functional) first imported after init_process_group?",
+                      RuntimeWarning, stacklevel=2)
+
+
+def _clear_mesh_caches() -> None:
+    """Empty torch.distributed's caches, which hold device meshes and so their process groups.
+
+    DTensor (FSDP2's parameters) caches sharding propagation, redistribution planners and mesh
+    topology per device mesh, and a mesh holds its groups: after an FSDP2 run these caches alone
+    keep the destroyed default group alive. Their entries are stale once the groups are gone.
+    """
+    import functools
+
+    redistribute = sys.modules.get("torch.distributed.tensor._redistribute")
+    if hasattr(redistribute, "clear_redistribute_planner_cache"):
+        redistribute.clear_redistribute_planner_cache()  # a dict, not an lru_cache
+    if hasattr(torch._C, "_clear_DTensor_sharding_propagator_cache"):
+        torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ dispatch fast path's cache
+    for obj in gc.get_objects():
+        if type(obj) is functools._lru_cache_wrapper and getattr(obj, "__module__", "").startswith("torch.distributed"):
+            obj.cache_clear()
 
 
 def shard(idx: torch.Tensor) -> torch.Tensor:

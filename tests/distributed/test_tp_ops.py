@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 import erpd
 from erpd.ops import _tp
+from erpd.testing.dist import gloo_rank
 
 N, H, H_T, V = 12, 16, 8, 101
 SHARDS = {2: [40, 61], 3: [50, 17, 34]}  # uneven on purpose; 17 < the 3-rank mean
@@ -230,14 +231,11 @@ def _check_errors(rank, world):
 
 def _worker(rank, world, init_file):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(init_file, rank, world):
         _check_logprobs(rank, world)
         _check_kl(rank, world)
         _check_policy(rank, world)
         _check_errors(rank, world)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
