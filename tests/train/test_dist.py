@@ -146,17 +146,25 @@ def test_shutdown_frees_the_group_and_its_threads(tmp_path):
     """``dist.shutdown`` leaves no gloo thread behind, and warns when something still holds the
     group (a world-1 gloo group in this process)."""
     import gc
+    import time
 
     from erpd.testing.dist import backend_threads
     from erpd.train import dist as D
 
+    def started():  # gloo's threads name themselves once they run: wait for that, not a fixed time
+        deadline = time.monotonic() + 30
+        while len(backend_threads()) <= len(before) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(backend_threads()) > len(before)
+
     before = backend_threads()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'a'}", rank=0, world_size=1)
-    assert len(backend_threads()) > len(before)  # the group runs threads of its own
+    assert started()  # the group runs threads of its own
     D.shutdown()
     assert backend_threads() == before
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'b'}", rank=0, world_size=1)
     held = dist.group.WORLD
+    assert started()
     with pytest.warns(RuntimeWarning, match="still referenced"):
         D.shutdown()
     assert len(backend_threads()) > len(before)
