@@ -83,11 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from erpd.train import dist
 
-    if dist.init_from_env() and args.command == "eval":
-        print("erpd: `erpd eval` runs in one process; launch it without torchrun", file=sys.stderr)
-        dist.shutdown()
-        return 2
     try:
+        if dist.init_from_env() and args.command == "eval":
+            print("erpd: `erpd eval` runs in one process; launch it without torchrun", file=sys.stderr)
+            return 2
         return _run(args, cfg)
     finally:
         dist.shutdown()  # under torchrun: the group's threads must end before the interpreter does
