@@ -45,6 +45,12 @@ FLOOR = "matmul-floor"
 BASELINE = "naive"
 
 
+def _sig(ms: float) -> float:
+    """A time in ms to 6 significant digits: fixed decimals would leave a 17 µs floor 3 digits,
+    too few to recompute the x_floor ratio of its row from the CSV."""
+    return float(f"{ms:.6g}")
+
+
 def csv_rows(op: str, raw: dict, flops_per_nhv: int) -> list[dict]:
     env = raw["env"]
     shapes = {s.id: s for s in SHAPES}
@@ -67,7 +73,7 @@ def csv_rows(op: str, raw: dict, flops_per_nhv: int) -> list[dict]:
             floor_ms = _bench.summarize(floor["times"][mode])["median"] if "times" in floor and mode in floor["times"] else None
             is_floor = r["provider"] == FLOOR
             row = dict(
-                common, mode=mode, status="ok", median_ms=round(s["median"], 4), p20_ms=round(s["p20"], 4), p80_ms=round(s["p80"], 4),
+                common, mode=mode, status="ok", median_ms=_sig(s["median"]), p20_ms=_sig(s["p20"]), p80_ms=_sig(s["p80"]),
                 tflops=round(flops / s["median"] / 1e9, 2) if mode == "fwd+bwd" else "",
                 x_floor=round(s["median"] / floor_ms, 3) if floor_ms else "",
                 peak_extra_mb="" if is_floor else round(r["peak_extra_bytes"] / 2**20, 1),
