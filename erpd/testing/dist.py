@@ -29,7 +29,7 @@ def backend_threads() -> list[str]:
 @contextlib.contextmanager
 def gloo_rank(init_file: str, rank: int, world: int):
     """Run the body as ``rank`` of ``world`` gloo processes (file rendezvous at ``init_file``)."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group(D.cpu_backend(), init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         yield
     finally:

@@ -56,11 +56,44 @@ def is_main() -> bool:
     return rank() == 0
 
 
+GLOO = "erpd_gloo"  # gloo with one worker thread: see cpu_backend
+
+
+def cpu_backend() -> str:
+    """The name of the backend to give ``init_process_group`` for CPU processes: gloo, with one
+    worker thread instead of torch's two.
+
+    torch's gloo process group (2.13) records the name of each finished collective in a status
+    string it shares between its worker threads, written by each worker outside its lock. Names
+    longer than the 15 characters a string holds inline live on the heap (``ALLGATHER_COALESCED``:
+    every FSDP2 all-gather and ``DTensor.full_tensor``), so two such collectives finishing at the
+    same moment on the two workers free the same buffer twice. The heap is then corrupt and a later
+    allocation crashes the rank (SIGSEGV or "malloc(): unaligned tcache chunk detected"; rare on its
+    own, every run once the two workers are made to finish together). With one worker there is
+    nothing to race with, and it costs nothing here: the trainer waits for each collective before
+    it issues the next. ``init_process_group`` ignores gloo options, hence a registered backend.
+    Honors ``GLOO_SOCKET_IFNAME`` like stock gloo. See docs/trainer.md, *Several processes*.
+    """
+    if GLOO not in dist.Backend.backend_list:
+        dist.Backend.register_backend(GLOO, _gloo_one_worker, devices=["cpu"])
+    return GLOO
+
+
+def _gloo_one_worker(store, rank: int, size: int, timeout):
+    pgg = dist.ProcessGroupGloo
+    opts = pgg._Options()
+    opts._threads = 1
+    opts._timeout = timeout
+    ifnames = [n for n in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if n]
+    opts._devices = [pgg.create_device(interface=n) for n in ifnames] or [pgg.create_default_device()]
+    return pgg(store, rank, size, opts)
+
+
 def init_from_env() -> bool:
     """Initialize the process group when launched by ``torchrun``; returns whether it did."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return enabled()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if torch.cuda.is_available() else cpu_backend()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)

@@ -173,6 +173,34 @@ def test_shutdown_frees_the_group_and_its_threads(tmp_path):
     assert backend_threads() == before
 
 
+def test_cpu_backend_runs_collectives_on_one_gloo_worker(tmp_path):
+    """``dist.cpu_backend()`` is gloo with one worker thread (torch's default of two races on a
+    shared status string and can corrupt the heap, see its docstring); stock gloo starts two. Both
+    reduce correctly."""
+    import time
+
+    from erpd.testing.dist import backend_threads
+    from erpd.train import dist as D
+
+    def workers(backend, name):
+        dist.init_process_group(backend, init_method=f"file://{tmp_path / name}", rank=0, world_size=1)
+        try:
+            deadline = time.monotonic() + 30  # the threads name themselves once they run
+            while not backend_threads() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            t = torch.arange(4.0)
+            dist.all_reduce(t)
+            assert torch.equal(t, torch.arange(4.0))
+            time.sleep(0.2)
+            return backend_threads().count("pt_gloo_runloop")
+        finally:
+            D.shutdown()
+
+    assert workers(D.cpu_backend(), "a") == 1
+    assert workers("gloo", "b") == 2
+    assert D.cpu_backend() == D.cpu_backend()  # registering twice is harmless
+
+
 def test_torch_pins_a_group_created_before_dynamo_is_imported(tmp_path):
     """Why erpd creates its process groups after ``import erpd``: in a fresh process, a group
     created before ``torch._dynamo`` is imported survives ``destroy_process_group`` (bound as a
