@@ -142,20 +142,27 @@ def test_fsdp2_two_gloo_processes_equal_one_process(tmp_path, train_layers):
     assert torch.allclose(more, ref, atol=1e-5, rtol=1e-4)
 
 
+def _within_30s(condition) -> bool:
+    """Poll ``condition`` until true or 30 s pass: gloo's threads name themselves only once they
+    run, which under load can be well after ``init_process_group`` returns."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
 def test_shutdown_frees_the_group_and_its_threads(tmp_path):
     """``dist.shutdown`` leaves no gloo thread behind, and warns when something still holds the
     group (a world-1 gloo group in this process)."""
     import gc
-    import time
 
     from erpd.testing.dist import backend_threads
     from erpd.train import dist as D
 
-    def started():  # gloo's threads name themselves once they run: wait for that, not a fixed time
-        deadline = time.monotonic() + 30
-        while len(backend_threads()) <= len(before) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return len(backend_threads()) > len(before)
+    def started():
+        return _within_30s(lambda: len(backend_threads()) > len(before))
 
     before = backend_threads()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'a'}", rank=0, world_size=1)
@@ -182,22 +189,20 @@ def test_cpu_backend_runs_collectives_on_one_gloo_worker(tmp_path):
     from erpd.testing.dist import backend_threads
     from erpd.train import dist as D
 
-    def workers(backend, name):
+    def workers(backend, name, expected):
         dist.init_process_group(backend, init_method=f"file://{tmp_path / name}", rank=0, world_size=1)
         try:
-            deadline = time.monotonic() + 30  # the threads name themselves once they run
-            while not backend_threads() and time.monotonic() < deadline:
-                time.sleep(0.01)
             t = torch.arange(4.0)
             dist.all_reduce(t)
             assert torch.equal(t, torch.arange(4.0))
-            time.sleep(0.2)
+            _within_30s(lambda: backend_threads().count("pt_gloo_runloop") >= expected)
+            time.sleep(0.2)  # room for a worker beyond the expected ones to name itself
             return backend_threads().count("pt_gloo_runloop")
         finally:
             D.shutdown()
 
-    assert workers(D.cpu_backend(), "a") == 1
-    assert workers("gloo", "b") == 2
+    assert workers(D.cpu_backend(), "a", 1) == 1
+    assert workers("gloo", "b", 2) == 2
     assert D.cpu_backend() == D.cpu_backend()  # registering twice is harmless
 
 

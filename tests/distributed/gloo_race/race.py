@@ -25,8 +25,8 @@ def _rank(rank, backend, iters, init_file):
 
     from erpd.train import dist as D
 
-    dist.init_process_group(D.cpu_backend() if backend == "erpd_gloo" else backend,
-                            init_method=f"file://{init_file}", rank=rank, world_size=2)
+    D.cpu_backend()  # registers erpd_gloo
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     inp = torch.full((4,), float(rank))
     for _ in range(iters):

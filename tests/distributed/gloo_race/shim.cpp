@@ -19,7 +19,6 @@ using Fn = std::string (*)(c10d::OpType);
 static std::atomic<int> arrived{0};
 static std::atomic<unsigned> round_{0};
 
-
 std::string c10d::opTypeToString(c10d::OpType t) {
   // libtorch_cpu is loaded RTLD_LOCAL by Python, out of RTLD_NEXT's reach: look it up by name.
   static Fn real = reinterpret_cast<Fn>(
@@ -32,7 +31,6 @@ std::string c10d::opTypeToString(c10d::OpType t) {
   if (arrived.fetch_add(1) == 1) {  // the second worker: release both
     arrived.store(0);
     round_.fetch_add(1);
-
     return s;
   }
   auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);
