@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from erpd.train import dist
 
     try:
-        if dist.init_from_env() and args.command == "eval":
+        if dist.init_from_env(cfg.model.dist_timeout_minutes) and args.command == "eval":
             print("erpd: `erpd eval` runs in one process; launch it without torchrun", file=sys.stderr)
             return 2
         return _run(args, cfg)

@@ -459,9 +459,9 @@ def linear_policy_loss(hidden, weight, bias, targets, old_logprobs, advantages, 
 
     check_values = _validate.want_value_checks(hidden.device, validate)
     targets = _validate.targets(targets, hidden, 0, ignore_index, False)
-    mask = _validate.tensor(mask, "mask")
-    if mask.shape != targets.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal targets' shape {tuple(targets.shape)}")
+    # The mask's values are checked here, before it becomes a bool: policy_loss only sees the result.
+    _validate.policy_tensors(targets.shape, hidden.device, old_logprobs, advantages, mask, None, None, None,
+                             check_values, old_optional=True)
     logp, entropy = linear_logprobs(
         hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index, with_entropy=True,
         backend=backend, check_values=check_values, tp_group=tp_group, vocab_start=vocab_start,

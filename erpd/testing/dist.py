@@ -9,6 +9,7 @@ imports erpd, hence ``torch._dynamo``, before the group exists, as that docstrin
 from __future__ import annotations
 
 import contextlib
+import datetime
 import glob
 
 import torch.distributed as dist
@@ -29,7 +30,9 @@ def backend_threads() -> list[str]:
 @contextlib.contextmanager
 def gloo_rank(init_file: str, rank: int, world: int):
     """Run the body as ``rank`` of ``world`` gloo processes (file rendezvous at ``init_file``)."""
-    dist.init_process_group(D.cpu_backend(), init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A collective the other ranks never join fails after 5 minutes instead of gloo's 30.
+    dist.init_process_group(D.cpu_backend(), init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=5))
     try:
         yield
     finally:

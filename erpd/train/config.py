@@ -43,6 +43,10 @@ class ModelConfig:
     # Under torchrun: shard the decoder layers over the ranks with FSDP2 (torch >= 2.6); the
     # embeddings and LM head stay replicated. Default: a full replica per rank.
     fsdp: bool = False
+    # Under torchrun: how long a collective may wait for the slowest rank. Rank 0 alone samples the
+    # fixed data and runs the held-out evaluation while the others wait in one (NCCL's default, 10
+    # minutes, is shorter than sampling configs/gpu.yaml's data may take).
+    dist_timeout_minutes: float = 120.0
 
 
 @dataclass
@@ -304,6 +308,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.sample.temperature > 0 and cfg.eval.temperature > 0, "temperatures must be > 0")
     need(cfg.stage2.clip > 0, "stage2.clip must be > 0")
     need(cfg.model.train_layers is None or cfg.model.train_layers >= 1, "model.train_layers must be >= 1 or null")
+    need(cfg.model.dist_timeout_minutes > 0, f"model.dist_timeout_minutes must be > 0, got {cfg.model.dist_timeout_minutes}")
     if cfg.stage2.teacher_weights:
         need(len(cfg.stage2.teacher_weights) == max(1, len(cfg.stage2.teachers)),
              "stage2.teacher_weights needs one weight per teacher")

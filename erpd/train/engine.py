@@ -503,12 +503,18 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
             if dist.lockstep():
                 # Every forward/backward is a collective: a rank short of rows runs zero-weight ones.
                 chunks += [None] * (dist.micro_batch_count(len(mb), scfg.micro_batch_size) - len(chunks))
+            elif not chunks:
+                # No rows here (a last mini-batch smaller than the world, or batch_size < world): one
+                # zero-weight micro-batch, so that this rank reduces the same stats as the others.
+                chunks = [None]
             for rows_ in chunks:
                 batch = collate(data, mb[:1] if rows_ is None else rows_, policy.device, cache.prefix,
                                 pack=getattr(scfg, "pack", False), pack_length=getattr(scfg, "pack_length", 0))
                 out = step_fn(batch, n_tok, n_seq, state)
                 if rows_ is None:
                     (out.loss * 0).backward()
+                    for key in out.stats:  # every rank must reduce the same keys
+                        step_stats.setdefault(key, 0.0)
                     continue
                 out.loss.backward()
                 step_loss += out.loss.item()

@@ -208,8 +208,14 @@ def _check_policy(rank, world):
         full[0].backward()
         full_grads = [x.grad for x in leaves]
         leaves = [_leaf(hidden), _leaf(_shard(weight, rank, world)), _leaf(_shard(b, rank, world))]
-        out = op(*leaves, tp_group=dist.group.WORLD)
-        out[0].backward()
+        with _Collectives() as fwd:
+            out = op(*leaves, tp_group=dist.group.WORLD)
+        with _Collectives() as bwd:
+            out[0].backward()
+        # Only the log-probs communicate: 24 B/token forward (fp32 statistics, fp64 for float64
+        # inputs), one dhidden all-reduce backward; the policy loss runs on every rank alone.
+        assert sum(fwd.sizes) == 24 * N * (2 if dtype == torch.float64 else 1), fwd.sizes
+        assert bwd.sizes == [N * H * hidden.element_size()], bwd.sizes
         _compare(f"linear_policy_loss {case['method']} {case['agg']}", [o.detach() for o in full],
                  [o.detach() for o in out], full_grads, [x.grad for x in leaves], rank, world)
 
@@ -223,6 +229,11 @@ def _check_errors(rank, world):
         erpd.linear_logprobs(hidden, w, bad, backend="cpu", tp_group=dist.group.WORLD)
     with pytest.raises(ValueError, match="check vocab_start"):  # every rank claims to start at 0
         erpd.linear_logprobs(hidden, w, targets, backend="cpu", tp_group=dist.group.WORLD, vocab_start=0)
+    B, T = 3, N // 3
+    soft = torch.full((B, T), 0.5)  # not a 0/1 mask: refused as the unsharded op refuses it
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        erpd.linear_policy_loss(hidden.view(B, T, H), w, targets.view(B, T), None, torch.randn(B), soft, backend="cpu",
+                                tp_group=dist.group.WORLD)
     with pytest.raises(ValueError, match="teacher_topk"):
         ids = torch.arange(4).expand(N, 4)
         erpd.linear_kl(hidden, w, teacher_topk=(torch.full((N, 4), -2.0), ids), backend="cpu",

@@ -62,6 +62,7 @@ def test_config_layers(tmp_path):
     (["stage1.epochs=many"], "expected an integer"),
     (["stage1.objective=grpo"], "stage1.objective must be"),
     (["sample.k=1"], "sample.k must be >= 2"),
+    (["model.dist_timeout_minutes=0"], "dist_timeout_minutes must be > 0"),
     (["nope.x=1"], "unknown config key 'nope'"),
     (["stage1.epochs"], "section.key=value"),
 ])

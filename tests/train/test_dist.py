@@ -77,6 +77,39 @@ def test_two_gloo_processes_stay_in_sync(tmp_path, objective):
                 assert abs(a[key] - b[key]) < 1e-5, key
 
 
+@pytest.mark.parametrize("world,batch_size", [(2, 11), (3, 5)])
+def test_a_rank_without_rows_in_a_step_keeps_up(tmp_path, world, batch_size):
+    """12 rows in mini-batches of 11 + 1 on 2 ranks, or 5 + 5 + 2 on 3: in the last step one rank
+    has no rows. It runs a zero-weight micro-batch and reduces the same stats as the others (it
+    used to reduce fewer, and the step's metric all-reduce never completed); every logged metric
+    and the final weights equal one process's."""
+    args = (world, str(tmp_path / "init"), str(tmp_path / "ddp"), "ppo", str(tmp_path), 1, False, 0, False, 1, batch_size)
+    mp.spawn(_worker, args=args, nprocs=world, join=True)
+    gathered = torch.load(tmp_path / "rank0.pt")
+    assert all(torch.equal(g, gathered[0]) for g in gathered[1:])
+    single = _train(tmp_path / "single", "ppo", 1, batch_size=batch_size)
+    assert torch.allclose(gathered[0], single, atol=1e-5, rtol=1e-4)
+    steps, ref = _steps(tmp_path / "ddp"), _steps(tmp_path / "single")
+    assert [r["step"] for r in steps] == list(range(1, len(ref) + 1)) and len(ref) == -(-12 // batch_size)
+    for a, b in zip(steps, ref, strict=True):
+        assert set(a) == set(b)
+        for key in ("loss", "grad_norm", "clip_frac", "logratio"):
+            assert abs(a[key] - b[key]) < 1e-5, key
+
+
+def test_gradient_buckets_keep_order_dtype_and_size():
+    """The gradient all-reduce's buckets: consecutive, one dtype each, at most the limit (a larger
+    tensor alone), every tensor exactly once."""
+    from erpd.train.dist import _buckets
+
+    ts = [torch.zeros(n, dtype=d) for n, d in [(3, torch.float32), (2, torch.float32), (10, torch.float32),
+                                                (1, torch.bfloat16), (1, torch.bfloat16), (4, torch.float32)]]
+    got = list(_buckets(ts, limit=20))  # 20 bytes: five fp32 elements
+    assert [[t.numel() for t in b] for b in got] == [[3, 2], [10], [1, 1], [4]]
+    assert [id(t) for b in got for t in b] == [id(t) for t in ts]
+    assert all(len({t.dtype for t in b}) == 1 for b in got)
+
+
 def _initial():
     from conftest import make_policy
 
