@@ -44,8 +44,8 @@ __global__ void __launch_bounds__(kThreads)
     const float es = __expf(ds), et = __expf(dt);
     ss += es;
     st += et;
-    if (mode == Mode::kForward) cross = fmaf(et, dt - ds, cross);
-    else if (mode == Mode::kReverse) cross = fmaf(es, ds - dt, cross);
+    if (mode == Mode::kForward) cross += p_times(et, dt - ds);
+    else if (mode == Mode::kReverse) cross += p_times(es, ds - dt);
   }
   ss = block_reduce(ss, Sum{}, smem);
   st = block_reduce(st, Sum{}, smem);
@@ -62,8 +62,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t k = threadIdx.x; k < v; k += kThreads) {
       const float a = fmaf(zsr[k], t, -la), b = fmaf(ztr[k], t, -lb);
       const float lm = linear_kl::log_mixture(a, b, w);
-      kl_t = fmaf(__expf(b), b - lm, kl_t);
-      kl_s = fmaf(__expf(a), a - lm, kl_s);
+      kl_t += p_times(__expf(b), b - lm);
+      kl_s += p_times(__expf(a), a - lm);
     }
     kl_t = block_reduce(kl_t, Sum{}, smem);
     kl_s = block_reduce(kl_s, Sum{}, smem);

@@ -22,6 +22,12 @@
 #endif
 
 namespace erpd {
+
+// p * x, except 0 where p = 0: a zero-probability token (a -inf logit) adds nothing to an
+// expectation sum_k p_k x_k, even where x_k is ±inf or NaN there (0 * inf is NaN in IEEE).
+// A NaN p stays NaN. Used by every epilogue that weights a per-token term by its probability.
+ERPD_HD float p_times(float p, float x) { return p == 0.f ? 0.f : p * x; }
+
 namespace linear_kl {
 
 enum Mode : int { kForward = 0, kReverse = 1, kJsd = 2 };
@@ -37,7 +43,8 @@ ERPD_HD JsdWeights jsd_weights(float beta) {
 ERPD_HD float log_mixture(float a, float b, const JsdWeights& w) {
   const float x = w.log_1mb + a, y = w.log_b + b;
   const float hi = fmaxf(x, y), lo = fminf(x, y);
-  // Both terms are -inf only if p^S_k = p^T_k = 0, which a softmax cannot give.
+  // Both terms are -inf only where p^S_k = p^T_k = 0 (two -inf logits): NaN, which every caller
+  // weights by p_times(0, .) = 0.
   return hi + log1pf(expf(lo - hi));
 }
 
@@ -45,8 +52,8 @@ ERPD_HD float log_mixture(float a, float b, const JsdWeights& w) {
 ERPD_HD float grad_logit(int mode, float a, float b, float aux, const JsdWeights& w) {
   const float ps = expf(a);
   if (mode == kForward) return ps - expf(b);
-  if (mode == kReverse) return ps * (a - b - aux);
-  return w.one_mb * ps * (a - log_mixture(a, b, w) - aux);
+  if (mode == kReverse) return p_times(ps, a - b - aux);
+  return w.one_mb * p_times(ps, a - log_mixture(a, b, w) - aux);
 }
 
 }  // namespace linear_kl

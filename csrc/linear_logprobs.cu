@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "block_reduce.cuh"
+#include "linear_kl_math.h"  // p_times
 #include "linear_logprobs_cuda.h"
 
 namespace erpd {
@@ -35,7 +36,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t k = threadIdx.x; k < v; k += kThreads) {
     const float d = fmaf(zr[k], t, -m), e = __expf(d);
     s += e;
-    u = fmaf(e, d, u);
+    u += p_times(e, d);  // a -inf logit: e = 0, d = -inf, adds 0
   }
   s = block_reduce(s, Sum{}, smem);
   u = block_reduce(u, Sum{}, smem);
@@ -64,7 +65,7 @@ __global__ void __launch_bounds__(kThreads)
   const float l = lse[row], H = ent[row], g = g_lp[row] * t, gH = g_ent ? g_ent[row] * t : 0.f;
   for (int64_t k = threadIdx.x; k < v; k += kThreads) {
     const float lp = fmaf(zr[k], t, -l), p = __expf(lp);
-    zr[k] = -p * fmaf(gH, lp + H, g) + (k == y ? g : 0.f);
+    zr[k] = -p_times(p, fmaf(gH, lp + H, g)) + (k == y ? g : 0.f);
   }
 }
 

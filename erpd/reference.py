@@ -50,7 +50,7 @@ def linear_logprobs(
     logp = torch.where(valid, logp, zero)
     entropy = None
     if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        entropy = -expect(logp_all, logp_all)
         entropy = torch.where(valid, entropy, zero)
     return logp, entropy
 
@@ -60,6 +60,14 @@ KL_DIRECTIONS = ("forward", "reverse", "jsd")
 TOPK_TAIL_EPS = 1e-12
 
 
+def expect(logp: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_k p_k x_k` over the last dim, :math:`p = e^{\mathrm{logp}}`, where a zero-probability
+    token adds 0 whatever its ``x`` (a -inf logit gives log-prob -inf and x = ±inf or NaN there:
+    :math:`0 \cdot \infty` must not make the sum, or its gradient, NaN)."""
+    p = logp.exp()
+    return (p * torch.where(p > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))).sum(-1)
+
+
 def _kl_rows(logq_s: torch.Tensor, logq_t: torch.Tensor, direction: str, beta: float) -> torch.Tensor:
     """Per-row divergence between two log-distributions over the last dim (student, teacher)."""
     if direction == "jsd" and beta == 0.0:
@@ -67,13 +75,17 @@ def _kl_rows(logq_s: torch.Tensor, logq_t: torch.Tensor, direction: str, beta: f
     elif direction == "jsd" and beta == 1.0:
         direction = "reverse"
     if direction == "forward":
-        return (logq_t.exp() * (logq_t - logq_s)).sum(-1)
+        return expect(logq_t, logq_t - logq_s)
     if direction == "reverse":
-        return (logq_s.exp() * (logq_s - logq_t)).sum(-1)
-    # Mixture M = (1 - beta) S + beta T, in log space.
-    log_m = torch.logaddexp(logq_s + math.log1p(-beta), logq_t + math.log(beta))
-    kl_t = (logq_t.exp() * (logq_t - log_m)).sum(-1)
-    kl_s = (logq_s.exp() * (logq_s - log_m)).sum(-1)
+        return expect(logq_s, logq_s - logq_t)
+    # Mixture M = (1 - beta) S + beta T, in log space. Where both are 0, M is too and neither
+    # term counts: feed logaddexp finite stand-ins there (its gradient at (-inf, -inf) is NaN).
+    dead = (logq_s == -math.inf) & (logq_t == -math.inf)
+    zero = torch.zeros((), dtype=logq_s.dtype, device=logq_s.device)
+    log_m = torch.logaddexp(torch.where(dead, zero, logq_s) + math.log1p(-beta),
+                            torch.where(dead, zero, logq_t) + math.log(beta))
+    kl_t = expect(logq_t, logq_t - log_m)
+    kl_s = expect(logq_s, logq_s - log_m)
     return beta * kl_t + (1.0 - beta) * kl_s
 
 
@@ -147,8 +159,9 @@ def linear_kl(
         )
     kl = kl_from_logits(logits, teacher_logits, teacher_topk, direction=direction, beta=beta, temperature=temperature)
     # A divergence is >= 0, but rounding leaves ~-1e-10 where the distributions coincide: clamp the
-    # value as the fused kernels do, keeping the unclamped gradient (theirs too); NaN stays NaN.
-    kl = kl + (kl.clamp_min(0.0) - kl).detach()
+    # value as the fused kernels do, keeping the unclamped gradient (theirs too); NaN stays NaN
+    # and +inf stays +inf (clamp(kl) - kl would be inf - inf there).
+    kl = kl + torch.where(kl < 0, -kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).detach()
     if targets is not None:
         kl = torch.where(targets != ignore_index, kl, kl.new_zeros(()))
     return kl

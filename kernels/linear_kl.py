@@ -70,7 +70,9 @@ from erpd.kernels.linear_logprobs import (
     _fwd_split,
     _interpreting,
     _logits_tile,
+    _no_inf_shift,
     _on_device,
+    _p_times,
 )
 
 __all__ = ["linear_kl_fwd", "linear_kl_bwd", "fwd_config", "bwd_config", "MODES"]
@@ -115,12 +117,13 @@ def _merge_kl_stats(m_w, s_w, m_o, s_o, a, m_w2, s_w2, m_o2, s_o2, a2):
     """
     mw_new = tl.maximum(m_w, m_w2)
     mo_new = tl.maximum(m_o, m_o2)
-    # Guard the all-(-inf) case: exp(-inf - (-inf)) would be NaN.
-    mw_safe = tl.where(mw_new == float("-inf"), 0.0, mw_new)
-    mo_safe = tl.where(mo_new == float("-inf"), 0.0, mo_new)
+    mw_safe = _no_inf_shift(mw_new)
+    mo_safe = _no_inf_shift(mo_new)
     c_w = tl.exp(m_w - mw_safe)
     c_w2 = tl.exp(m_w2 - mw_safe)
-    # Both sides of one partial saw the same columns, so s_w > 0 exactly where s_o > 0.
+    # A side with s == 0 (no columns yet, or only -inf logits) contributes no shift. Where s_w == 0
+    # the shift is multiplied by s_w; where only s_o == 0, a is already +inf (p^w > 0 against a
+    # zero-probability o token) and stays so.
     r = tl.where(s_w > 0, m_w - mw_safe, 0.0) - tl.where(s_o > 0, m_o - mo_safe, 0.0)
     r2 = tl.where(s_w2 > 0, m_w2 - mw_safe, 0.0) - tl.where(s_o2 > 0, m_o2 - mo_safe, 0.0)
     s_w_new = c_w * s_w + c_w2 * s_w2
@@ -144,7 +147,9 @@ def _store_pass1(
     """Final outputs of the first forward pass from merged statistics: lse_S and lse_T, and kl
     (= aux) in modes 0/1 (0 on ignored rows); in mode 2 also (m, log s) of both sides for the
     second pass."""
-    # s == 0 only on padding rows past N (never stored); keep log(0) and 0/0 out of them.
+    # s == 0 on padding rows past N (never stored) and where a side's logits are all -inf (no
+    # distribution: NaN, as the other backends give): keep log(0) and 0/0 out of them.
+    dead = (s_w == 0) | (s_o == 0)
     s_w = tl.where(s_w == 0, 1.0, s_w)  # == 0, not > 0: a NaN sum must stay NaN
     s_o = tl.where(s_o == 0, 1.0, s_o)  # == 0, not > 0: a NaN sum must stay NaN
     log_sw = tl.log(s_w)
@@ -164,7 +169,7 @@ def _store_pass1(
         tl.store(stats_ptr + 2 * N + off, m_w, mask=row_mask)
         tl.store(stats_ptr + 3 * N + off, log_sw, mask=row_mask)
     else:
-        kl = tl.where(valid, a / s_w - log_sw + log_so, 0.0)
+        kl = tl.where(valid, tl.where(dead, float("nan"), a / s_w - log_sw + log_so), 0.0)
         tl.store(kl_ptr + rows, _nonneg(kl), mask=row_mask)
         tl.store(aux_ptr + rows, kl, mask=row_mask)
 
@@ -235,26 +240,27 @@ def _linear_kl_fwd_kernel(
             else:
                 zw = zt
                 zo = zs
-            # Padding columns: -inf for the max and the exponentials (every tile holds at least
-            # one real column, so the block maxima are finite) ...
+            # Padding columns: -inf for the max and the exponentials (a block maximum is -inf only
+            # where the tile's real logits all are: masked tokens) ...
             mw_blk = tl.max(tl.where(col_mask[None, :], zw, float("-inf")), axis=1)
             mo_blk = tl.max(tl.where(col_mask[None, :], zo, float("-inf")), axis=1)
-            zw_c = zw - mw_blk[:, None]
+            zw_c = zw - _no_inf_shift(mw_blk)[:, None]
+            zo_c = zo - _no_inf_shift(mo_blk)[:, None]
             e_w = tl.where(col_mask[None, :], tl.exp(zw_c), 0.0)
             sw_blk = tl.sum(e_w, axis=1)
-            so_blk = tl.sum(tl.where(col_mask[None, :], tl.exp(zo - mo_blk[:, None]), 0.0), axis=1)
+            so_blk = tl.sum(tl.where(col_mask[None, :], tl.exp(zo_c), 0.0), axis=1)
             if MODE == 2:
                 a_blk = tl.zeros((BLOCK_M,), dtype=tl.float32)
             else:
-                # ... and their (finite, garbage) logits stay out of `a` through e_w == 0.
-                a_blk = tl.sum(e_w * (zw_c - (zo - mo_blk[:, None])), axis=1)
+                # ... and their (finite, garbage) logits, like -inf ones, stay out of `a` through e_w == 0.
+                a_blk = tl.sum(_p_times(e_w, zw_c - zo_c), axis=1)
             m_w, s_w, m_o, s_o, a = _merge_kl_stats(m_w, s_w, m_o, s_o, a, mw_blk, sw_blk, mo_blk, so_blk, a_blk)
         else:
             lp_s = (zs - m_s[:, None]) - log_ss[:, None]
             lp_t = (zt - m_t[:, None]) - log_st[:, None]
             log_m = _log_mixture(lp_s, lp_t, log_1mb, log_b)
-            k_s += tl.sum(tl.where(col_mask[None, :], tl.exp(lp_s) * (lp_s - log_m), 0.0), axis=1)
-            k_t += tl.sum(tl.where(col_mask[None, :], tl.exp(lp_t) * (lp_t - log_m), 0.0), axis=1)
+            k_s += tl.sum(tl.where(col_mask[None, :], _p_times(tl.exp(lp_s), lp_s - log_m), 0.0), axis=1)
+            k_t += tl.sum(tl.where(col_mask[None, :], _p_times(tl.exp(lp_t), lp_t - log_m), 0.0), axis=1)
 
     off = split.to(tl.int64) * N + rows
     if PASS == 1:
@@ -366,11 +372,11 @@ def _linear_kl_bwd_kernel(
             dz = p_s - tl.exp(lp_t)
         elif MODE == 1:
             kl = tl.load(aux_ptr + rows, mask=valid, other=0.0)
-            dz = p_s * (lp_s - lp_t - kl[:, None])
+            dz = _p_times(p_s, lp_s - lp_t - kl[:, None])
         else:
             kl_sm = tl.load(aux_ptr + rows, mask=valid, other=0.0)
             log_m = _log_mixture(lp_s, lp_t, log_1mb, log_b)
-            dz = (1.0 - beta) * p_s * (lp_s - log_m - kl_sm[:, None])
+            dz = (1.0 - beta) * _p_times(p_s, lp_s - log_m - kl_sm[:, None])
         # The upstream gradient and the temperature's chain-rule factor, folded in once.
         g = tl.load(g_ptr + rows, mask=valid, other=0.0) * inv_t
         dz = tl.where(valid[:, None] & col_mask[None, :], dz * g[:, None], 0.0)

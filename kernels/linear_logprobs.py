@@ -86,6 +86,20 @@ def _logits_tile(
 
 
 @triton.jit
+def _p_times(p, x):
+    """p * x, but 0 where p == 0: a zero-probability token (a -inf logit, or a padding column) adds
+    nothing to an expectation even where x is ±inf or NaN there. A NaN p stays NaN."""
+    return tl.where(p == 0.0, 0.0, p * x)
+
+
+@triton.jit
+def _no_inf_shift(m):
+    """A row's shift for z - m: m, or 0 where the row has seen only -inf logits (-inf - -inf would be
+    NaN; with 0 their exponentials are 0, as they should be)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def _merge_stats(m, s, u, m_blk, s_blk, u_blk):
     """Merge two partial (max, sum-exp, shifted sum) triples of the same rows.
 
@@ -93,8 +107,7 @@ def _merge_stats(m, s, u, m_blk, s_blk, u_blk):
     0 * inf never appears.
     """
     m_new = tl.maximum(m, m_blk)
-    # Guard the all-(-inf) case: exp(-inf - (-inf)) would be NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_safe = _no_inf_shift(m_new)
     a = tl.exp(m - m_safe)
     a_blk = tl.exp(m_blk - m_safe)
     d = tl.where(s > 0, m - m_safe, 0.0)
@@ -107,12 +120,14 @@ def _merge_stats(m, s, u, m_blk, s_blk, u_blk):
 @triton.jit
 def _finalize(m, s, u, z_tgt, valid):
     """(log p_y, entropy, lse) from merged statistics; ignored rows give 0, 0 and their lse."""
-    # s == 0 only on padding rows past N (never stored); keep log(0) and 0/0 out of them.
-    s = tl.where(s == 0, 1.0, s)  # == 0, not > 0: a NaN sum must stay NaN
+    # s == 0 on padding rows past N (never stored) and on rows whose logits are all -inf, which
+    # have no distribution: keep log(0) and 0/0 out, and give those rows NaN as the other backends do.
+    dead = s == 0  # == 0, not > 0: a NaN sum must stay NaN
+    s = tl.where(dead, 1.0, s)
     log_s = tl.log(s)
     lse = m + log_s
     logp = tl.where(valid, z_tgt - lse, 0.0)
-    entropy = tl.where(valid, log_s - u / s, 0.0)
+    entropy = tl.where(valid, tl.where(dead, float("nan"), log_s - u / s), 0.0)
     return logp, entropy, lse
 
 
@@ -150,13 +165,13 @@ def _linear_logprobs_fwd_kernel(
             HAS_BIAS, UPCAST, DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
         )
         z = tl.where(col_mask[None, :], z, float("-inf"))
-        # Every tile holds at least one real column, so m_blk is finite for finite inputs.
+        # m_blk is -inf only where the tile's real columns all have -inf logits (masked tokens).
         m_blk = tl.max(z, axis=1)
-        zc = z - m_blk[:, None]
+        zc = z - _no_inf_shift(m_blk)[:, None]
         e = tl.exp(zc)
         s_blk = tl.sum(e, axis=1)
-        # Padding columns have e == 0 but zc == -inf: keep 0 * inf out of the sum.
-        u_blk = tl.sum(e * tl.where(col_mask[None, :], zc, 0.0), axis=1)
+        # Padding columns and -inf logits have e == 0 but zc == -inf: keep 0 * inf out of the sum.
+        u_blk = tl.sum(_p_times(e, zc), axis=1)
         m, s, u = _merge_stats(m, s, u, m_blk, s_blk, u_blk)
         z_tgt += tl.sum(tl.where(cols[None, :] == tgt32[:, None], z, 0.0), axis=1)
 
@@ -289,7 +304,7 @@ def _linear_logprobs_bwd_kernel(
         if HAS_GRAD_ENTROPY:
             ent = tl.load(ent_ptr + rows, mask=valid, other=0.0)
             g_h = tl.load(gent_ptr + rows, mask=valid, other=0.0)
-            dz -= g_h[:, None] * p * (logp + ent[:, None])
+            dz -= g_h[:, None] * _p_times(p, logp + ent[:, None])
         # The temperature's chain-rule factor is folded into dz once, before the GEMMs.
         dz = tl.where(valid[:, None] & col_mask[None, :], dz, 0.0) * inv_t
 

@@ -58,8 +58,8 @@ struct CpuEpilogue {
           for (int64_t k = 0; k < v; ++k) {
             const float a = zsi[k] * t - la, b = zti[k] * t - lb;
             const float lm = linear_kl::log_mixture(a, b, w);
-            kl_t += double(std::exp(b)) * (b - lm);
-            kl_s += double(std::exp(a)) * (a - lm);
+            kl_t += double(p_times(std::exp(b), b - lm));
+            kl_s += double(p_times(std::exp(a), a - lm));
           }
           div = w.b * kl_t + w.one_mb * kl_s;
           ax[i] = float(kl_s);

@@ -10,7 +10,8 @@
 // epilogues only take x <= 0: d = z - max z, log p), NaN stays NaN. Branch-free, so the loops
 // below vectorize.
 //
-// Sums: float per SIMD lane over kBlock logits, then double across blocks.
+// Sums: float per SIMD lane over kBlock logits, then double across blocks. Every term weighted by
+// a probability goes through p_times (csrc/linear_kl_math.h): a -inf logit adds 0, not NaN.
 
 constexpr int64_t kBlock = 256;
 constexpr float kLog2e = 1.44269504088896341f;
@@ -53,7 +54,7 @@ static ExpSums exp_sums(const float* z, int64_t v, float t, float m) {
     for (int64_t k = k0; k < k1; ++k) {
       const float d = z[k] * t - m, e = exp_f(d);
       bs += e;
-      bu += e * d;
+      bu += p_times(e, d);
     }
     s += bs;
     u += bu;
@@ -65,7 +66,7 @@ static void logprob_grad(float* z, int64_t v, float t, float lse, float g, float
 #pragma omp simd
   for (int64_t k = 0; k < v; ++k) {
     const float lp = z[k] * t - lse;
-    z[k] = -exp_f(lp) * (g + g_H * (lp + H));
+    z[k] = -p_times(exp_f(lp), g + g_H * (lp + H));
   }
 }
 
@@ -81,8 +82,8 @@ static KlSums kl_sums_mode(const float* zs, const float* zt, int64_t v, float t,
       const float es = exp_f(ds), et = exp_f(dt);
       bs += es;
       bt += et;
-      if (Mode == linear_kl::kForward) bc += et * (dt - ds);
-      if (Mode == linear_kl::kReverse) bc += es * (ds - dt);
+      if (Mode == linear_kl::kForward) bc += p_times(et, dt - ds);
+      if (Mode == linear_kl::kReverse) bc += p_times(es, ds - dt);
     }
     ss += bs;
     st += bt;
@@ -106,7 +107,7 @@ static void kl_grad(float* zs, const float* zt, int64_t v, float t, float lse_s,
 #pragma omp simd
     for (int64_t k = 0; k < v; ++k) {
       const float a = zs[k] * t - lse_s, b = zt[k] * t - lse_t;
-      zs[k] = g * exp_f(a) * (a - b - kl);
+      zs[k] = g * p_times(exp_f(a), a - b - kl);
     }
   }
 }

@@ -3,6 +3,8 @@
 * extreme logits (|z| up to 1e4 at temperature 0.05, i.e. scaled logits up to 2e5): finite, and
   within the tolerance rule of `erpd.testing.assert_within_rule` (error <= 2x plain fp32
   PyTorch's error vs float64 + floor), forward and backward;
+* a masked vocabulary (-inf logits, from a bias or the teacher's logits): the float64 op on the
+  vocabulary without those ids, forward and backward;
 * vocabularies that are not a multiple of any block size (1, 3, 127, 129, 1001), and one of
   262147 > 2^18 columns (cpu backend; the Triton interpreter would take minutes there);
 * invariants: log-probs <= 0, entropy in [0, log V], KL >= 0 (also when the teacher is the
@@ -53,6 +55,95 @@ def _naive(x, temperature=1.0):
     lp, ent = naive_linear_logprobs(c.hidden, c.weight, c.targets, c.bias, temperature=temperature)
     (lp.sum() + 0.5 * ent.sum()).backward()
     return lp.detach(), ent.detach(), c.hidden.grad, c.weight.grad
+
+
+# --------------------------------------------------------------------------------------------
+# masked vocabulary: -inf logits are zero-probability tokens
+# --------------------------------------------------------------------------------------------
+
+V_MASKED = 700
+# Whole leading blocks (every Triton tile of the first 256 columns sees only -inf, so a block's
+# max is -inf) and then scattered ids.
+MASKED = torch.cat([torch.arange(0, 300), torch.arange(301, V_MASKED, 7)])
+KEPT = torch.tensor([k for k in range(V_MASKED) if k not in set(MASKED.tolist())])
+NEG_INF = float("-inf")
+
+
+def _masked_inputs(seed):
+    x = make_linear_inputs(9, 24, V_MASKED, bias=True, seed=seed, ignore_frac=0.2)
+    kept_targets = KEPT[torch.randint(0, len(KEPT), x.targets.shape, generator=torch.Generator().manual_seed(seed))]
+    targets = torch.where(x.targets == -100, x.targets, kept_targets)
+    bias = x.bias.detach().clone()
+    bias[MASKED] = NEG_INF
+    return type(x)(x.hidden, x.weight, targets, bias.requires_grad_())
+
+
+def _on_kept(x):
+    """The same inputs on the vocabulary without the masked ids (targets renumbered): the truth for
+    -inf logits, computed with no -inf anywhere."""
+    new_id = torch.full((V_MASKED,), -1, dtype=torch.long)
+    new_id[KEPT] = torch.arange(len(KEPT))
+    targets = torch.where(x.targets == -100, x.targets, new_id[x.targets.clamp_min(0)])
+    d = x.to64()
+    return type(x)(d.hidden, d.weight.detach()[KEPT].requires_grad_(), targets, d.bias.detach()[KEPT].requires_grad_())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocabulary_linear_logprobs(backend):
+    """A bias of -inf on part of the vocabulary (padded or banned ids): log-probs, entropy and
+    every gradient equal the float64 op on the vocabulary without those ids, and the masked rows of
+    the weight and bias get zero gradient (not NaN: their p log p and its derivative are 0 · inf)."""
+    x = _masked_inputs(21)
+    got = _logprobs(x, backend)
+    kept = _on_kept(x)
+    lp, ent = reference.linear_logprobs(kept.hidden, kept.weight, kept.targets, bias=kept.bias, with_entropy=True)
+    (lp.sum() + 0.5 * ent.sum()).backward()
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[0], lp.float(), **tol)
+    torch.testing.assert_close(got[1], ent.float(), **tol)
+    torch.testing.assert_close(got[2], kept.hidden.grad.float(), **tol)
+    torch.testing.assert_close(got[3][KEPT], kept.weight.grad.float(), **tol)
+    assert (got[3][MASKED] == 0).all()
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocabulary_linear_kl(backend, direction):
+    """-inf logits in the KL. (1) Student and teacher masked on the same ids: every direction equals
+    the float64 op on the vocabulary without them. (2) Only the teacher masked (a top-k or top-p
+    filtered teacher): forward KL and JSD are finite and equal the float64 reference, gradients too;
+    the reverse KL is +inf (the student puts mass where the teacher has none), as in the reference."""
+    x = _masked_inputs(22)
+    teacher = make_kl_teacher(x, "dense", seed=4)["teacher_logits"]
+    t_masked = teacher.clone()
+    t_masked[:, MASKED] = NEG_INF
+    tol = dict(rtol=1e-4, atol=1e-5)
+
+    def run(fn, y, t_logits, **kw):
+        out = fn(y.hidden, y.weight, y.targets, bias=y.bias, teacher_logits=t_logits, direction=direction, beta=0.3, **kw)
+        out.sum().backward()
+        return out.detach(), y.hidden.grad, y.weight.grad
+
+    got = run(erpd.linear_kl, x.clone(), t_masked, backend=backend)
+    kept = _on_kept(x)
+    want = run(reference.linear_kl, kept, t_masked[:, KEPT].double())
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g, w.float(), **tol)
+    torch.testing.assert_close(got[2][KEPT], want[2].float(), **tol)
+    assert (got[2][MASKED] == 0).all()
+
+    y = x.clone()
+    y.bias = x.bias.detach().nan_to_num(neginf=-1.0).requires_grad_()  # the student unmasked
+    got = run(erpd.linear_kl, y, t_masked, backend=backend)
+    d = y.to64()
+    want = run(reference.linear_kl, d, t_masked.double())
+    valid = x.targets != -100
+    if direction == "reverse":
+        assert torch.isinf(got[0][valid]).all() and torch.isinf(want[0][valid]).all()
+        return
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w.float(), **tol)
 
 
 # --------------------------------------------------------------------------------------------
