@@ -149,9 +149,10 @@ def _store_pass1(
     second pass."""
     # s == 0 on padding rows past N (never stored) and where a side's logits are all -inf (no
     # distribution: NaN, as the other backends give): keep log(0) and 0/0 out of them.
-    dead = (s_w == 0) | (s_o == 0)
-    s_w = tl.where(s_w == 0, 1.0, s_w)  # == 0, not > 0: a NaN sum must stay NaN
-    s_o = tl.where(s_o == 0, 1.0, s_o)  # == 0, not > 0: a NaN sum must stay NaN
+    dead_w = s_w == 0  # == 0, not > 0: a NaN sum must stay NaN
+    dead_o = s_o == 0
+    s_w = tl.where(dead_w, 1.0, s_w)
+    s_o = tl.where(dead_o, 1.0, s_o)
     log_sw = tl.log(s_w)
     log_so = tl.log(s_o)
     if MODE == 1:
@@ -169,7 +170,7 @@ def _store_pass1(
         tl.store(stats_ptr + 2 * N + off, m_w, mask=row_mask)
         tl.store(stats_ptr + 3 * N + off, log_sw, mask=row_mask)
     else:
-        kl = tl.where(valid, tl.where(dead, float("nan"), a / s_w - log_sw + log_so), 0.0)
+        kl = tl.where(valid, tl.where(dead_w | dead_o, float("nan"), a / s_w - log_sw + log_so), 0.0)
         tl.store(kl_ptr + rows, _nonneg(kl), mask=row_mask)
         tl.store(aux_ptr + rows, kl, mask=row_mask)
 

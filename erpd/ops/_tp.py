@@ -459,9 +459,12 @@ def linear_policy_loss(hidden, weight, bias, targets, old_logprobs, advantages, 
 
     check_values = _validate.want_value_checks(hidden.device, validate)
     targets = _validate.targets(targets, hidden, 0, ignore_index, False)
-    # The mask's values are checked here, before it becomes a bool: policy_loss only sees the result.
-    _validate.policy_tensors(targets.shape, hidden.device, old_logprobs, advantages, mask, None, None, None,
-                             check_values, old_optional=True)
+    # Every value check runs here, once, as in the unsharded op: the mask still holds the caller's
+    # values (policy_loss below sees a bool), so policy_loss is told not to check again.
+    old_logprobs, advantages, mask, ref_logprobs, _, is_weights = _validate.policy_tensors(
+        targets.shape, hidden.device, old_logprobs, advantages, mask, policy_kwargs.pop("ref_logprobs"), None,
+        policy_kwargs.pop("is_weights"), check_values, old_optional=True,
+    )
     logp, entropy = linear_logprobs(
         hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index, with_entropy=True,
         backend=backend, check_values=check_values, tp_group=tp_group, vocab_start=vocab_start,
@@ -469,5 +472,5 @@ def linear_policy_loss(hidden, weight, bias, targets, old_logprobs, advantages, 
     valid = (mask != 0) & (targets != ignore_index)
     return policy_loss(
         logp, logp.detach() if old_logprobs is None else old_logprobs, advantages, valid, entropy=entropy,
-        backend=backend, validate=validate, **policy_kwargs,
+        ref_logprobs=ref_logprobs, is_weights=is_weights, backend=backend, validate=False, **policy_kwargs,
     )

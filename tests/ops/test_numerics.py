@@ -65,7 +65,9 @@ V_MASKED = 700
 # Whole leading blocks (every Triton tile of the first 256 columns sees only -inf, so a block's
 # max is -inf) and then scattered ids.
 MASKED = torch.cat([torch.arange(0, 300), torch.arange(301, V_MASKED, 7)])
-KEPT = torch.tensor([k for k in range(V_MASKED) if k not in set(MASKED.tolist())])
+_kept = torch.ones(V_MASKED, dtype=torch.bool)
+_kept[MASKED] = False
+KEPT = _kept.nonzero().squeeze(1)
 NEG_INF = float("-inf")
 
 
