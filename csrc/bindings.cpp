@@ -45,7 +45,7 @@ TORCH_LIBRARY(erpd, m) {
   // > 0) replaces the local count of the normaliser. Each returns the loss, the stats vector
   // (1/normaliser, then the metrics) and the gradients, so the autograd backward is a scale.
   // Gradients of policy_loss_fwd exclude the 1/normaliser factor; linear_policy_loss_fwd's
-  // include it.
+  // include it, and it also returns the per-token log-probs [N] it computed on the way.
   m.def(
       "policy_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
       "Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, Tensor? num_items, int method, int agg, "
@@ -58,7 +58,7 @@ TORCH_LIBRARY(erpd, m) {
       "Tensor? is_weights, Tensor? num_items, int method, int agg, float ratio_lo, float ratio_hi, "
       "float dual_clip, float tau_pos, float tau_neg, float kl_coef, int kl_estimator, float entropy_coef, "
       "float num_items_value, float norm_scale, bool need_grad_hidden, bool need_grad_weight) "
-      "-> (Tensor loss, Tensor stats, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+      "-> (Tensor loss, Tensor stats, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, Tensor logprobs)");
   // ---- end policy losses
 }
 

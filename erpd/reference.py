@@ -293,7 +293,10 @@ def policy_loss(
     and r above the upper bound: ppo/gspo 1+ε_hi, cispo/reinforce the cap), ``clipfrac``
     (their sum), ``ratio_mean/min/max`` (of the ratio the loss uses: r, or s_b for gspo;
     1 when no token is valid), ``approx_kl`` (mean of :math:`(r-1) - \log r`, the k3 estimate of
-    KL(π_old‖π) with token ratios), and when given ``kl_ref`` (mean of k) and ``entropy``.
+    KL(π_old‖π) with token ratios), ``num_valid`` (the count of valid tokens those means are
+    over, so that a caller can sum metrics over micro-batches), and when given ``kl_ref`` (mean
+    of k) and ``entropy``. ``clip_low = 1`` puts the ratio floor at 0 (no floor) and
+    ``clip_high = inf`` removes the ceiling.
     """
     acc = _acc_dtype(logprobs)
     valid = mask != 0
@@ -360,6 +363,7 @@ def policy_loss(
         ratio_min=torch.where(any_valid, torch.cat([torch.where(valid, ratio_v, math.inf).flatten(), one.view(1) * math.inf]).amin(), one),
         ratio_max=torch.where(any_valid, torch.cat([torch.where(valid, ratio_v, -math.inf).flatten(), one.view(1) * -math.inf]).amax(), one),
         approx_kl=token_mean((r_tok - 1.0 - log_r_tok).detach()),
+        num_valid=n_valid,
     )
 
     if ref_logprobs is not None:

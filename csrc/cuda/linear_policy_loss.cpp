@@ -25,7 +25,7 @@
 namespace erpd {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, double inv_temperature, int64_t ignore_index,
     const c10::optional<at::Tensor>& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
@@ -58,10 +58,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
   const cuda::CudaEpilogue ep;
   at::Tensor partials = at::empty({B, policy::kNumParts}, f32.dtype(at::kDouble));
   at::Tensor loss = at::empty({}, f32), stats = at::empty({policy::kNumStats}, f32);
-  at::Tensor gh, gw, gb;
+  at::Tensor gh, gw, gb, logprobs;
 
   if (method == policy::kGSPO) {
     auto [logp, ent, lse] = linear_logprobs::forward(hidden, weight, bias, targets, inv_temperature, ignore_index, ep);
+    logprobs = logp;
     const at::Tensor lp2 = logp.view({B, T});
     const c10::optional<at::Tensor> ent2 = ent.view({B, T});
     const policy::Batch in = policy_cpu::batch(lp2, old, advantages, mask, ref_logprobs, ent2, is_weights, grad_lp,
@@ -97,11 +98,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
         hidden, weight, bias, targets, inv_temperature, ignore_index, grad_lp.view({n}),
         grad_ent ? c10::optional<at::Tensor>(grad_ent->view({n})) : c10::nullopt, need_grad_hidden, need_grad_weight,
         ep, step);
+    logprobs = logp;
     C10_CUDA_CHECK(cuda::policy_loss_finalize(p, partials.data_ptr<double>(), B, items_ptr, float(num_items_value),
                                               float(norm_scale), loss.data_ptr<float>(), stats.data_ptr<float>(),
                                               stream));
   }
-  return {loss, stats, gh, gw, gb};
+  return {loss, stats, gh, gw, gb, logprobs};
 }
 
 }  // namespace

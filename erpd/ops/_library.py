@@ -94,6 +94,7 @@ def _linear_policy_loss_fwd_fake(hidden, weight, bias, targets, inv_temperature,
         hidden.new_empty((), **f32),
         hidden.new_empty(NUM_POLICY_STATS, **f32),
         *_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight),
+        hidden.new_empty(hidden.shape[0], **f32),
     )
 
 

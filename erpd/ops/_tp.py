@@ -454,7 +454,8 @@ def linear_kl(hidden, weight, bias, targets, form, teacher, *, mode, beta, tempe
 def linear_policy_loss(hidden, weight, bias, targets, old_logprobs, advantages, mask, *, temperature, ignore_index,
                        backend, validate, tp_group, vocab_start, **policy_kwargs):
     """The vocab-parallel `erpd.linear_policy_loss`: vocab-parallel log-probs and entropy, then
-    `erpd.policy_loss` on them (the same on every rank), which validates the policy arguments."""
+    `erpd.policy_loss` on them (the same on every rank), which validates the policy arguments.
+    Returns (loss, metrics, log-probs)."""
     from erpd.ops.policy_loss import policy_loss
 
     check_values = _validate.want_value_checks(hidden.device, validate)
@@ -470,7 +471,8 @@ def linear_policy_loss(hidden, weight, bias, targets, old_logprobs, advantages, 
         backend=backend, check_values=check_values, tp_group=tp_group, vocab_start=vocab_start,
     )
     valid = (mask != 0) & (targets != ignore_index)
-    return policy_loss(
+    loss, metrics = policy_loss(
         logp, logp.detach() if old_logprobs is None else old_logprobs, advantages, valid, entropy=entropy,
         ref_logprobs=ref_logprobs, is_weights=is_weights, backend=backend, validate=False, **policy_kwargs,
     )
+    return loss, metrics, logp

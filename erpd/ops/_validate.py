@@ -213,7 +213,8 @@ def _name(value, name: str, allowed: dict) -> str:
     return value
 
 
-def real(x, name: str, *, gt: float | None = None, ge: float | None = None, lt: float | None = None) -> float:
+def real(x, name: str, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+         le: float | None = None) -> float:
     """A finite real number within the given bounds."""
     if isinstance(x, bool) or not isinstance(x, Real):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
@@ -226,6 +227,8 @@ def real(x, name: str, *, gt: float | None = None, ge: float | None = None, lt: 
         raise ValueError(f"{name} must be >= {ge}, got {x}")
     if lt is not None and not x < lt:
         raise ValueError(f"{name} must be < {lt}, got {x}")
+    if le is not None and not x <= le:
+        raise ValueError(f"{name} must be <= {le}, got {x}")
     return x
 
 
@@ -301,8 +304,12 @@ def _policy_options(
     method = _name(method, "method", POLICY_METHODS)
     agg = _name(agg, "agg", POLICY_AGGS)
     kl_estimator = _name(kl_estimator, "kl_estimator", KL_ESTIMATORS)
-    clip_low = real(clip_low, "clip_low", ge=0.0, lt=1.0)
-    clip_high = clip_low if clip_high is None else real(clip_high, "clip_high", ge=0.0)
+    # clip_low = 1 puts the ratio floor at 0 (no floor); clip_high = inf: no ceiling.
+    clip_low = real(clip_low, "clip_low", ge=0.0, le=1.0)
+    if clip_high is None:
+        clip_high = clip_low
+    elif clip_high != math.inf:
+        clip_high = real(clip_high, "clip_high", ge=0.0)
     if dual_clip is not None:
         if method not in ("ppo", "gspo"):
             raise ValueError(f"dual_clip applies to method='ppo' or 'gspo', not {method!r}")

@@ -37,18 +37,18 @@ class _LinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, run):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        loss, stats, gh, gw, gb = run(need_h, need_w)
+        loss, stats, gh, gw, gb, logprobs = run(need_h, need_w)
         # Held as attributes, not saved tensors: the backward scales them in place and hands them
         # to autograd, which then adopts them as .grad (or adds them into it) without a copy, so
         # no second [V, H] buffer exists at any point.
         ctx.grads = (gh if need_h else None, gw if need_w else None, gb if need_b else None)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.hidden_shape = hidden.shape
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
+        ctx.mark_non_differentiable(stats, logprobs)
+        return loss, stats, logprobs
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
+    def backward(ctx, grad_loss, _grad_stats, _grad_logprobs):
         # The whole backward: the gradients were computed (and normalized) in the forward.
         if ctx.grads is None:
             raise RuntimeError(
@@ -98,7 +98,7 @@ def _run_triton(h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_t
             h2, w, b, t1, lse, ent, g_lp.view(-1), g_ent.view(-1) if with_grad_entropy else None,
             inv_t, ignore_index, need_h, need_w,
         )
-        return loss, stats, gh, gw, gb
+        return loss, stats, gh, gw, gb, lp
 
     return run
 
@@ -135,6 +135,7 @@ def linear_policy_loss(
     validate: bool | None = None,
     tp_group=None,
     vocab_start: int | None = None,
+    return_logprobs: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Policy loss straight from hidden states and the LM head, gradients computed in the forward.
 
@@ -158,6 +159,10 @@ def linear_policy_loss(
             :func:`erpd.policy_loss`, whose gradient flows back through them (a backward pass
             over the shard, instead of the gradients computed in the forward).
 
+        return_logprobs: also put the per-token log-probs the op computed on the way into
+            ``metrics["logprobs"]`` (``[B, T]`` float32, detached, 0 at ignored targets): what a
+            trainer logs (the log-ratio to the old policy, ...) without a second pass.
+
     Returns:
         ``(loss, metrics)`` as :func:`erpd.policy_loss` (``entropy`` always among the metrics).
         Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
@@ -168,7 +173,7 @@ def linear_policy_loss(
     inv_t = 1.0 / _validate.temperature(temperature)
     ignore_index = _validate.index(ignore_index, "ignore_index")
     if tp_group is not None:
-        return _tp.linear_policy_loss(
+        loss, metrics, lp = _tp.linear_policy_loss(
             hidden, weight, bias, targets, old_logprobs, advantages, mask, temperature=temperature,
             ignore_index=ignore_index, backend=backend, validate=validate, tp_group=tp_group, vocab_start=vocab_start,
             method=method, agg=agg, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, tau_pos=tau_pos,
@@ -176,6 +181,7 @@ def linear_policy_loss(
             is_weights=is_weights, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
             entropy_coef=entropy_coef, num_items=num_items, norm_length=norm_length,
         )
+        return loss, _with_logprobs(metrics, lp, return_logprobs)
     dev = hidden.device
     check_values = _validate.want_value_checks(dev, validate)
     targets = _validate.targets(targets, hidden, weight.shape[0], ignore_index, check_values)
@@ -198,11 +204,12 @@ def linear_policy_loss(
         lp, ent = reference.linear_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index, with_entropy=True,
         )
-        return reference.policy_loss(
+        loss, metrics = reference.policy_loss(
             lp, lp.detach() if old_logprobs is None else old_logprobs, advantages, valid,
             is_weights=is_weights, ref_logprobs=ref_logprobs, entropy=ent,
             num_items=num_items if n_tensor is None else n_tensor, **opts.reference_kwargs(),
         )
+        return loss, _with_logprobs(metrics, lp, return_logprobs)
     if hidden.dtype == torch.float64:
         raise TypeError(f"backend={name!r} supports fp32/bf16/fp16 inputs; float64 runs only on backend='torch'")
 
@@ -214,5 +221,11 @@ def linear_policy_loss(
         f32(old_logprobs), f32(advantages), valid.contiguous(), f32(ref_logprobs), f32(is_weights), n_tensor,
         opts.kernel_args(T, n_value),
     )
-    loss, stats = _LinearPolicyLossFunction.apply(hidden, weight, bias, run)
-    return loss, metrics_from_stats(stats, ref_logprobs is not None, True)
+    loss, stats, lp = _LinearPolicyLossFunction.apply(hidden, weight, bias, run)
+    return loss, _with_logprobs(metrics_from_stats(stats, ref_logprobs is not None, True), lp.view(B, T), return_logprobs)
+
+
+def _with_logprobs(metrics: dict, logprobs: torch.Tensor, wanted: bool) -> dict:
+    if wanted:
+        metrics["logprobs"] = logprobs.detach().to(torch.float32)
+    return metrics

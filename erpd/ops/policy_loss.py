@@ -33,7 +33,7 @@ STAT_NAMES = (
     "inv_norm", "pg_loss", "clipfrac_low", "clipfrac_high", "clipfrac", "ratio_mean", "ratio_min",
     "ratio_max", "approx_kl", "kl_ref", "entropy", "num_valid",
 )
-_ALWAYS = tuple((i, n) for i, n in enumerate(STAT_NAMES) if n not in ("inv_norm", "kl_ref", "entropy", "num_valid"))
+_ALWAYS = tuple((i, n) for i, n in enumerate(STAT_NAMES) if n not in ("inv_norm", "kl_ref", "entropy"))
 _KL_REF, _ENTROPY = STAT_NAMES.index("kl_ref"), STAT_NAMES.index("entropy")
 
 
@@ -122,7 +122,8 @@ def policy_loss(
         method: ``"ppo" | "sapo" | "cispo" | "gspo" | "reinforce"``.
         agg: ``"token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm"``.
         clip_low, clip_high: ppo/gspo clip range ``[1 - clip_low, 1 + clip_high]``
-            (``clip_high=None``: symmetric).
+            (``clip_high=None``: symmetric; ``clip_high=math.inf``: no ceiling; ``clip_low=1``:
+            no floor).
         dual_clip: ppo/gspo dual clip ``c > 1`` for negative advantages (None: off).
         tau_pos, tau_neg: sapo gate temperatures for positive / non-positive advantages.
         cispo_cap, cispo_floor: cispo's bounds on the detached ratio (absolute values).
@@ -145,7 +146,8 @@ def policy_loss(
         ``loss``: float32 0-dim tensor (float64 for float64 inputs on ``backend="torch"``);
         ``metrics``: dict of detached 0-dim tensors, ``pg_loss``, ``clipfrac_low``,
         ``clipfrac_high``, ``clipfrac``, ``ratio_mean``, ``ratio_min``, ``ratio_max``,
-        ``approx_kl``, and ``kl_ref`` / ``entropy`` when those inputs are given.
+        ``approx_kl``, ``num_valid`` (the valid-token count the means are over), and ``kl_ref`` /
+        ``entropy`` when those inputs are given.
     """
     logprobs = _validate.tensor(logprobs, "logprobs")
     if logprobs.dim() != 2:
