@@ -53,7 +53,8 @@ class ModelConfig:
 class TaskConfig:
     difficulty: typing.Any = 1  # 1..4 or a list of them (see erpd.train.task)
     n_train: int = 16  # prompts in the fixed data
-    n_heldout: int = 48  # held-out prompts for evaluation
+    n_heldout: int = 48  # held-out prompts for evaluation (the task's own templates)
+    n_other: int = 0  # held-out prompts written with other templates, names and objects
     seed: int = 0
     verifier: str = "erpd.train.verifier.verify"  # dotted path to verify(response, answer) -> float
     system_prompt: str | None = SYSTEM_PROMPT  # null: the user message only
@@ -117,13 +118,18 @@ class Stage2Config:
     reanchor: bool = False  # anchor = the previous pass's policy instead of π0
     scale: float = 1.0  # signal post-processing: a ← scale · a
     signal_clip: float | None = None  # then clip a to [-c, c]
-    # then subtract each response's mean signal. On by default: on π0's own tokens the teacher's
-    # log-ratio is mostly one negative shift (mass moved off the sampled tokens); centering keeps
-    # which tokens of a response the teacher preferred. On the demo it took the student from
-    # 0.104 to 0.156 held-out accuracy and its KL(·‖π0) from 0.498 to 0.322 (docs/trainer.md).
-    center: bool = True
+    # then centering: none | response (subtract each response's mean) | group (subtract the mean
+    # of the prompt's responses' means: keeps the differences between a prompt's responses).
+    center: str = "response"
     gating: str = "none"  # then on reward-0 responses: none | drop | negate
+    # all | mixed: keep the signal only on prompts whose responses got different rewards.
+    groups: str = "all"
     kl_coef: float = 0.0  # optional β · KL(π‖π0) (full vocabulary) penalty
+    # Full-vocabulary trust region: positions where KL(π‖π0) (whole vocabulary) exceeds this get no
+    # distillation gradient (null: off).
+    kl_trust: float | None = None
+    # Stop the stage after the first epoch whose KL(π‖π0) on the fixed data exceeds this (null: off).
+    target_kl: float | None = None
     seed: int = 0
     checkpoint_every: int = 0  # as stage1
     pack: bool = False  # as stage1
@@ -283,7 +289,7 @@ def from_dict(data: dict) -> RunConfig:
 
 
 OBJECTIVES = ("ppo", "sapo", "cispo", "ce", "mse")
-SIGNALS = ("logratio", "opd", "forward_kl", "reverse_kl", "combined")
+SIGNALS = ("logratio", "response", "advantage", "opd", "forward_kl", "reverse_kl", "combined")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -294,6 +300,10 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.stage1.objective in OBJECTIVES, f"stage1.objective must be one of {OBJECTIVES}, got {cfg.stage1.objective!r}")
     need(cfg.stage2.signal in SIGNALS, f"stage2.signal must be one of {SIGNALS}, got {cfg.stage2.signal!r}")
     need(cfg.stage2.gating in ("none", "drop", "negate"), f"stage2.gating must be none|drop|negate, got {cfg.stage2.gating!r}")
+    need(cfg.stage2.center in ("none", "response", "group"), f"stage2.center must be none|response|group, got {cfg.stage2.center!r}")
+    need(cfg.stage2.groups in ("all", "mixed"), f"stage2.groups must be all|mixed, got {cfg.stage2.groups!r}")
+    need(not (cfg.stage2.signal == "response" and cfg.stage2.center == "response"),
+         "stage2.signal=response is one value per response: center=response would make it 0; use center=group or none")
     need(cfg.sample.advantage in ("group", "mean"), f"sample.advantage must be group|mean, got {cfg.sample.advantage!r}")
     for s in ("stage1", "stage2"):
         c = getattr(cfg, s)

@@ -257,17 +257,21 @@ def policy_outputs(policy: Policy, data: FixedData, cache: Cache, temperature: f
     return dict(logprobs=lp_all, entropy=ent_all, kl=kl_all, hidden=hidden)
 
 
-def drift_metrics(out: dict, data: FixedData) -> dict:
+def drift_metrics(out: dict, data: FixedData, band: float = 0.2) -> dict:
     """Distance of the policy from π0 on the fixed data (token means over response tokens).
 
     * ``logratio``: mean log π/π0 on π0's tokens (what naive k1 would report);
     * ``kl_k1``, ``kl_k3``: KL(π‖π0) estimated from π0's samples with the importance weight
       r = π/π0 — E_π0[r log r] and E_π0[1 − r + r log r] (k3's IS-corrected form, ≥ 0 per token);
     * ``kl_full``: the exact per-position KL(π‖π0) over the whole vocabulary (``erpd.linear_kl``);
-    * ``entropy``: mean entropy of π at those positions.
+    * ``entropy``: mean entropy of π at those positions;
+    * ``out_of_band``: the fraction of tokens whose ratio π/π0 left [1 − band, 1 + band];
+    * ``auc``: within-prompt AUC of each response's mean log π/π0 against its reward (how often a
+      rewarded response is ranked above an unrewarded one of the same prompt; 0.5 = no relation).
     """
     m = data.mask
-    d = (out["logprobs"] - data.old_logprobs)[m].double()
+    d_all = (out["logprobs"] - data.old_logprobs) * m
+    d = d_all[m].double()
     r = d.clamp(max=50).exp()
     return {
         "logratio": d.mean().item(),
@@ -275,7 +279,23 @@ def drift_metrics(out: dict, data: FixedData) -> dict:
         "kl_k3": (1 - r + r * d).mean().item(),
         "kl_full": out["kl"][m].double().mean().item(),
         "entropy": out["entropy"][m].double().mean().item(),
+        "out_of_band": ((r < 1 - band) | (r > 1 + band)).double().mean().item(),
+        "auc": within_group_auc(d_all.sum(1) / m.sum(1).clamp(min=1), data.rewards, data.group),
     }
+
+
+def within_group_auc(score: torch.Tensor, rewards: torch.Tensor, group: torch.Tensor) -> float | None:
+    """P(score of a rewarded response > score of an unrewarded one of the same group), ties ½;
+    None when no group has both."""
+    wins = pairs = 0.0
+    for g in group.unique().tolist():
+        s, r = score[group == g].double(), rewards[group == g]
+        pos, neg = s[r > 0], s[r <= 0]
+        if len(pos) and len(neg):
+            diff = pos[:, None] - neg[None, :]
+            wins += (diff > 0).sum().item() + 0.5 * (diff == 0).sum().item()
+            pairs += diff.numel()
+    return wins / pairs if pairs else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,9 +303,10 @@ def drift_metrics(out: dict, data: FixedData) -> dict:
 
 
 @torch.no_grad()
-def generate(policy: Policy, prompts: list[str], n_per_prompt: int, max_new_tokens: int, temperature: float,
+def generate(policy: Policy, prompts: list[str], n_per_prompt: int, max_new_tokens: int, temperature: float | None,
              batch_size: int, seed: int, desc="sampling"):
-    """``n_per_prompt`` samples per prompt (pure temperature sampling), in prompt-major order.
+    """``n_per_prompt`` samples per prompt (pure temperature sampling; greedy decoding when
+    ``temperature`` is None), in prompt-major order.
 
     Returns a list of ``(prompt_ids, response_ids, text)``; ``response_ids`` ends with EOS when the
     model stopped. Each batch is seeded from ``seed`` and its index, so results do not depend on
@@ -305,7 +326,9 @@ def generate(policy: Policy, prompts: list[str], n_per_prompt: int, max_new_toke
             chunk = flat[s : s + batch_size]
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
             torch.manual_seed(seed * 100003 + b)
-            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+            decoding = (dict(do_sample=False, temperature=None, top_k=None, top_p=None) if temperature is None
+                        else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0))
+            gen = model.generate(**enc, **decoding,
                                  max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos,
                                  # FSDP: every rank decodes until all ranks are done (forwards are collectives)
                                  synced_gpus=dist.lockstep())

@@ -120,17 +120,54 @@ def kl_trust_mask(logprobs, anchor_logprobs, pull, clip: float = 0.2) -> torch.T
     return (~out).float()
 
 
-def process_signal(signal, mask, rewards, scale: float = 1.0, clip: float | None = None, center: bool = False,
-                   gating: str = "none") -> torch.Tensor:
-    """DESIGN.md's post-processing, in this order: scale, clip to ±c, per-sequence centering,
-    outcome gating (reward-0 responses: ``drop`` → 0, ``negate`` → −a; reward-1 kept)."""
+def response_mean(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each response's mean over its tokens: ``[B]``."""
+    return (a * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def group_mean(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Each row's group mean of ``values`` ``[B]`` (rows of one prompt form a group): ``[B]``."""
+    n = int(group.max()) + 1 if group.numel() else 0
+    sums = torch.zeros(n, dtype=values.dtype).index_add_(0, group, values)
+    counts = torch.zeros(n, dtype=values.dtype).index_add_(0, group, torch.ones_like(values))
+    return (sums / counts.clamp(min=1))[group]
+
+
+def mixed_groups(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool: the row's prompt has responses of different rewards (reward information)."""
+    mean = group_mean(rewards.double(), group)
+    spread = group_mean((rewards.double() - mean) ** 2, group)
+    return spread > 0
+
+
+CENTERS = ("none", "response", "group")
+
+
+def process_signal(signal, mask, rewards, scale: float = 1.0, clip: float | None = None, center: str = "none",
+                   gating: str = "none", group: torch.Tensor | None = None) -> torch.Tensor:
+    """Post-processing of a per-token signal, in this order: scale, clip to ±c, centering, outcome
+    gating (reward-0 responses: ``drop`` → 0, ``negate`` → −a; reward-1 kept).
+
+    ``center``: ``"response"`` subtracts each response's mean (what is left is which of its tokens
+    the teacher preferred: the response's overall level, where the outcome shows, is removed);
+    ``"group"`` subtracts the mean over the responses of the same prompt (``group``) of their
+    means, which keeps both the differences between a prompt's responses and those between the
+    tokens of a response.
+    """
+    if center is True or center is False:  # configs written before the modes had names
+        center = "response" if center else "none"
     a = signal * scale
     if clip is not None:
         a = a.clamp(-clip, clip)
     a = a * mask
-    if center:
-        mean = a.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
-        a = (a - mean) * mask
+    if center == "response":
+        a = (a - response_mean(a, mask)[:, None]) * mask
+    elif center == "group":
+        if group is None:
+            raise ValueError("center='group' needs the group (prompt) of each response")
+        a = (a - group_mean(response_mean(a, mask), group)[:, None]) * mask
+    elif center != "none":
+        raise ValueError(f"center must be one of {CENTERS}, got {center!r}")
     if gating != "none":
         failed = (rewards <= 0)[:, None]
         if gating == "drop":

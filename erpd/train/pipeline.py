@@ -37,8 +37,8 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         self.verifier = load_verifier(cfg.task.verifier)
-        self.train_problems, self.heldout = make_splits(cfg.task.seed, cfg.task.n_train, cfg.task.n_heldout,
-                                                        cfg.task.difficulty)
+        self.train_problems, self.heldout, self.other = make_splits(cfg.task.seed, cfg.task.n_train, cfg.task.n_heldout,
+                                                                    cfg.task.difficulty, cfg.task.n_other)
         self._policy = None
         self.base_state = None
         self.data = None

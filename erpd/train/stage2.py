@@ -53,23 +53,58 @@ def teacher_outputs(policy: Policy, data: FixedData, cache: engine.Cache, teache
     return outs
 
 
-def fixed_signal(cfg: RunConfig, data: FixedData, teachers: list[dict]) -> torch.Tensor | None:
+def fixed_signal(cfg: RunConfig, data: FixedData, teachers: list[dict], cache: engine.Cache | None = None,
+                 temperature: float = 1.0) -> torch.Tensor | None:
     """The per-token signal ``[N, R]`` of the strategies whose signal does not depend on πθ."""
     s2, mask = cfg.stage2, data.mask
+    lr = lambda t: (t["logprobs"] - data.old_logprobs) * mask  # noqa: E731
     if s2.signal == "logratio":
-        raw = (teachers[0]["logprobs"] - data.old_logprobs) * mask
+        raw = lr(teachers[0])
+    elif s2.signal == "response":
+        raw = losses.response_mean(lr(teachers[0]), mask.float())[:, None].expand(mask.shape) * mask
+    elif s2.signal == "advantage":
+        raw = lr(teachers[0]) + teacher_position_kl(teachers[0], data, cache, temperature)
     elif s2.signal == "combined":
         weights = s2.teacher_weights or [1.0 / len(teachers)] * len(teachers)
-        raw = sum(w * losses.standardize(t["logprobs"] - data.old_logprobs, mask) for w, t in zip(weights, teachers))
+        raw = sum(w * losses.standardize(lr(t), mask) for w, t in zip(weights, teachers))
     else:
         return None
-    return losses.process_signal(raw, mask.float(), data.rewards, s2.scale, s2.signal_clip, s2.center, s2.gating)
+    a = losses.process_signal(raw, mask.float(), data.rewards, s2.scale, s2.signal_clip, s2.center, s2.gating, data.group)
+    return a * row_weights(cfg, data)[:, None]
+
+
+def row_weights(cfg: RunConfig, data: FixedData) -> torch.Tensor:
+    """1 for the responses the signal applies to, 0 for the others (``stage2.groups``)."""
+    if cfg.stage2.groups == "mixed":
+        return losses.mixed_groups(data.rewards, data.group).float()
+    return torch.ones(len(data))
+
+
+@torch.no_grad()
+def teacher_position_kl(teacher: dict, data: FixedData, cache: engine.Cache, temperature: float) -> torch.Tensor:
+    """KL(π0‖πT) over the whole vocabulary at every response position ``[N, R]``: minus the
+    expected log πT/π0 under π0 there, the per-position baseline of the ``advantage`` signal."""
+    n, R = data.targets.shape
+    out = torch.zeros(n, R)
+    for idx in engine.micro_batches(n, 32):
+        rows = idx.tolist()
+        r = int(data.response_len[idx].max())
+        h0 = torch.nn.utils.rnn.pad_sequence([cache.ref_hidden[i][:r] for i in rows], batch_first=True)
+        ht = torch.nn.utils.rnn.pad_sequence([teacher["hidden"][i][:r] for i in rows], batch_first=True)
+        h0 = h0.to(cache.ref_weight.device)
+        targets = data.targets[idx, :r].to(h0.device)
+        kl = _ops.linear_kl(h0, cache.ref_weight, targets, bias=cache.ref_bias, teacher_hidden=ht.to(h0.device),
+                            teacher_weight=teacher["head_weight"], teacher_bias=teacher["head_bias"], direction="reverse",
+                            temperature=temperature)
+        out[idx, :r] = kl.float().cpu()
+    return out * data.mask
 
 
 def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, teachers: list[dict],
               signal_all: torch.Tensor | None):
     s2, temperature = cfg.stage2, cfg.sample.temperature
     teacher = teachers[0]
+    weights_all = row_weights(cfg, data)
 
     def step(batch: engine.Batch, n_tok: int, n_seq: int, state: dict) -> engine.StepOutput:
         hr = engine.response_hidden(policy, batch)
@@ -79,8 +114,19 @@ def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConf
         mask = batch.mask.to(lp.dtype)
         anchor = state["anchor"][batch.idx, :R].to(dev)
         rewards = data.rewards[batch.idx].to(dev)
+        row_w = weights_all[batch.idx].to(dev)[:, None]
         t_lp = teacher["logprobs"][batch.idx, :R].to(dev)
         stats = {}
+        kl0 = None
+        if s2.kl_coef or s2.kl_trust is not None:
+            kl0 = _ops.linear_kl(hr, policy.head_weight(), batch.targets, bias=policy.head_bias(),
+                                 teacher_hidden=cache.ref_batch(batch), teacher_weight=cache.ref_weight,
+                                 teacher_bias=cache.ref_bias, direction="reverse", temperature=temperature,
+                                 backend=policy.backend)
+        # Full-vocabulary trust region: positions already too far from π0 get no distillation gradient.
+        trust = torch.ones_like(mask) if s2.kl_trust is None else (kl0.detach() <= s2.kl_trust).to(mask.dtype)
+        if s2.kl_trust is not None:
+            stats["outside_trust"] = ((1 - trust) * mask).sum()
         if s2.signal in KL_SIGNALS:
             t_hidden = torch.nn.utils.rnn.pad_sequence([teacher["hidden"][i][:R] for i in batch.idx.tolist()],
                                                        batch_first=True).to(dev)
@@ -89,21 +135,19 @@ def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConf
                                 direction="forward" if s2.signal == "forward_kl" else "reverse", temperature=temperature,
                                 backend=policy.backend)
             keep = losses.kl_trust_mask(lp, anchor, t_lp - lp.detach(), s2.clip)
-            tok = kl * keep
+            tok = kl * keep * trust * row_w
             stats["clip_frac"] = ((1 - keep) * mask).sum()
         else:
             if signal_all is not None:
                 a = signal_all[batch.idx, :R].to(dev)
             else:  # opd: the teacher's log-ratio to the current policy, post-processed each step
-                a = losses.process_signal(t_lp - lp.detach(), mask, rewards, s2.scale, s2.signal_clip, s2.center, s2.gating)
+                a = losses.process_signal(t_lp - lp.detach(), mask, rewards, s2.scale, s2.signal_clip, s2.center,
+                                          s2.gating, data.group[batch.idx].to(dev)) * row_w
+            a = a * trust
             tok, aux = losses.surrogate(lp, anchor, a, s2.clip)
             stats["clip_frac"] = (aux["clip_frac"] * mask).sum()
             stats["signal"] = (a * mask).sum()
         if s2.kl_coef:
-            kl0 = _ops.linear_kl(hr, policy.head_weight(), batch.targets, bias=policy.head_bias(),
-                                 teacher_hidden=cache.ref_batch(batch), teacher_weight=cache.ref_weight,
-                                 teacher_bias=cache.ref_bias, direction="reverse", temperature=temperature,
-                                 backend=policy.backend)
             tok = tok + s2.kl_coef * kl0
         loss = engine.aggregate(tok, mask, s2.agg, n_tok, n_seq)
         (old,) = engine.rows(data, batch.idx, "old_logprobs", device=dev)
@@ -120,15 +164,18 @@ def run(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, ou
     if s2.signal in KL_SIGNALS + ("logratio", "opd") and len(teacher_dirs) != 1:
         raise ValueError(f"stage2.signal={s2.signal!r} distills one teacher; got {len(teacher_dirs)} (use 'combined' for several)")
     teachers = teacher_outputs(policy, data, cache, teacher_dirs, cfg.sample.temperature, s2.micro_batch_size,
-                               with_hidden=s2.signal in KL_SIGNALS)
-    signal_all = fixed_signal(cfg, data, teachers)
+                               with_hidden=s2.signal in KL_SIGNALS + ("advantage",))
+    signal_all = fixed_signal(cfg, data, teachers, cache, cfg.sample.temperature)
     run_dir = Path(out_dir) / "stage2"
 
     def epoch_end(epoch: int, state: dict) -> dict:
         out = engine.policy_outputs(policy, data, cache, cfg.sample.temperature, s2.micro_batch_size, desc="stage2 measure")
         if s2.reanchor:
             state["anchor"] = out["logprobs"]
-        return {**engine.drift_metrics(out, data), **dist.on_main(evaluate, epoch, epoch == s2.epochs)}
+        drift = engine.drift_metrics(out, data, s2.clip)
+        stop = s2.target_kl is not None and drift["kl_full"] > s2.target_kl
+        last = epoch == s2.epochs or stop
+        return {**drift, **dist.on_main(evaluate, epoch, last), **({"stop": True} if stop else {})}
 
     history = engine.train_stage(policy, data, cache, s2, cfg.sample.temperature, run_dir,
                                  make_step(policy, data, cache, cfg, teachers, signal_all), epoch_end, resume,

@@ -91,6 +91,51 @@ def _level4(rng: random.Random, name: str, obj: str) -> Problem:
 
 _LEVELS = {1: _level1, 2: _level2, 3: _level3, 4: _level4}
 
+# The "other phrasings" split: the same levels and number ranges, told with sentence templates,
+# names and objects that the generator above never uses, so that a policy which only fitted the
+# training templates does not score on it (see ``make_splits``).
+_OTHER_NAMES = ["Olivia", "Jack", "Sofia", "Ethan", "Grace", "Omar", "Priya", "Lucas", "Hana", "Diego", "Chloe", "Ravi"]
+_OTHER_OBJECTS = ["oranges", "crayons", "balloons", "buttons", "eggs", "stamps", "rocks", "ribbons", "candles", "muffins"]
+_OTHER_ADD = (
+    "There are {a} {o} on the table. {n} puts {b} more {o} on the table. How many {o} are on the table now?",
+    "{n} picked {a} {o} in the morning and {b} {o} in the afternoon. How many {o} did {n} pick altogether?",
+    "One bag holds {a} {o} and a second bag holds {b} {o}. How many {o} are in the two bags together?",
+    "A friend gave {n} {b} {o}. Before that, {n} owned {a} {o}. What is the total number of {o} {n} owns?",
+)
+_OTHER_SUB = (
+    "{n} baked {a} {o} and ate {b} of them. How many {o} are left?",
+    "There were {a} {o} in a jar. {n} took {b} {o} out of the jar. How many {o} remain in the jar?",
+    "A shelf held {a} {o}. After {b} {o} were sold, how many {o} were still on the shelf?",
+    "{n} needs {a} {o} but has only {b}. How many more {o} does {n} need?",
+)
+_OTHER_MUL = (
+    "{n} fills {a} baskets and puts {b} {o} into every basket. How many {o} are in all the baskets?",
+    "Each of {a} tables has {b} {o} on it. How many {o} are on the tables altogether?",
+)
+_OTHER_DIV = (
+    "{n} splits {p} {o} into {b} equal groups. How many {o} are in each group?",
+    "{p} {o} are packed {b} to a box. How many boxes are filled?",
+)
+
+
+def _other(rng: random.Random, level: int) -> Problem:
+    name, obj = rng.choice(_OTHER_NAMES), rng.choice(_OTHER_OBJECTS)
+    if level in (1, 2):
+        hi = 8 if level == 1 else 20
+        a, b = rng.randint(2, hi), rng.randint(2, hi)
+        if rng.random() < 0.5:
+            return Problem(rng.choice(_OTHER_ADD).format(n=name, o=obj, a=a, b=b), a + b, level)
+        a, b = max(a, b) + 1, min(a, b)
+        return Problem(rng.choice(_OTHER_SUB).format(n=name, o=obj, a=a, b=b), a - b, level)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    if level == 3:
+        if rng.random() < 0.5:
+            return Problem(rng.choice(_OTHER_MUL).format(n=name, o=obj, a=a, b=b), a * b, 3)
+        return Problem(rng.choice(_OTHER_DIV).format(n=name, o=obj, p=a * b, b=b), a, 3)
+    c = rng.randint(1, a * b - 1)
+    q = rng.choice(_OTHER_MUL).format(n=name, o=obj, a=a, b=b)
+    return Problem(q.rsplit(".", 1)[0] + f". Then {c} {obj} are taken away. How many {obj} are left?", a * b - c, 4)
+
 
 def _levels(difficulty) -> list[int]:
     levels = [difficulty] if isinstance(difficulty, int) else list(difficulty)
@@ -100,10 +145,17 @@ def _levels(difficulty) -> list[int]:
     return levels
 
 
-def generate(n: int, seed: int, difficulty=1, exclude: set[str] | frozenset = frozenset()) -> list[Problem]:
-    """``n`` distinct problems (distinct question texts, none in ``exclude``), reproducible from ``seed``."""
+def generate(n: int, seed: int, difficulty=1, exclude: set[str] | frozenset = frozenset(),
+             phrasing: str = "task") -> list[Problem]:
+    """``n`` distinct problems (distinct question texts, none in ``exclude``), reproducible from ``seed``.
+
+    ``phrasing="task"``: the task's own templates, names and objects; ``"other"``: those of the
+    "other phrasings" split, none of which the task's generator uses.
+    """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if phrasing not in ("task", "other"):
+        raise ValueError(f"phrasing must be 'task' or 'other', got {phrasing!r}")
     levels = _levels(difficulty)
     rng = random.Random(seed)
     out, seen = [], set(exclude)
@@ -112,7 +164,8 @@ def generate(n: int, seed: int, difficulty=1, exclude: set[str] | frozenset = fr
         tries += 1
         if tries > 100 * n + 1000:
             raise ValueError(f"cannot draw {n} distinct problems at difficulty {difficulty!r}; ask for fewer")
-        p = _LEVELS[rng.choice(levels)](rng, rng.choice(_NAMES), rng.choice(_OBJECTS))
+        level = rng.choice(levels)
+        p = _other(rng, level) if phrasing == "other" else _LEVELS[level](rng, rng.choice(_NAMES), rng.choice(_OBJECTS))
         # An answer that also appears in the question would be "found" by any response that
         # merely repeats the question's last number: reject such problems.
         if p.question not in seen and str(p.answer) not in re.findall(r"\d+", p.question):
@@ -121,11 +174,17 @@ def generate(n: int, seed: int, difficulty=1, exclude: set[str] | frozenset = fr
     return out
 
 
-def make_splits(seed: int, n_train: int, n_heldout: int, difficulty=1) -> tuple[list[Problem], list[Problem]]:
-    """Train and held-out problems from one seed; held-out questions never appear in train."""
+def make_splits(seed: int, n_train: int, n_heldout: int, difficulty=1,
+                n_other: int = 0) -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """Train, held-out and "other phrasings" problems from one seed.
+
+    Held-out questions never appear in train; the other-phrasings problems share no template,
+    name or object with either (same levels and number ranges).
+    """
     train = generate(n_train, seed, difficulty)
     heldout = generate(n_heldout, seed + 7919, difficulty, exclude={p.question for p in train})
-    return train, heldout
+    other = generate(n_other, seed + 104729, difficulty, phrasing="other")
+    return train, heldout, other
 
 
 def chat_prompt(tokenizer, question: str, system_prompt: str | None = SYSTEM_PROMPT) -> str:

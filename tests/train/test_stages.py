@@ -109,14 +109,17 @@ def test_stage2_strategy_decreases_its_loss(tiny, teacher_dir, signal):
     policy, data, cache = tiny
     cfg = tiny_cfg()
     cfg.stage2.signal = signal
+    if signal == "response":
+        cfg.stage2.center = "group"
     dirs = [teacher_dir, teacher_dir] if signal == "combined" else [teacher_dir]
     if signal == "combined":
         cfg.stage2.teacher_weights = [0.7, 0.3]
-    teachers = stage2.teacher_outputs(policy, data, cache, dirs, 1.0, 4, with_hidden=signal in stage2.KL_SIGNALS)
+    teachers = stage2.teacher_outputs(policy, data, cache, dirs, 1.0, 4,
+                                      with_hidden=signal in stage2.KL_SIGNALS + ("advantage",))
     # The teacher pass leaves the policy at π0.
     _, lp = engine.build_cache(policy, data, 1.0, 5)
     assert torch.allclose(lp, data.old_logprobs, atol=1e-6)
-    step = stage2.make_step(policy, data, cache, cfg, teachers, stage2.fixed_signal(cfg, data, teachers))
+    step = stage2.make_step(policy, data, cache, cfg, teachers, stage2.fixed_signal(cfg, data, teachers, cache, 1.0))
     first, last = _moves(step, data, cache, policy, state={"anchor": data.old_logprobs.clone()})
     assert last < first - 1e-4, (first, last)
 
