@@ -12,7 +12,7 @@ the kind of file:
 * a **checkpoint** (one ``torch.save`` file, replaced in place): a 40-byte trailer,
   ``TRAILER_MAGIC`` + the sha256 of the bytes before it (:func:`save_torch` /
   :func:`load_torch`). ``torch.load`` reads such a file as it is (zip readers find the archive
-  from its end record, and tolerate trailing bytes; ``tests/train/test_checked_io.py`` checks it).
+  from its end record, and tolerate trailing bytes; ``tests/train/test_integrity.py`` checks it).
 * a small **JSON** file read back (a manifest, ``base_eval.json``, ``config.json``): a top-level
   ``"sha256"`` key holding the digest of the rest of the object, in canonical form
   (:func:`write_json` / :func:`read_json`).
