@@ -18,7 +18,6 @@ A file that does not parse is reported with its name, line and column.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import dataclass, field
