@@ -286,11 +286,22 @@ ERPD_HD void process_row(const Params& p, const Batch& in, int64_t b, Acc& out) 
   out.merge(acc);
 }
 
+// A tensor `num_items`' value as the count of the normaliser. Nothing may have checked it (the
+// CUDA kernels read it on the device, where a check would need a sync), so every float has one
+// meaning, the same as in erpd.reference.policy_agg_weights and kernels/policy_loss.py: below 1
+// it counts as 1 (as every count of the normaliser does), and NaN or +-inf gives NaN, so the loss
+// and its gradients are NaN instead of silently rescaled.
+ERPD_HD float tensor_items(float v) {
+  const float nan_unless_finite = v - v;  // 0 for a finite v, NaN for NaN and +-inf
+  return (v < 1.f ? 1.f : v) + nan_unless_finite;
+}
+
 // The batch normaliser D (see erpd.reference.policy_agg_weights): the count is `num_items` when
-// given (> 0), else the valid-token count (token-mean) or the number of rows B; clamped at 1;
+// given, i.e. != 0 (a Python number, checked > 0 in erpd/ops/_validate.py, or tensor_items() of a
+// tensor's value), else the valid-token count (token-mean) or the number of rows B; clamped at 1;
 // times `norm_scale` (seq-mean-token-sum-norm's length constant, 1 otherwise).
 ERPD_HD double inv_norm(const Params& p, double n_valid, int64_t rows, float num_items, float norm_scale) {
-  const double count = num_items > 0.f ? double(num_items) : (p.agg == kTokenMean ? n_valid : double(rows));
+  const double count = num_items != 0.f ? double(num_items) : (p.agg == kTokenMean ? n_valid : double(rows));
   return 1.0 / (maxd(count, 1.0) * double(norm_scale));
 }
 

@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
     base = None
     out = Path(args.out) if args.out else None
-    if args.resume and not args.config and out is not None and (out / "config.json").is_file():
-        base = C.from_dict(json.loads((out / "config.json").read_text()))
     try:
+        if args.resume and not args.config and out is not None and (out / "config.json").is_file():
+            base = C.from_dict(C.load_file(out / "config.json"))
         cfg = C.build(args.config, rest, base=base)
     except C.ConfigError as e:
         print(f"erpd: {e}", file=sys.stderr)
@@ -82,12 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from erpd.train import dist
+    from erpd.train.checked_io import IntegrityError
 
     try:
         if dist.init_from_env(cfg.model.dist_timeout_minutes) and args.command == "eval":
             print("erpd: `erpd eval` runs in one process; launch it without torchrun", file=sys.stderr)
             return 2
         return _run(args, cfg)
+    except IntegrityError as e:  # corrupt or non-finite state, a full disk: the message says what and where
+        print(f"erpd: {e}", file=sys.stderr)
+        return 1
     finally:
         dist.shutdown()  # under torchrun: the group's threads must end before the interpreter does
 

@@ -205,14 +205,19 @@ def policy_agg_weights(
     micro-batches, all ranks), so that the micro-batch losses sum to the one-batch loss. ``T_n``
     is ``norm_length`` (Dr. GRPO's constant, e.g. the maximum completion length), by default the
     padded length T. Counts (N, B', L_b) are clamped below at 1: an all-masked batch or sequence
-    gives weight 0, not NaN.
+    gives weight 0, not NaN. So is ``num_items`` (the ops refuse a number <= 0, and a tensor <= 0
+    where their value checks run), except that a NaN or infinite ``num_items`` gives NaN weights:
+    the one rule every backend follows for a value nothing checked.
     """
     m = (mask != 0).to(dtype)
     B, T = m.shape
+    if num_items is None:
+        count = (m.sum() if agg == "token-mean" else torch.tensor(float(B), dtype=dtype, device=m.device)).clamp_min(1.0)
+    else:
+        count = torch.as_tensor(num_items, dtype=dtype, device=m.device)
+        count = torch.where(count.isfinite(), count.clamp_min(1.0), torch.nan)
     if agg == "token-mean":
-        count = m.sum() if num_items is None else torch.as_tensor(num_items, dtype=dtype, device=m.device)
-        return m / count.clamp_min(1.0)
-    count = torch.as_tensor(float(B) if num_items is None else num_items, dtype=dtype, device=m.device).clamp_min(1.0)
+        return m / count
     if agg == "seq-mean-token-mean":
         return m / (count * m.sum(1, keepdim=True).clamp_min(1.0))
     if agg == "seq-mean-token-sum":

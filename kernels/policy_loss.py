@@ -264,15 +264,18 @@ def _policy_loss_finalize_kernel(
     ksum = tl.sum(tl.where(cols == 10, s, 0.0), axis=0)
     hsum = tl.sum(tl.where(cols == 11, s, 0.0), axis=0)
 
-    # The count of the normaliser: num_items when given, else tokens (token-mean) or rows.
+    # The count of the normaliser: num_items when given, else tokens (token-mean) or rows; at least 1.
     if AGG == 0:
         count = n
     else:
         count = B + 0.0 * n
-    count = tl.where(num_items_value > 0, num_items_value, count)
+    count = tl.maximum(tl.where(num_items_value > 0, num_items_value, count), 1.0)
     if NUM_ITEMS_FROM_PTR:
-        count = tl.load(num_items_ptr).to(tl.float32)
-    inv = 1.0 / (tl.maximum(count, 1.0) * norm_scale)
+        # A tensor's value, unchecked: csrc/policy_loss_math.h tensor_items' rule (below 1 counts
+        # as 1; NaN or +-inf gives NaN: v - v is 0 for finite v, NaN otherwise).
+        v = tl.load(num_items_ptr).to(tl.float32)
+        count = tl.where(v < 1.0, 1.0, v) + (v - v)
+    inv = 1.0 / (count * norm_scale)
     inv_n = 1.0 / tl.maximum(n, 1.0)
     tl.store(loss_ptr, (pol + kl_coef * kl - ent_coef * ent) * inv)
     tl.store(stats_ptr + 0, inv)

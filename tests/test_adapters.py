@@ -30,6 +30,7 @@ CASES = [
     dict(loss_type="dapo", epsilon_high=0.28),
     dict(loss_type="dapo", delta=2.0),
     dict(loss_type="dapo", num_items_in_batch=50),
+    dict(loss_type="dapo", num_items_in_batch=0),  # a step without tokens: Liger clamps the count at 1
     dict(loss_type="cispo", epsilon_high=1.2),
     dict(loss_type="sapo", sapo_temperature_neg=2.0),
     dict(loss_type="grpo", importance_sampling_level="sequence", epsilon_low=0.05, epsilon_high=0.05),

@@ -123,10 +123,11 @@ inline void check_devices(const at::Device& device, std::initializer_list<Named>
   TORCH_CHECK(!num_items || num_items->numel() == 1, "num_items must have one element");
 }
 
-// A tensor `num_items` (a CPU scalar here: this reads it on the host) wins over the float; <= 0
-// means "not given". The CUDA ops pass it to their kernels instead.
+// num_items as policy::inv_norm takes it: a tensor's value (a CPU scalar here: this reads it on
+// the host) through policy::tensor_items, else the float (0: not given). The CUDA ops pass the
+// tensor to their kernels instead.
 inline float num_items(const c10::optional<at::Tensor>& t, double value) {
-  return t ? t->to(at::kFloat).item<float>() : float(value);
+  return t ? policy::tensor_items(t->to(at::kFloat).item<float>()) : float(value);
 }
 
 }  // namespace policy_cpu

@@ -133,12 +133,16 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     def _dapo_normalizer(self, attention_mask, num_items_in_batch):
         world = _world_size()
         if num_items_in_batch is not None:
-            return num_items_in_batch / world
-        if world == 1:
+            count = num_items_in_batch
+        elif world == 1:
             return None  # this call's token count
-        count = (attention_mask != 0).sum().to(torch.float32)
-        torch.distributed.all_reduce(count)
-        return count / world
+        else:
+            count = (attention_mask != 0).sum().to(torch.float32)
+            torch.distributed.all_reduce(count)
+        # Liger clamps the normaliser at 1 (a step without tokens gives loss 0); erpd refuses a
+        # count <= 0 where it checks values, so the clamp is done here, as Liger does it.
+        count = count / world
+        return count.clamp_min(1.0) if torch.is_tensor(count) else max(float(count), 1.0)
 
     def forward(
         self,

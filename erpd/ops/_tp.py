@@ -60,6 +60,7 @@ import torch.distributed as dist
 
 from erpd import backends
 from erpd.ops import _validate
+from erpd.ops._autograd import first_order_only
 
 _CHUNK_BYTES = 32 << 20  # logits of one row chunk in the PyTorch passes (student, teacher and temporaries)
 
@@ -284,6 +285,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @first_order_only("linear_logprobs")
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, kt, lse, entropy, anchored = ctx.saved_tensors
         inv_t, ignore_index, backend, group = ctx.args
@@ -395,6 +397,7 @@ class _VocabParallelKL(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @first_order_only("linear_kl")
     def backward(ctx, grad_kl):
         hidden, weight, bias, th, tw, tb, tl, mask, lse_s, lse_t, aux = ctx.saved_tensors
         inv_t, mode, beta, backend, group = ctx.args
@@ -466,6 +469,7 @@ def linear_policy_loss(hidden, weight, bias, targets, old_logprobs, advantages, 
         targets.shape, hidden.device, old_logprobs, advantages, mask, policy_kwargs.pop("ref_logprobs"), None,
         policy_kwargs.pop("is_weights"), check_values, old_optional=True,
     )
+    _validate.num_items(policy_kwargs["num_items"], hidden.device, check_values)
     logp, entropy = linear_logprobs(
         hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index, with_entropy=True,
         backend=backend, check_values=check_values, tp_group=tp_group, vocab_start=vocab_start,

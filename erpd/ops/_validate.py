@@ -341,9 +341,11 @@ def _policy_options(
 _policy_options_cached = functools.lru_cache(maxsize=256)(_policy_options)
 
 
-def num_items(x, device: torch.device) -> tuple[torch.Tensor | None, float]:
+def num_items(x, device: torch.device, check_values: bool) -> tuple[torch.Tensor | None, float]:
     """(tensor or None, value): a tensor `num_items` is read by the kernel (no host sync); a
-    number must be > 0. value 0.0 means "not given"."""
+    number must be finite and > 0, and so must a tensor's value where the value checks run
+    (elsewhere every backend counts a value below 1 as 1 and makes the loss NaN for a NaN or
+    infinite one: csrc/policy_loss_math.h, tensor_items). value 0.0 means "not given"."""
     if x is None:
         return None, 0.0
     if isinstance(x, torch.Tensor):
@@ -353,7 +355,12 @@ def num_items(x, device: torch.device) -> tuple[torch.Tensor | None, float]:
             raise TypeError(f"num_items must be a real tensor, got {x.dtype}")
         if x.device != device:
             raise ValueError(f"num_items is on {x.device} but the batch is on {device}")
-        return x.detach().reshape(()).to(torch.float32), 0.0
+        x = x.detach().reshape(()).to(torch.float32)
+        if check_values:
+            v = float(x)
+            if not (math.isfinite(v) and v > 0.0):
+                raise ValueError(f"num_items must be finite and > 0 (the step's count of tokens or sequences), got tensor({v})")
+        return x, 0.0
     return None, real(x, "num_items", gt=0.0)
 
 

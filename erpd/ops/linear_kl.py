@@ -25,6 +25,7 @@ import torch
 
 from erpd import backends, reference
 from erpd.ops import _library, _tp, _validate
+from erpd.ops._autograd import first_order_only
 from erpd.ops.linear_logprobs import _impl as _logprobs_impl
 
 OP = "linear_kl"
@@ -48,6 +49,7 @@ class _KLFunction(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @first_order_only(OP)
     def backward(ctx, grad_kl):
         hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, targets, lse_s, lse_t, aux = ctx.saved_tensors
         inv_t, ignore_index, mode, beta, backend = ctx.args
@@ -114,6 +116,7 @@ class _TopkFunction(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @first_order_only(OP)
     def backward(ctx, grad_kl):
         hidden, weight, bias, ids, anchor, lse, alpha, sparse, valid = ctx.saved_tensors
         inv_t, ignore_index, backend = ctx.args

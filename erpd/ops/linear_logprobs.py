@@ -23,6 +23,7 @@ import torch
 
 from erpd import backends, reference
 from erpd.ops import _library, _tp, _validate
+from erpd.ops._autograd import first_order_only
 
 OP = "linear_logprobs"
 
@@ -43,6 +44,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @first_order_only(OP)
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

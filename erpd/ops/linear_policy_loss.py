@@ -28,6 +28,7 @@ import torch
 
 from erpd import backends, reference
 from erpd.ops import _library, _tp, _validate
+from erpd.ops._autograd import first_order_only
 from erpd.ops.policy_loss import metrics_from_stats
 
 OP = "linear_policy_loss"
@@ -48,6 +49,7 @@ class _LinearPolicyLossFunction(torch.autograd.Function):
         return loss, stats, logprobs
 
     @staticmethod
+    @first_order_only(OP)
     def backward(ctx, grad_loss, _grad_stats, _grad_logprobs):
         # The whole backward: the gradients were computed (and normalized) in the forward.
         if ctx.grads is None:
@@ -195,7 +197,7 @@ def linear_policy_loss(
         kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, norm_length=norm_length,
         has_ref=ref_logprobs is not None, has_entropy=None,
     )
-    n_tensor, n_value = _validate.num_items(num_items, dev)
+    n_tensor, n_value = _validate.num_items(num_items, dev, check_values)
     name = backends.resolve(backend, dev, OP)
     valid = (mask != 0) & (targets != ignore_index)
 

@@ -25,6 +25,7 @@ import torch
 
 from erpd import backends, reference
 from erpd.ops import _library, _validate
+from erpd.ops._autograd import first_order_only
 
 OP = "policy_loss"
 
@@ -72,6 +73,7 @@ class _PolicyLossFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @first_order_only(OP)
     def backward(ctx, grad_loss, _grad_stats):
         g_lp, g_ent, stats = ctx.saved_tensors
         scale = grad_loss * stats[0]
@@ -135,7 +137,9 @@ def policy_loss(
         num_items: the count of the whole optimizer step that the aggregation divides by
             (tokens for token-mean, sequences for seq-mean-*), so that gradient-accumulation
             micro-batches add up to the full-batch gradient; a number or a one-element tensor
-            (read on device, no sync).
+            (read on device, no sync). It must be finite and > 0 (checked for a tensor where the
+            value checks run); unchecked, a tensor below 1 counts as 1 and a NaN or infinite one
+            makes the loss and gradients NaN, on every backend.
         norm_length: seq-mean-token-sum-norm's constant (default T).
         backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"`` (see ``erpd.backends``).
         validate: force (True) or skip (False) the value checks (mask is 0/1, no NaN in
@@ -165,7 +169,7 @@ def policy_loss(
         kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, norm_length=norm_length,
         has_ref=ref_logprobs is not None, has_entropy=entropy is not None,
     )
-    n_tensor, n_value = _validate.num_items(num_items, dev)
+    n_tensor, n_value = _validate.num_items(num_items, dev, check_values)
     name = backends.resolve(backend, dev, OP)
 
     if name == "torch":

@@ -21,7 +21,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from erpd.train import _ops, dist
+from erpd.train import _ops, checked_io, dist
+from erpd.train.checked_io import read_jsonl
 from erpd.train.data import FixedData
 from erpd.train.models import Policy
 
@@ -373,41 +374,35 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if keep is not None and self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if keep(r)]
-        with open(self.path, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
+            kept = [r for r in read_jsonl(self.path) if keep(r)]  # a torn last line is dropped
+        checked_io.write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        checked_io.append_line(self.path, json.dumps(record))
 
 
-def read_jsonl(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: the checked_io checksum trailer
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+    # Never a non-finite checkpoint; atomic (a crash or a full disk mid-write leaves the previous
+    # one intact) and checksummed.
+    checked_io.check_finite(state["trainable"], f"writing {path}")
+    checked_io.save_torch(path, state)
 
 
 def load_checkpoint(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated/garbled zip or pickle; the message names the file
-        raise RuntimeError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to restart the stage "
-                           "from scratch") from e
+        ck = checked_io.load_torch(path)
+    except checked_io.CorruptFileError as e:
+        raise checked_io.CorruptFileError(f"{e}; delete it to restart the stage from scratch") from e
     if not isinstance(ck, dict) or not {"stage", "epoch", "trainable", "optimizer"} <= set(ck):
-        raise RuntimeError(f"{path}: not an erpd training checkpoint")
+        raise checked_io.CorruptFileError(f"{path}: not an erpd training checkpoint")
+    checked_io.check_finite(ck["trainable"], f"{path} (weights)")
+    checked_io.check_finite({f"{i}.{k}": v for i, s in ck["optimizer"].get("state", {}).items() for k, v in s.items()},
+                            f"{path} (optimizer state)")
     return ck
 
 
@@ -550,6 +545,7 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
             step_loss = reduced.pop("loss")
             step_stats = {key[5:]: v for key, v in reduced.items()}
             grad_norm = dist.clip_grad_norm(params, scfg.grad_clip if scfg.grad_clip else float("inf"))
+            checked_io.check_step(stage, step + 1, step_loss, float(grad_norm), ckpt_path)  # same on every rank
             opt.step()
             step += 1
             rec = dict(kind="step", stage=stage, epoch=epoch, step=step, loss=step_loss, grad_norm=float(grad_norm),

@@ -2,13 +2,15 @@
 
 Run directory layout (``run.out_dir``)::
 
-    config.json               the resolved config of the last command
+    config.json               the resolved config of the last command (with its sha256)
     data/                     the fixed data (see erpd.train.data)
-    base_eval.json            π0's held-out reward (shared by both stages' epoch 0)
+    base_eval.json            π0's held-out reward (shared by both stages' epoch 0; with its sha256)
     stage1/metrics.jsonl      per-step and per-epoch records; stage1/checkpoint.pt; stage1/done.json
     teacher/                  the stage-1 policy (erpd.train.models.save_policy_state)
     stage2/...                the same for stage 2; student/
     summary.json, erpd.png    the final table and plot
+
+Every file read back is checksummed and every write atomic (erpd.train.checked_io).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 from erpd.train import data as fixed_data
-from erpd.train import dist, engine, stage1, stage2
+from erpd.train import checked_io, dist, engine, stage1, stage2
 from erpd.train.config import RunConfig
 from erpd.train.models import load_policy, load_policy_state
 from erpd.train.task import chat_prompt, make_splits
@@ -35,7 +37,7 @@ class Run:
         self.out = Path(cfg.out_dir)
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            checked_io.write_json(self.out / "config.json", cfg.to_dict())
         self.verifier = load_verifier(cfg.task.verifier)
         self.train_problems, self.heldout, self.other = make_splits(cfg.task.seed, cfg.task.n_train, cfg.task.n_heldout,
                                                                     cfg.task.difficulty, cfg.task.n_other)
@@ -121,12 +123,12 @@ class Run:
     def _base_eval(self) -> dict:
         path = self.out / "base_eval.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            return checked_io.read_json(path)
         self.reset_to_base()
         res = engine.heldout_reward(self.policy, self.heldout_prompts(), [p.answer for p in self.heldout], self.verifier,
                                     self.cfg.eval.samples_per_prompt, self.cfg.eval, desc="held-out eval π0")
         if dist.is_main():
-            path.write_text(json.dumps(res))
+            checked_io.write_json(path, res)
         return res
 
     def evaluator(self, n_epochs: int, stage: str):

@@ -65,10 +65,57 @@ def test_config_layers(tmp_path):
     (["model.dist_timeout_minutes=0"], "dist_timeout_minutes must be > 0"),
     (["nope.x=1"], "unknown config key 'nope'"),
     (["stage1.epochs"], "section.key=value"),
+    # finite and in range (each of these was accepted and trained on)
+    (["stage1.lr=1e999"], "stage1.lr: expected a finite number, got '1e999'"),
+    (["stage1.grad_clip=nan"], "stage1.grad_clip: expected a finite number"),
+    (["stage1.beta=.nan"], "stage1.beta: expected a finite number"),
+    (["stage1.beta=0"], "stage1.beta must be > 0"),
+    (["stage1.weight_decay=-1"], "stage1.weight_decay must be >= 0"),
+    (["stage2.teacher_weights=[1, .inf]"], r"stage2.teacher_weights\[1\] must be finite, got inf"),
+    (["model.backend=gpu"], "model.backend must be one of"),
+    # the op's own checks, named by the config key
+    (["stage1.clip_low=1.5"], "stage1.clip_low must be < 1.0, got 1.5"),
+    (["stage1.clip_high=-0.1"], "stage1.clip_high must be >= 0.0"),
+    (["stage1.tau_neg=0"], "stage1.tau_neg must be > 0.0"),
+    (["stage1.cispo_cap=0"], "stage1.cispo_cap must be > 0.0"),
+    (["stage1.kl_estimator=k4"], "stage1.kl_estimator must be one of"),
+    (["stage2.clip=1.5"], "stage2.clip must be < 1.0, got 1.5"),
+    (["sample.temperature=0"], "sample.temperature must be finite and > 0"),
 ])
 def test_config_errors(override, match):
     with pytest.raises(C.ConfigError, match=match):
         C.build(None, override)
+
+
+def test_config_built_in_code_is_validated_too():
+    cfg = C.RunConfig()
+    cfg.stage1.lr = float("inf")
+    with pytest.raises(C.ConfigError, match="stage1.lr must be finite, got inf"):
+        C.validate(cfg)
+
+
+@pytest.mark.parametrize("key, op_kw", [("stage1.clip_low", "clip_low"), ("stage1.clip_high", "clip_high"),
+                                        ("stage1.tau_pos", "tau_pos"), ("stage1.cispo_cap", "cispo_cap")])
+def test_trainer_accepts_exactly_what_the_op_accepts(key, op_kw):
+    """One validation for both: a policy-loss knob is valid in the config iff erpd.policy_loss takes it."""
+    import torch
+
+    import erpd
+
+    lp = torch.full((1, 2), -1.0)
+    for v in (-0.5, 0.0, 0.1, 0.99, 1.0, 1.5, 7.0):
+        try:
+            erpd.policy_loss(lp, lp, torch.ones(1), torch.ones(1, 2), method="cispo" if op_kw == "cispo_cap" else "ppo",
+                             **{op_kw: v})
+            op_ok = True
+        except ValueError:
+            op_ok = False
+        try:
+            C.build(None, [f"{key}={v}"])
+            cfg_ok = True
+        except C.ConfigError:
+            cfg_ok = False
+        assert cfg_ok == op_ok, (key, v, op_ok)
 
 
 def test_fsdp_flag_and_new_knobs(capsys):

@@ -3,6 +3,7 @@ import torch
 from conftest import make_policy, synthetic_data, tiny_cfg, with_old_logprobs
 
 from erpd.train import engine, stage1, stage2
+from erpd.train.checked_io import CorruptFileError
 
 
 def _no_eval(epoch, last):
@@ -74,7 +75,7 @@ def test_checkpoint_is_not_mixed_across_stages(tmp_path):
     (tmp_path / "stage1" / "checkpoint.pt").replace(tmp_path / "ck.pt")
     ck = torch.load(tmp_path / "ck.pt", weights_only=False)
     ck["stage"] = "stage2"
-    torch.save(ck, tmp_path / "stage1" / "checkpoint.pt")
+    engine.save_checkpoint(tmp_path / "stage1" / "checkpoint.pt", ck)
     policy, data, cache = _setup()
     with pytest.raises(ValueError, match="not 'stage1'"):
         stage1.run(policy, data, cache, _cfg(2), tmp_path, _no_eval, resume=True)
@@ -209,11 +210,11 @@ torch.save(T._flat(policy), os.path.join(out, "final.pt"))
     assert [r["loss"] for r in _steps(tmp_path / "a")] == [r["loss"] for r in _steps(tmp_path / "b")]
 
 
-def test_unreadable_checkpoint_is_reported(tmp_path):
+def test_truncated_checkpoint_is_reported(tmp_path):
     policy, data, cache = _setup()
     stage1.run(policy, data, cache, _cfg(1), tmp_path, _no_eval)
     ck = tmp_path / "stage1" / "checkpoint.pt"
     ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
     policy, data, cache = _setup()
-    with pytest.raises(RuntimeError, match="checkpoint.pt: unreadable checkpoint"):
+    with pytest.raises(CorruptFileError, match="checkpoint.pt: no erpd checksum at its end .*truncated"):
         stage1.run(policy, data, cache, _cfg(2), tmp_path, _no_eval, resume=True)
