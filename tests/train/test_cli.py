@@ -74,12 +74,12 @@ def test_config_layers(tmp_path):
     (["stage2.teacher_weights=[1, .inf]"], r"stage2.teacher_weights\[1\] must be finite, got inf"),
     (["model.backend=gpu"], "model.backend must be one of"),
     # the op's own checks, named by the config key
-    (["stage1.clip_low=1.5"], "stage1.clip_low must be < 1.0, got 1.5"),
+    (["stage1.clip_low=1.5"], "stage1.clip_low must be <= 1.0, got 1.5"),
     (["stage1.clip_high=-0.1"], "stage1.clip_high must be >= 0.0"),
     (["stage1.tau_neg=0"], "stage1.tau_neg must be > 0.0"),
     (["stage1.cispo_cap=0"], "stage1.cispo_cap must be > 0.0"),
     (["stage1.kl_estimator=k4"], "stage1.kl_estimator must be one of"),
-    (["stage2.clip=1.5"], "stage2.clip must be < 1.0, got 1.5"),
+    (["stage2.clip=1.5"], "stage2.clip must be <= 1.0, got 1.5"),
     (["sample.temperature=0"], "sample.temperature must be finite and > 0"),
 ])
 def test_config_errors(override, match):
