@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-COMMANDS = ("demo", "sample", "stage1", "stage2", "eval")
+COMMANDS = ("demo", "sample", "stage1", "stage2", "control", "eval")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,7 +100,8 @@ def _run(args, cfg) -> int:
     import torch
 
     from erpd.train import dist
-    from erpd.train.pipeline import Run, format_table, say, write_summary
+    from erpd.train import report
+    from erpd.train.pipeline import COMPARISONS, Run, say, write_summary
 
     torch.manual_seed(cfg.seed)
     if cfg.model.threads:
@@ -113,15 +114,17 @@ def _run(args, cfg) -> int:
         run.run_stage1()
     elif args.command == "stage2":
         run.run_stage2()
+    elif args.command == "control":
+        run.run_control()
     elif args.command == "eval":
         rows = run.run_eval([m.strip() for m in args.models.split(",") if m.strip()])
-        print(format_table(rows))
+        print(report.markdown(rows, COMPARISONS))
         return 0
     else:
         run.ensure_data()
         run.run_stage1()
         run.run_stage2()
-    if args.command in ("demo", "stage1", "stage2") and dist.is_main():
+    if args.command in ("demo", "stage1", "stage2", "control") and dist.is_main():
         wall = time.time() - t0
         table = write_summary(run, wall)
         print(table)

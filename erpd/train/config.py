@@ -60,8 +60,8 @@ class ModelConfig:
 class TaskConfig:
     difficulty: typing.Any = 1  # 1..4 or a list of them (see erpd.train.task)
     n_train: int = 16  # prompts in the fixed data
-    n_heldout: int = 48  # held-out prompts for evaluation (the task's own templates)
-    n_other: int = 0  # held-out prompts written with other templates, names and objects
+    n_heldout: int = 256  # held-out prompts for evaluation (the task's own templates)
+    n_other: int = 256  # held-out prompts written with other templates, names and objects
     seed: int = 0
     verifier: str = "erpd.train.verifier.verify"  # dotted path to verify(response, answer) -> float
     system_prompt: str | None = SYSTEM_PROMPT  # null: the user message only
@@ -70,11 +70,11 @@ class TaskConfig:
 @dataclass
 class SampleConfig:
     k: int = 8  # responses per prompt
-    max_new_tokens: int = 24
+    max_new_tokens: int = 128
     # Pure temperature sampling (no top-k/top-p), so π0's log-probs at this temperature are exact;
     # every log-prob of the run (both stages) uses the same temperature.
     temperature: float = 0.5
-    batch_size: int = 64  # sequences per generate() call
+    batch_size: int = 128  # sequences per generate() call
     # Group normalization of the rewards: "group" (R - mean_g) / (std_g + eps), "mean" (R - mean_g).
     advantage: str = "group"
     seed: int = 0
@@ -145,13 +145,10 @@ class Stage2Config:
 
 @dataclass
 class EvalConfig:
-    samples_per_prompt: int = 2  # held-out samples per prompt for the final summary
-    epoch_samples_per_prompt: int = 1  # ... and for the per-epoch held-out reward
-    every: int = 3  # per-epoch held-out reward every N epochs (and always after the last)
-    max_new_tokens: int = 24
-    temperature: float = 0.5
-    batch_size: int = 64
-    seed: int = 1234
+    # Greedy decoding on the held-out splits (task.n_heldout and task.n_other prompts); the same
+    # budget as sampling, so that a policy is evaluated as it was trained.
+    max_new_tokens: int = 128
+    batch_size: int = 128
 
 
 @dataclass
@@ -325,7 +322,7 @@ def from_dict(data: dict) -> RunConfig:
 
 
 OBJECTIVES = ("ppo", "sapo", "cispo", "ce", "mse")
-SIGNALS = ("logratio", "response", "advantage", "opd", "forward_kl", "reverse_kl", "combined")
+SIGNALS = ("logratio", "response", "advantage", "opd", "forward_kl", "reverse_kl", "combined", "reward")
 
 
 def _numbers(obj, where: str = ""):
@@ -405,13 +402,10 @@ def validate(cfg: RunConfig) -> None:
     _policy_check({"clip_low": "stage2.clip", "clip_high": "stage2.clip"}, agg=s2.agg, clip_low=s2.clip,
                   clip_high=s2.clip)
     need(s2.signal_clip is None or s2.signal_clip > 0, f"stage2.signal_clip must be > 0 or null, got {s2.signal_clip}")
-    for where, t in (("sample.temperature", cfg.sample.temperature), ("eval.temperature", cfg.eval.temperature)):
-        _op_check(_validate.temperature, {"temperature": where}, t=t)
+    _op_check(_validate.temperature, {"temperature": "sample.temperature"}, t=cfg.sample.temperature)
     need(cfg.sample.k >= 2, f"sample.k must be >= 2 (group-normalized advantages need a group), got {cfg.sample.k}")
     for where, v in (("sample.max_new_tokens", cfg.sample.max_new_tokens), ("sample.batch_size", cfg.sample.batch_size),
                      ("eval.max_new_tokens", cfg.eval.max_new_tokens), ("eval.batch_size", cfg.eval.batch_size),
-                     ("eval.samples_per_prompt", cfg.eval.samples_per_prompt),
-                     ("eval.epoch_samples_per_prompt", cfg.eval.epoch_samples_per_prompt),
                      ("task.n_train", cfg.task.n_train), ("model.tiny_layers", cfg.model.tiny_layers)):
         need(v >= 1, f"{where} must be >= 1, got {v}")
     need(cfg.task.n_heldout >= 0, f"task.n_heldout must be >= 0, got {cfg.task.n_heldout}")

@@ -567,4 +567,6 @@ def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, temperature
         write(rec)
         history.append(rec)
         checkpoint(epoch, 0)
+        if measured.get("stop"):  # e.g. a target KL reached: the remaining epochs are not run
+            break
     return history

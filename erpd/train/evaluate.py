@@ -24,6 +24,9 @@ from erpd.train.models import Policy
 from erpd.train.task import Problem, chat_prompt
 
 
+SPLITS = ("task", "other")
+
+
 @dataclass
 class SplitResult:
     """One policy's greedy answers on one split: per-prompt correctness and truncation."""
@@ -42,7 +45,8 @@ class SplitResult:
         return sum(self.truncated) / max(1, len(self.truncated))
 
     def to_dict(self) -> dict:
-        return dict(correct=self.correct, truncated=self.truncated, lengths=self.lengths, texts=self.texts)
+        return dict(accuracy=self.accuracy, truncation=self.truncation, correct=self.correct, truncated=self.truncated,
+                    lengths=self.lengths, texts=self.texts)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SplitResult":
@@ -51,6 +55,7 @@ class SplitResult:
 
 def greedy_split(policy: Policy, problems: list[Problem], verifier: Callable, system_prompt: str | None,
                  max_new_tokens: int, batch_size: int, desc: str = "greedy eval") -> SplitResult:
+    """The policy's greedy answers to ``problems``, scored by ``verifier``."""
     prompts = [chat_prompt(policy.tokenizer, p.question, system_prompt) for p in problems]
     out = engine.generate(policy, prompts, 1, max_new_tokens, None, batch_size, seed=0, desc=desc)
     eos = policy.tokenizer.eos_token_id

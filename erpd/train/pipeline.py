@@ -4,11 +4,13 @@ Run directory layout (``run.out_dir``)::
 
     config.json               the resolved config of the last command (with its sha256)
     data/                     the fixed data (see erpd.train.data)
-    base_eval.json            π0's held-out reward (shared by both stages' epoch 0; with its sha256)
+    eval/<policy>.json        greedy answers of base, teacher, student, control on both evaluation
+                              splits (per prompt: correct, truncated, text; with its sha256)
     stage1/metrics.jsonl      per-step and per-epoch records; stage1/checkpoint.pt; stage1/done.json
     teacher/                  the stage-1 policy (erpd.train.models.save_policy_state)
     stage2/...                the same for stage 2; student/
-    summary.json, erpd.png    the final table and plot
+    control/...               the control (PPO on the rewards, stage 2's trust region and budget)
+    summary.md, summary.json, erpd.png    the final table (CIs) and plot
 
 Every file read back is checksummed and every write atomic (erpd.train.checked_io).
 """
@@ -20,10 +22,11 @@ import time
 from pathlib import Path
 
 from erpd.train import data as fixed_data
-from erpd.train import checked_io, dist, engine, stage1, stage2
+from erpd.train import checked_io, dist, engine, report, stage1, stage2
 from erpd.train.config import RunConfig
+from erpd.train.evaluate import SplitResult, greedy_split
 from erpd.train.models import load_policy, load_policy_state
-from erpd.train.task import chat_prompt, make_splits
+from erpd.train.task import make_splits
 from erpd.train.verifier import load_verifier
 
 
@@ -63,9 +66,6 @@ class Run:
 
     def reset_to_base(self):
         self.policy.load_trainable_state(self.base_state)
-
-    def heldout_prompts(self):
-        return [chat_prompt(self.policy.tokenizer, p.question, self.cfg.task.system_prompt) for p in self.heldout]
 
     def ensure_data(self):
         if self.data is not None:
@@ -117,33 +117,38 @@ class Run:
         return self.cache
 
     # -- evaluation --------------------------------------------------------------------------
-    def base_eval(self) -> dict:
-        return dist.on_main(self._base_eval)
+    def splits(self) -> dict:
+        return {"task": self.heldout, "other": self.other}
 
-    def _base_eval(self) -> dict:
-        path = self.out / "base_eval.json"
-        if path.is_file():
-            return checked_io.read_json(path)
-        self.reset_to_base()
-        res = engine.heldout_reward(self.policy, self.heldout_prompts(), [p.answer for p in self.heldout], self.verifier,
-                                    self.cfg.eval.samples_per_prompt, self.cfg.eval, desc="held-out eval π0")
-        if dist.is_main():
-            checked_io.write_json(path, res)
+    def eval_path(self, name: str) -> Path:
+        return self.out / "eval" / f"{name}.json"
+
+    def evaluate(self, name: str) -> dict[str, SplitResult]:
+        """Greedy answers of the policy now loaded, on both evaluation splits; saved as
+        ``eval/<name>.json`` (rank 0 decodes, the others wait)."""
+        return dist.on_main(self._evaluate, name)
+
+    def _evaluate(self, name: str) -> dict[str, SplitResult]:
+        ev = self.cfg.eval
+        res = {split: greedy_split(self.policy, problems, self.verifier, self.cfg.task.system_prompt, ev.max_new_tokens,
+                                   ev.batch_size, desc=f"greedy eval {name} ({split})")
+               for split, problems in self.splits().items() if problems}
+        checked_io.write_json(self.eval_path(name), {"max_new_tokens": ev.max_new_tokens,
+                                                     "splits": {k: v.to_dict() for k, v in res.items()}})
+        say(f"[erpd] {name}: greedy accuracy " + ", ".join(f"{k} {v.accuracy:.3f} (truncated {v.truncation:.2f})"
+                                                          for k, v in res.items()))
         return res
 
-    def evaluator(self, n_epochs: int, stage: str):
-        ev = self.cfg.eval
+    def load_eval(self, name: str) -> dict[str, SplitResult] | None:
+        path = self.eval_path(name)
+        if not path.is_file():
+            return None
+        return {k: SplitResult.from_dict(v) for k, v in checked_io.read_json(path)["splits"].items()}
 
-        def evaluate(epoch: int, last: bool) -> dict:
-            if epoch == 0:
-                return self.base_eval()
-            if not last and (ev.every <= 0 or epoch % ev.every):
-                return {}
-            n = ev.samples_per_prompt if last else ev.epoch_samples_per_prompt
-            return engine.heldout_reward(self.policy, self.heldout_prompts(), [p.answer for p in self.heldout],
-                                         self.verifier, n, ev, desc=f"held-out eval {stage} epoch {epoch}")
-
-        return evaluate
+    def ensure_base_eval(self) -> None:
+        if self.load_eval("base") is None:
+            self.reset_to_base()
+            self.evaluate("base")
 
     # -- stages --------------------------------------------------------------------------------
     def stage_done(self, stage: str) -> bool:
@@ -155,12 +160,17 @@ class Run:
             return
         data = self.ensure_data() if self.data is None and not fixed_data.exists(self.out / "data") else self.load_data()
         cache = self.ensure_cache()
+        self.ensure_base_eval()
         self.reset_to_base()
         t = time.time()
-        hist = stage1.run(self.policy, data, cache, self.cfg, self.out, self.evaluator(self.cfg.stage1.epochs, "stage1"),
-                          resume=self.resume)
+        hist = stage1.run(self.policy, data, cache, self.cfg, self.out, _no_eval, resume=self.resume)
+        self.evaluate("teacher")
         if dist.is_main():
             (self.out / "stage1" / "done.json").write_text(json.dumps({"seconds": time.time() - t, "final": hist[-1]}))
+
+    def policy_dir(self, name: str) -> Path:
+        """Where the run saved policy ``name`` (teacher, student, control)."""
+        return self.out / "control" / "policy" if name == "control" else self.out / name
 
     def teacher_dirs(self):
         return [Path(p) for p in self.cfg.stage2.teachers] or [self.out / "teacher"]
@@ -173,112 +183,86 @@ class Run:
         cache = self.ensure_cache()
         self.reset_to_base()
         t = time.time()
-        hist, tmetrics = stage2.run(self.policy, data, cache, self.cfg, self.out, self.evaluator(self.cfg.stage2.epochs, "stage2"),
-                                    self.teacher_dirs(), resume=self.resume)
+        hist, tmetrics = stage2.run(self.policy, data, cache, self.cfg, self.out, _no_eval, self.teacher_dirs(),
+                                    resume=self.resume)
+        self.evaluate("student")
         if dist.is_main():
             (self.out / "stage2" / "done.json").write_text(json.dumps({"seconds": time.time() - t, "final": hist[-1],
                                                                        "teachers": tmetrics}))
 
-    def run_eval(self, which=("base", "teacher", "student")) -> list[dict]:
-        """Re-measure each saved policy: held-out reward (``eval.samples_per_prompt``) and drift."""
+    def run_control(self):
+        """The control: π0 trained on the rewards alone (group advantages, no teacher) with stage 2's
+        surrogate, trust region and budget, so a student above it can be credited to the teacher."""
+        if self.resume and self.stage_done("control"):
+            say("[erpd] control already done; skipping")
+            return
+        data = self.load_data()
+        cache = self.ensure_cache()
+        self.ensure_base_eval()
+        self.reset_to_base()
+        t = time.time()
+        hist, _ = stage2.run(self.policy, data, cache, self.cfg, self.out, _no_eval, [], resume=self.resume, control=True)
+        self.evaluate("control")
+        if dist.is_main():
+            (self.out / "control" / "done.json").write_text(json.dumps({"seconds": time.time() - t, "final": hist[-1]}))
+
+    def run_eval(self, which=("base", "teacher", "student")) -> list[report.PolicyRow]:
+        """Re-measure saved policies: greedy accuracy on both splits and drift on the fixed data."""
         data = self.load_data()
         cache = self.ensure_cache()
         rows = []
         for name in which:
             self.reset_to_base()
             if name != "base":
-                d = Path(name) if Path(name).is_dir() and name not in ("teacher", "student") else self.out / name
+                d = self.policy_dir(name) if name in POLICIES else Path(name)
                 if not d.is_dir():
                     say(f"[erpd] no {d}; skipping")
                     continue
                 load_policy_state(self.policy, d)
             out = engine.policy_outputs(self.policy, data, cache, self.cfg.sample.temperature,
                                         self.cfg.stage1.micro_batch_size, desc=f"measure {name}")
-            res = engine.heldout_reward(self.policy, self.heldout_prompts(), [p.answer for p in self.heldout],
-                                        self.verifier, self.cfg.eval.samples_per_prompt, self.cfg.eval, desc=f"held-out eval {name}")
-            rows.append({"model": Path(name).name, **res, **engine.drift_metrics(out, data)})
+            label = Path(name).name
+            rows.append(report.PolicyRow(label, self.evaluate(label), engine.drift_metrics(out, data)))
         self.reset_to_base()
-        (self.out / "eval.json").write_text(json.dumps(rows, indent=1))
         return rows
 
     # -- report ------------------------------------------------------------------------------
-    def summary_rows(self) -> list[dict]:
+    def summary_rows(self) -> list[report.PolicyRow]:
+        """base, teacher, student, control: those evaluated, with the drift of their stage's last epoch."""
         rows = []
-        for stage, label in (("stage1", "teacher"), ("stage2", "student")):
-            path = self.out / stage / "metrics.jsonl"
-            if not path.is_file():
+        for name, stage, epoch in (("base", "stage1", 0), ("teacher", "stage1", -1), ("student", "stage2", -1),
+                                   ("control", "control", -1)):
+            res = self.load_eval(name)
+            if res is None:
                 continue
-            epochs = [r for r in engine.read_jsonl(path) if r["kind"] == "epoch"]
-            if not rows and epochs:
-                rows.append({"model": "base (π0)", **_pick(epochs[0])})
-            if epochs and epochs[-1]["epoch"] > 0:
-                rows.append({"model": f"{label} ({stage})", **_pick(epochs[-1])})
+            path = self.out / stage / "metrics.jsonl"
+            epochs = [r for r in engine.read_jsonl(path) if r["kind"] == "epoch"] if path.is_file() else []
+            drift = epochs[epoch] if epochs else ({"kl_full": 0.0, "kl_k3": 0.0} if name == "base" else {})
+            rows.append(report.PolicyRow(name, res, drift))
         return rows
 
 
-_COLS = ("heldout_reward", "heldout_n", "kl_full", "kl_k3", "logratio", "entropy", "epoch")
+POLICIES = ("base", "teacher", "student", "control")
+COMPARISONS = [("teacher", "base"), ("student", "base"), ("student", "teacher"), ("control", "base"),
+               ("student", "control")]
 
 
-def _pick(rec: dict) -> dict:
-    return {k: rec.get(k) for k in _COLS}
-
-
-def format_table(rows: list[dict]) -> str:
-    head = f"{'model':<18} {'held-out acc':>12} {'n':>5} {'KL(·‖π0) full':>14} {'KL k3':>8} {'log-ratio':>10} {'entropy':>8}"
-    lines = [head, "-" * len(head)]
-    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
-    for r in rows:
-        lines.append(f"{r['model']:<18} {fmt(r.get('heldout_reward'), '12.3f')} {fmt(r.get('heldout_n'), '5d')} "
-                     f"{fmt(r.get('kl_full'), '14.4f')} {fmt(r.get('kl_k3'), '8.4f')} {fmt(r.get('logratio'), '10.4f')} "
-                     f"{fmt(r.get('entropy'), '8.3f')}")
-    return "\n".join(lines)
-
-
-def plot(out_dir: Path, path: Path) -> Path | None:
-    """Held-out reward vs KL(·‖π0) for both stages, and entropy per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    any_data = False
-    for stage, color, label in (("stage1", "tab:red", "stage 1 (teacher)"), ("stage2", "tab:blue", "stage 2 (student)")):
-        p = Path(out_dir) / stage / "metrics.jsonl"
-        if not p.is_file():
-            continue
-        ep = [r for r in engine.read_jsonl(p) if r["kind"] == "epoch"]
-        pts = [(r["kl_full"], r["heldout_reward"], r["epoch"]) for r in ep if r.get("heldout_reward") is not None]
-        if pts:
-            any_data = True
-            ax1.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "o-", color=color, label=label)
-            for x, y, e in pts:
-                ax1.annotate(str(e), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=color)
-        ax2.plot([r["epoch"] for r in ep], [r["entropy"] for r in ep], "o-", color=color, label=label)
-    ax1.set_xscale("symlog", linthresh=1e-2)
-    ax1.set_xlabel("KL(π‖π0), full vocabulary, on the fixed data (nats/token)")
-    ax1.set_ylabel("held-out reward (sampled)")
-    ax1.set_title("reward vs drift (numbers: epochs)")
-    ax1.legend()
-    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("mean entropy on the fixed data (nats)")
-    ax2.set_title("entropy per epoch")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path if any_data else None
+def _no_eval(epoch: int, last: bool) -> dict:
+    return {}
 
 
 def write_summary(run: Run, wall_seconds: float | None = None) -> str:
+    """summary.md (the table with CIs), summary.json and the plot erpd.png; returns the table."""
     rows = run.summary_rows()
-    table = format_table(rows)
-    info = {"rows": rows, "wall_seconds": wall_seconds, "config": run.cfg.to_dict()}
+    table = report.markdown(rows, COMPARISONS)
+    info = {"rows": [{"name": r.name, "drift": r.drift, **{f"acc_{s}": r.accuracy(s) for s in r.splits}} for r in rows],
+            "comparisons": report.comparisons(rows, COMPARISONS), "wall_seconds": wall_seconds,
+            "config": run.cfg.to_dict()}
     if run.data is not None or fixed_data.exists(run.out / "data"):
         d = run.load_data()
         info["fixed_data"] = {"responses": len(d), "prompts": len(d.prompts), "mean_reward": float(d.rewards.mean())}
     (run.out / "summary.json").write_text(json.dumps(info, indent=1, default=str))
-    plot(run.out, run.out / "erpd.png")
+    (run.out / "summary.md").write_text(table + "\n")
+    if rows:
+        report.plot(rows, run.out / "erpd.png")
     return table

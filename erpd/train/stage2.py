@@ -18,6 +18,7 @@ The policy starts from π0 again. Signals (DESIGN.md §1; ``a_t`` per response t
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -64,6 +65,8 @@ def fixed_signal(cfg: RunConfig, data: FixedData, teachers: list[dict], cache: e
         raw = losses.response_mean(lr(teachers[0]), mask.float())[:, None].expand(mask.shape) * mask
     elif s2.signal == "advantage":
         raw = lr(teachers[0]) + teacher_position_kl(teachers[0], data, cache, temperature)
+    elif s2.signal == "reward":  # the control: every token of a response gets its group advantage
+        return data.advantages[:, None] * mask
     elif s2.signal == "combined":
         weights = s2.teacher_weights or [1.0 / len(teachers)] * len(teachers)
         raw = sum(w * losses.standardize(lr(t), mask) for w, t in zip(weights, teachers))
@@ -103,7 +106,7 @@ def teacher_position_kl(teacher: dict, data: FixedData, cache: engine.Cache, tem
 def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, teachers: list[dict],
               signal_all: torch.Tensor | None):
     s2, temperature = cfg.stage2, cfg.sample.temperature
-    teacher = teachers[0]
+    teacher = teachers[0] if teachers else None
     weights_all = row_weights(cfg, data)
 
     def step(batch: engine.Batch, n_tok: int, n_seq: int, state: dict) -> engine.StepOutput:
@@ -115,7 +118,7 @@ def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConf
         anchor = state["anchor"][batch.idx, :R].to(dev)
         rewards = data.rewards[batch.idx].to(dev)
         row_w = weights_all[batch.idx].to(dev)[:, None]
-        t_lp = teacher["logprobs"][batch.idx, :R].to(dev)
+        t_lp = None if teacher is None else teacher["logprobs"][batch.idx, :R].to(dev)
         stats = {}
         kl0 = None
         if s2.kl_coef or s2.kl_trust is not None:
@@ -158,15 +161,23 @@ def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConf
 
 
 def run(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, out_dir: Path, evaluate,
-        teacher_dirs: list, resume=False):
-    """Distill into π0 (``policy`` must hold π0); write ``out_dir/stage2/metrics.jsonl`` and ``out_dir/student``."""
+        teacher_dirs: list, resume=False, control: bool = False):
+    """Distill into π0 (``policy`` must hold π0); write ``out_dir/stage2/metrics.jsonl`` and ``out_dir/student``.
+
+    ``control``: the same stage with the rewards' group advantages as the signal and no teacher
+    (``out_dir/control/metrics.jsonl`` and the policy ``out_dir/control/policy``): the control a
+    student must beat for its gain to be credited to the teacher.
+    """
+    if control:
+        cfg = copy.deepcopy(cfg)
+        cfg.stage2.signal, teacher_dirs = "reward", []
     s2 = cfg.stage2
-    if s2.signal in KL_SIGNALS + ("logratio", "opd") and len(teacher_dirs) != 1:
+    if s2.signal in KL_SIGNALS + ("logratio", "response", "advantage", "opd") and len(teacher_dirs) != 1:
         raise ValueError(f"stage2.signal={s2.signal!r} distills one teacher; got {len(teacher_dirs)} (use 'combined' for several)")
     teachers = teacher_outputs(policy, data, cache, teacher_dirs, cfg.sample.temperature, s2.micro_batch_size,
                                with_hidden=s2.signal in KL_SIGNALS + ("advantage",))
     signal_all = fixed_signal(cfg, data, teachers, cache, cfg.sample.temperature)
-    run_dir = Path(out_dir) / "stage2"
+    run_dir = Path(out_dir) / ("control" if control else "stage2")
 
     def epoch_end(epoch: int, state: dict) -> dict:
         out = engine.policy_outputs(policy, data, cache, cfg.sample.temperature, s2.micro_batch_size, desc="stage2 measure")
@@ -179,10 +190,11 @@ def run(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, ou
 
     history = engine.train_stage(policy, data, cache, s2, cfg.sample.temperature, run_dir,
                                  make_step(policy, data, cache, cfg, teachers, signal_all), epoch_end, resume,
-                                 stage="stage2", extra_state={"anchor": data.old_logprobs.clone()})
+                                 stage="control" if control else "stage2",
+                                 extra_state={"anchor": data.old_logprobs.clone()})
     final = policy.trainable_state()  # every rank: gathering FSDP shards is a collective
     if dist.is_main():
-        save_policy_state(policy, Path(out_dir) / "student", state=final,
+        save_policy_state(policy, run_dir / "policy" if control else Path(out_dir) / "student", state=final,
                           meta={"stage2": cfg.to_dict()["stage2"], "final": history[-1],
                                 "teachers": [str(d) for d in teacher_dirs]})
     dist.barrier()

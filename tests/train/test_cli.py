@@ -5,9 +5,9 @@ import pytest
 from erpd import cli
 from erpd.train import config as C
 
-TINY = ["model.name=tiny", "model.train_layers=1", "task.n_train=2", "task.n_heldout=2", "sample.k=4",
+TINY = ["model.name=tiny", "model.train_layers=1", "task.n_train=2", "task.n_heldout=2", "task.n_other=2", "sample.k=4",
         "sample.max_new_tokens=4", "eval.max_new_tokens=4", "stage1.epochs=2", "stage2.epochs=1",
-        "eval.samples_per_prompt=1", "eval.every=1", "task.verifier=_helpers.parity"]
+        "task.verifier=_helpers.parity"]
 
 
 def test_demo_smoke(tmp_path, capsys):
@@ -16,28 +16,38 @@ def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["demo", "--out", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
-    assert "base (π0)" in printed and "teacher (stage1)" in printed and "student (stage2)" in printed
+    for row in ("| base |", "| teacher |", "| student |", "| student − base |", "| student − teacher |"):
+        assert row in printed, row
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["model"] for r in summary["rows"]] == ["base (π0)", "teacher (stage1)", "student (stage2)"]
-    assert summary["rows"][0]["kl_full"] == 0 and summary["rows"][1]["kl_full"] > 0
+    assert [r["name"] for r in summary["rows"]] == ["base", "teacher", "student"]
+    assert summary["rows"][0]["drift"]["kl_full"] == 0 and summary["rows"][1]["drift"]["kl_full"] > 0
+    assert (out / "summary.md").read_text().strip() in printed
     assert (out / "erpd.png").stat().st_size > 1000
+    for name in ("base", "teacher", "student"):
+        ev = json.loads((out / "eval" / f"{name}.json").read_text())
+        assert set(ev["splits"]) == {"task", "other"} and all(len(v["correct"]) == 2 for v in ev["splits"].values())
     for stage, n in (("stage1", 2), ("stage2", 1)):
         epochs = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         epochs = [r for r in epochs if r["kind"] == "epoch"]
         assert [r["epoch"] for r in epochs] == list(range(n + 1))
-        for key in ("loss", "heldout_reward", "logratio", "kl_k1", "kl_k3", "kl_full", "entropy", "clip_frac"):
+        for key in ("loss", "logratio", "kl_k1", "kl_k3", "kl_full", "entropy", "clip_frac", "out_of_band", "auc"):
             assert any(key in k for r in epochs[1:] for k in r), key
     for d in ("data", "teacher", "student"):
         assert (out / d).is_dir()
 
     # --resume finds everything done and only rewrites the summary.
     assert cli.main(["demo", "--out", str(out), "--resume"]) == 0
-    assert "student (stage2)" in capsys.readouterr().out
+    assert "| student |" in capsys.readouterr().out
+
+    # control: PPO on the rewards with stage 2's budget; it joins the summary.
+    assert cli.main(["control", "--out", str(out), *TINY]) == 0
+    assert "| student − control |" in capsys.readouterr().out
+    assert (out / "control" / "policy").is_dir() and (out / "eval" / "control.json").is_file()
 
     # eval re-measures the saved policies.
     assert cli.main(["eval", "--out", str(out), *TINY]) == 0
-    rows = json.loads((out / "eval.json").read_text())
-    assert [r["model"] for r in rows] == ["base", "teacher", "student"]
+    printed = capsys.readouterr().out
+    assert "| base |" in printed and "| student − teacher |" in printed
 
 
 def test_bad_override_is_a_usage_error(tmp_path, capsys):

@@ -2,7 +2,7 @@
 names its cause (erpd/train/checked_io.py and its call sites).
 
 Flipped bytes and truncation in each kind of file the trainer writes and reads back (checkpoint,
-saved policy, manifests, base_eval.json, config.json), non-finite weights (teacher, checkpoint,
+saved policy, manifests, eval/base.json, config.json), non-finite weights (teacher, checkpoint,
 base model), non-finite steps, a torn metrics.jsonl, and a full disk (a real small tmpfs where
 the machine lets an unprivileged user namespace mount one, else skipped).
 """
@@ -294,21 +294,21 @@ def test_resume_drops_a_torn_last_metrics_line(tmp_path):
 # the run directory's JSON files and the CLI
 
 
-TINY = ["model.name=tiny", "model.train_layers=1", "task.n_train=2", "task.n_heldout=2", "sample.k=4",
+TINY = ["model.name=tiny", "model.train_layers=1", "task.n_train=2", "task.n_heldout=2", "task.n_other=2", "sample.k=4",
         "sample.max_new_tokens=4", "eval.max_new_tokens=4", "stage1.epochs=1", "stage2.epochs=1",
-        "eval.samples_per_prompt=1", "eval.every=1", "task.verifier=_helpers.parity"]
+        "task.verifier=_helpers.parity"]
 
 
 def test_cli_reports_corrupt_run_files(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["stage1", "--out", str(out), *TINY]) == 0
     capsys.readouterr()
-    # base_eval.json (π0's held-out reward, reused by later commands)
-    be = out / "base_eval.json"
-    be.write_text(be.read_text().replace('"heldout_n": 2', '"heldout_n": 3'))
+    # eval/base.json (π0's greedy answers, reused by later commands)
+    be = out / "eval" / "base.json"
+    be.write_text(be.read_text().replace('"max_new_tokens": 4', '"max_new_tokens": 5'))
     shutil.rmtree(out / "stage1")
     assert cli.main(["stage1", "--out", str(out), "--resume"]) == 1
-    assert "base_eval.json: its content does not match its sha256" in capsys.readouterr().err
+    assert "base.json: its content does not match its sha256" in capsys.readouterr().err
     be.unlink()
     # config.json, the base of --resume
     cfg = out / "config.json"
