@@ -90,8 +90,11 @@ class Stage1Config:
     micro_batch_size: int = 32  # sequences per forward/backward (gradient accumulation)
     grad_clip: float | None = 1.0
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean (token-level objectives)
-    clip_low: float | None = 0.2  # ppo: ratio floor 1 - clip_low (None: no floor)
-    clip_high: float | None = None  # ppo: ratio ceiling 1 + clip_high (None: no ceiling, "loose")
+    # ppo: the ratio is clipped to [1 - clip_low, 1 + clip_high], as erpd.policy_loss takes them:
+    # clip_low = 1 is no floor, clip_high = .inf no ceiling (the default, "loose": the extreme
+    # region), null the same as clip_low.
+    clip_low: float = 0.2
+    clip_high: float | None = math.inf
     tau_pos: float = 1.0  # sapo gate temperature for positive advantages
     tau_neg: float = 1.05  # sapo gate temperature for negative advantages
     cispo_cap: float = 5.0  # cispo: absolute cap on the detached ratio
@@ -210,7 +213,7 @@ def _coerce(value, tp, where: str):
                 pass
         if number is None:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(number):  # .nan, .inf, 1e999
+        if not math.isfinite(number) and not (number == math.inf and where in UNBOUNDED):  # .nan, .inf, 1e999
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return number
     if tp is str:
@@ -325,6 +328,10 @@ OBJECTIVES = ("ppo", "sapo", "cispo", "ce", "mse")
 SIGNALS = ("logratio", "response", "advantage", "opd", "forward_kl", "reverse_kl", "combined", "reward")
 
 
+# The keys where .inf means "no bound" (as in the op the value goes to).
+UNBOUNDED = frozenset({"stage1.clip_high"})
+
+
 def _numbers(obj, where: str = ""):
     """(path, value) of every number in a (nested) config, list elements included."""
     for f in dataclasses.fields(obj):
@@ -367,7 +374,7 @@ def validate(cfg: RunConfig) -> None:
 
     # Finite first (a config built in code never went through _coerce): NaN passes no range check.
     for path, v in _numbers(cfg):
-        need(math.isfinite(v), f"{path} must be finite, got {v}")
+        need(math.isfinite(v) or (v == math.inf and path in UNBOUNDED), f"{path} must be finite, got {v}")
     need(cfg.stage1.objective in OBJECTIVES, f"stage1.objective must be one of {OBJECTIVES}, got {cfg.stage1.objective!r}")
     need(cfg.stage2.signal in SIGNALS, f"stage2.signal must be one of {SIGNALS}, got {cfg.stage2.signal!r}")
     need(cfg.stage2.gating in ("none", "drop", "negate"), f"stage2.gating must be none|drop|negate, got {cfg.stage2.gating!r}")
@@ -393,7 +400,7 @@ def validate(cfg: RunConfig) -> None:
     _policy_check({k: f"stage1.{k}" for k in ("clip_low", "clip_high", "tau_pos", "tau_neg", "cispo_cap", "kl_coef",
                                                "kl_estimator", "agg")},
                   method=s1.objective if s1.objective in _validate.POLICY_METHODS else "ppo", agg=s1.agg,
-                  clip_low=0.0 if s1.clip_low is None else s1.clip_low, clip_high=s1.clip_high, tau_pos=s1.tau_pos,
+                  clip_low=s1.clip_low, clip_high=s1.clip_high, tau_pos=s1.tau_pos,
                   tau_neg=s1.tau_neg, cispo_cap=s1.cispo_cap, kl_coef=s1.kl_coef, kl_estimator=s1.kl_estimator)
     need(s1.beta > 0, f"stage1.beta must be > 0, got {s1.beta}")
     s2 = cfg.stage2

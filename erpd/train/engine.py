@@ -21,7 +21,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from erpd.train import _ops, checked_io, dist
+import erpd
+from erpd.train import checked_io, dist
 from erpd.train.checked_io import read_jsonl
 from erpd.train.data import FixedData
 from erpd.train.models import Policy
@@ -167,7 +168,8 @@ def gather_positions(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def logprobs(policy: Policy, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy=False):
-    return _ops.linear_logprobs(hidden, policy.head_weight(), targets, bias=policy.head_bias(), temperature=temperature,
+    """``erpd.linear_logprobs`` of the policy's LM head on ``hidden`` (targets -100 give 0)."""
+    return erpd.linear_logprobs(hidden, policy.head_weight(), targets, bias=policy.head_bias(), temperature=temperature,
                                 with_entropy=with_entropy, backend=policy.backend)
 
 
@@ -244,7 +246,7 @@ def policy_outputs(policy: Policy, data: FixedData, cache: Cache, temperature: f
             batch = collate(data, idx, policy.device, cache.prefix)
             hr = response_hidden(policy, batch)
             lp, ent = logprobs(policy, hr, batch.targets, temperature, with_entropy=True)
-            kl = _ops.linear_kl(hr, policy.head_weight(), batch.targets, bias=policy.head_bias(),
+            kl = erpd.linear_kl(hr, policy.head_weight(), batch.targets, bias=policy.head_bias(),
                                 teacher_hidden=cache.ref_batch(batch), teacher_weight=cache.ref_weight,
                                 teacher_bias=cache.ref_bias, direction="reverse", temperature=temperature,
                                 backend=policy.backend)

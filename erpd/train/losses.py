@@ -1,30 +1,23 @@
-"""Per-token (and per-response) losses of the two ERPD stages, in plain torch on log-probs.
+"""What the ERPD trainer computes itself: the response-level stage-1 objectives and the stage-2
+signals. Everything token-level that is a policy loss (ppo, sapo, cispo, the stage-2 clipped
+surrogate, the KL term on the sampled tokens) is ``erpd.linear_policy_loss``; the full-vocabulary
+KLs are ``erpd.linear_kl``.
 
-Shapes: ``logprobs``, ``ref_logprobs`` (π0), ``anchor_logprobs``, ``signal``, ``mask`` are
-``[B, T]`` (response tokens, ``mask`` False past each response's end); ``advantages``,
-``rewards``, ``baseline`` are ``[B]``. Token-level functions return an unreduced ``[B, T]`` loss
-and a dict of ``[B, T]`` indicator/value tensors for logging; the trainer masks and aggregates
-(``erpd.train.engine.aggregate``). The ratio-shaping ones (``ppo``, ``sapo``, ``cispo`` and the
-stage-2 clipped surrogate) are the pointwise forms that ``erpd.policy_loss`` also implements;
-they live here so the trainer does not depend on that op, and can delegate to it unchanged.
+Shapes: ``logprobs``, ``ref_logprobs`` (π0), ``signal``, ``mask`` are ``[B, T]`` (response
+tokens, ``mask`` False past each response's end); ``rewards``, ``baseline``, ``group`` are ``[B]``.
 
-Stage 1 (ratio r = π/π0 per token, Â the response's group-normalized advantage, DESIGN.md §1):
+Stage 1, response level (Δ = Σ_t log π/π0 over the response, R its reward):
 
-* ``ppo``: −min(r Â, clip(r, 1−ε_lo, 1+ε_hi) Â); ``clip_low``/``clip_high`` None drop that side
-  ("loose": no ceiling lets rewarded tokens' probabilities run away — the extreme region).
-* ``sapo``: −(4/τ) σ(τ (r − 1)) Â with τ = τ_pos for Â > 0, τ_neg otherwise (soft gate).
-* ``cispo``: −sg(min(r, c)) Â log π (capped, detached importance weight on REINFORCE).
-* ``ce``: −[R log σ(βΔ) + (1 − R) log(1 − σ(βΔ))], Δ = Σ_t log π/π0 over the response; our
-  reading of the paper's "CE" objective: a classifier of the outcome whose logit is the scaled
-  sequence log-ratio to the unlearned reference π0.
+* ``ce``: −[R log σ(βΔ) + (1 − R) log(1 − σ(βΔ))]; our reading of the paper's "CE" objective: a
+  classifier of the outcome whose logit is the scaled sequence log-ratio to the unlearned
+  reference π0.
 * ``mse``: (βΔ − (R − b))², b the group-mean reward; our reading of the paper's "MSE with an
   unlearned policy reference": regress the scaled log-ratio onto the centered reward.
 
-Stage 2 (a_t the per-token distillation signal, ρ = π/π_anchor):
-
-* surrogate: −min(ρ a, clip(ρ, 1−ε, 1+ε) a) for ``logratio``/``opd``/``combined`` signals;
-* ``kl_trust_mask``: for the full-vocabulary KL signals, drop tokens already outside the trust
-  region in the direction the KL pulls them.
+Stage 2: ``process_signal`` (scale, clip, centering per response or per prompt group, outcome
+gating), ``mixed_groups`` (prompts with reward information), ``standardize`` (``combined``), and
+``kl_trust_mask`` (for the full-vocabulary KL signals, drop tokens already outside the trust
+region in the direction the KL pulls them).
 """
 
 from __future__ import annotations
@@ -33,59 +26,25 @@ import torch
 import torch.nn.functional as F
 
 
-def _clip_ratio(ratio: torch.Tensor, clip_low: float | None, clip_high: float | None) -> torch.Tensor:
-    lo = None if clip_low is None else 1.0 - clip_low
-    hi = None if clip_high is None else 1.0 + clip_high
-    return ratio.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else ratio
-
-
-def ppo(logprobs, ref_logprobs, advantages, clip_low: float | None = 0.2, clip_high: float | None = 0.2):
-    ratio = torch.exp(logprobs - ref_logprobs)
-    adv = advantages[:, None]
-    unclipped, clipped = ratio * adv, _clip_ratio(ratio, clip_low, clip_high) * adv
-    loss = -torch.minimum(unclipped, clipped)
-    # A token is "clipped" when the clipped branch is the active one and has zero gradient.
-    is_clipped = (clipped < unclipped).float()
-    return loss, {"clip_frac": is_clipped, "ratio": ratio.detach()}
-
-
-def sapo(logprobs, ref_logprobs, advantages, tau_pos: float = 1.0, tau_neg: float = 1.05):
-    ratio = torch.exp(logprobs - ref_logprobs)
-    adv = advantages[:, None]
-    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
-    gate = torch.sigmoid(tau * (ratio - 1.0))
-    loss = -(4.0 / tau) * gate * adv
-    # The gate's gradient weight 4σ(1−σ) falls below 1/2 once the token has left the soft region.
-    soft_weight = 4 * gate * (1 - gate)
-    return loss, {"clip_frac": (soft_weight < 0.5).float().detach(), "ratio": ratio.detach()}
-
-
-def cispo(logprobs, ref_logprobs, advantages, cap: float = 5.0):
-    ratio = torch.exp(logprobs - ref_logprobs)
-    weight = ratio.clamp(max=cap).detach()
-    loss = -weight * advantages[:, None] * logprobs
-    return loss, {"clip_frac": (ratio > cap).float().detach(), "ratio": ratio.detach()}
-
-
 def sequence_logratio(logprobs, ref_logprobs, mask) -> torch.Tensor:
     """Δ = Σ_t (log π − log π0) over each response: ``[B]``."""
     return ((logprobs - ref_logprobs) * mask).sum(1)
 
 
-def ce(logprobs, ref_logprobs, rewards, mask, beta: float = 0.1):
+def ce(logprobs, ref_logprobs, rewards, mask, beta: float = 0.1) -> torch.Tensor:
+    """Per-response ``[B]``: −[R log σ(βΔ) + (1 − R) log(1 − σ(βΔ))]."""
     z = beta * sequence_logratio(logprobs, ref_logprobs, mask)
     # R log σ(z) + (1−R) log(1−σ(z)) written with logsigmoid for stability at large |z|.
-    loss = -(rewards * F.logsigmoid(z) + (1 - rewards) * F.logsigmoid(-z))
-    return loss, {"seq_logit": z.detach()}
+    return -(rewards * F.logsigmoid(z) + (1 - rewards) * F.logsigmoid(-z))
 
 
-def mse(logprobs, ref_logprobs, rewards, baseline, mask, beta: float = 0.1):
+def mse(logprobs, ref_logprobs, rewards, baseline, mask, beta: float = 0.1) -> torch.Tensor:
+    """Per-response ``[B]``: (βΔ − (R − b))²."""
     z = beta * sequence_logratio(logprobs, ref_logprobs, mask)
-    loss = (z - (rewards - baseline)) ** 2
-    return loss, {"seq_logit": z.detach()}
+    return (z - (rewards - baseline)) ** 2
 
 
-def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3") -> torch.Tensor:
+def kl_estimate(logprobs, ref_logprobs, estimator: str = "k3") -> torch.Tensor:
     """Per-token KL(π‖π0) estimate on the sampled tokens, with d = log π0 − log π.
 
     k1 = −d, k2 = d²/2, k3 = e^d − d − 1 (≥ 0, the low-variance form).
@@ -98,15 +57,6 @@ def kl_penalty(logprobs, ref_logprobs, estimator: str = "k3") -> torch.Tensor:
     if estimator == "k3":
         return torch.exp(d) - d - 1
     raise ValueError(f"kl_estimator must be k1, k2 or k3, got {estimator!r}")
-
-
-def surrogate(logprobs, anchor_logprobs, signal, clip: float = 0.2):
-    """−min(ρ a, clip(ρ, 1−ε, 1+ε) a), ρ = π/π_anchor: PPO's clipped loss with the (detached)
-    distillation signal ``a`` in place of the advantage; the trust region is anchored at π_anchor."""
-    ratio = torch.exp(logprobs - anchor_logprobs)
-    a = signal.detach()
-    unclipped, clipped = ratio * a, ratio.clamp(1 - clip, 1 + clip) * a
-    return -torch.minimum(unclipped, clipped), {"clip_frac": (clipped < unclipped).float(), "ratio": ratio.detach()}
 
 
 def kl_trust_mask(logprobs, anchor_logprobs, pull, clip: float = 0.2) -> torch.Tensor:

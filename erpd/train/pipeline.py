@@ -133,8 +133,9 @@ class Run:
         res = {split: greedy_split(self.policy, problems, self.verifier, self.cfg.task.system_prompt, ev.max_new_tokens,
                                    ev.batch_size, desc=f"greedy eval {name} ({split})")
                for split, problems in self.splits().items() if problems}
-        checked_io.write_json(self.eval_path(name), {"max_new_tokens": ev.max_new_tokens,
-                                                     "splits": {k: v.to_dict() for k, v in res.items()}})
+        if dist.is_main():  # in lockstep every rank decodes; rank 0 writes
+            checked_io.write_json(self.eval_path(name), {"max_new_tokens": ev.max_new_tokens,
+                                                         "splits": {k: v.to_dict() for k, v in res.items()}})
         say(f"[erpd] {name}: greedy accuracy " + ", ".join(f"{k} {v.accuracy:.3f} (truncated {v.truncation:.2f})"
                                                           for k, v in res.items()))
         return res
@@ -146,7 +147,8 @@ class Run:
         return {k: SplitResult.from_dict(v) for k, v in checked_io.read_json(path)["splits"].items()}
 
     def ensure_base_eval(self) -> None:
-        if self.load_eval("base") is None:
+        # Rank 0 decides (it alone writes the file): every rank must take the same branch.
+        if not dist.broadcast_object(self.eval_path("base").is_file() if dist.is_main() else None):
             self.reset_to_base()
             self.evaluate("base")
 

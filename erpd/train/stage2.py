@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from erpd.train import _ops, dist, engine, losses
+import erpd
+from erpd.train import dist, engine, losses
 from erpd.train.config import RunConfig
 from erpd.train.data import FixedData
 from erpd.train.models import Policy, load_policy_state, save_policy_state
@@ -96,7 +97,7 @@ def teacher_position_kl(teacher: dict, data: FixedData, cache: engine.Cache, tem
         ht = torch.nn.utils.rnn.pad_sequence([teacher["hidden"][i][:r] for i in rows], batch_first=True)
         h0 = h0.to(cache.ref_weight.device)
         targets = data.targets[idx, :r].to(h0.device)
-        kl = _ops.linear_kl(h0, cache.ref_weight, targets, bias=cache.ref_bias, teacher_hidden=ht.to(h0.device),
+        kl = erpd.linear_kl(h0, cache.ref_weight, targets, bias=cache.ref_bias, teacher_hidden=ht.to(h0.device),
                             teacher_weight=teacher["head_weight"], teacher_bias=teacher["head_bias"], direction="reverse",
                             temperature=temperature)
         out[idx, :r] = kl.float().cpu()
@@ -105,56 +106,64 @@ def teacher_position_kl(teacher: dict, data: FixedData, cache: engine.Cache, tem
 
 def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, teachers: list[dict],
               signal_all: torch.Tensor | None):
+    """One micro-batch of stage 2. The clipped surrogate −min(ρa, clip(ρ, 1±ε)a), ρ = π/π_anchor,
+    is ``erpd.linear_policy_loss`` with the signal as per-token advantages and π_anchor as the old
+    policy; the KL signals and the KL(π‖π0) term are ``erpd.linear_kl``."""
     s2, temperature = cfg.stage2, cfg.sample.temperature
     teacher = teachers[0] if teachers else None
     weights_all = row_weights(cfg, data)
+    head = dict(bias=policy.head_bias(), temperature=temperature, backend=policy.backend)
 
     def step(batch: engine.Batch, n_tok: int, n_seq: int, state: dict) -> engine.StepOutput:
         hr = engine.response_hidden(policy, batch)
-        lp, _ = engine.logprobs(policy, hr, batch.targets, temperature)
-        dev = lp.device
-        R = lp.shape[1]
-        mask = batch.mask.to(lp.dtype)
+        dev = hr.device
+        R = batch.targets.shape[1]
+        mask = batch.mask
+        fmask = mask.to(hr.dtype)
         anchor = state["anchor"][batch.idx, :R].to(dev)
-        rewards = data.rewards[batch.idx].to(dev)
         row_w = weights_all[batch.idx].to(dev)[:, None]
         t_lp = None if teacher is None else teacher["logprobs"][batch.idx, :R].to(dev)
         stats = {}
         kl0 = None
-        if s2.kl_coef or s2.kl_trust is not None:
-            kl0 = _ops.linear_kl(hr, policy.head_weight(), batch.targets, bias=policy.head_bias(),
-                                 teacher_hidden=cache.ref_batch(batch), teacher_weight=cache.ref_weight,
-                                 teacher_bias=cache.ref_bias, direction="reverse", temperature=temperature,
-                                 backend=policy.backend)
+        if s2.kl_coef or s2.kl_trust is not None:  # KL(π‖π0) over the whole vocabulary, per token
+            kl0 = erpd.linear_kl(hr, policy.head_weight(), batch.targets, teacher_hidden=cache.ref_batch(batch),
+                                 teacher_weight=cache.ref_weight, teacher_bias=cache.ref_bias, direction="reverse",
+                                 **head)
         # Full-vocabulary trust region: positions already too far from π0 get no distillation gradient.
-        trust = torch.ones_like(mask) if s2.kl_trust is None else (kl0.detach() <= s2.kl_trust).to(mask.dtype)
+        trust = torch.ones_like(fmask) if s2.kl_trust is None else (kl0.detach() <= s2.kl_trust).to(fmask.dtype)
         if s2.kl_trust is not None:
-            stats["outside_trust"] = ((1 - trust) * mask).sum()
+            stats["outside_trust"] = ((1 - trust) * fmask).sum()
+        if s2.signal in KL_SIGNALS or s2.signal == "opd":
+            with torch.no_grad():  # the current log-probs: the pull's direction, or opd's signal
+                lp, _ = engine.logprobs(policy, hr, batch.targets, temperature)
         if s2.signal in KL_SIGNALS:
             t_hidden = torch.nn.utils.rnn.pad_sequence([teacher["hidden"][i][:R] for i in batch.idx.tolist()],
                                                        batch_first=True).to(dev)
-            kl = _ops.linear_kl(hr, policy.head_weight(), batch.targets, bias=policy.head_bias(), teacher_hidden=t_hidden,
+            kl = erpd.linear_kl(hr, policy.head_weight(), batch.targets, teacher_hidden=t_hidden,
                                 teacher_weight=teacher["head_weight"], teacher_bias=teacher["head_bias"],
-                                direction="forward" if s2.signal == "forward_kl" else "reverse", temperature=temperature,
-                                backend=policy.backend)
-            keep = losses.kl_trust_mask(lp, anchor, t_lp - lp.detach(), s2.clip)
-            tok = kl * keep * trust * row_w
-            stats["clip_frac"] = ((1 - keep) * mask).sum()
+                                direction="forward" if s2.signal == "forward_kl" else "reverse", **head)
+            keep = losses.kl_trust_mask(lp, anchor, t_lp - lp, s2.clip)
+            loss = engine.aggregate(kl * keep * trust * row_w, fmask, s2.agg, n_tok, n_seq)
+            stats["clip_frac"] = ((1 - keep) * fmask).sum()
         else:
             if signal_all is not None:
                 a = signal_all[batch.idx, :R].to(dev)
             else:  # opd: the teacher's log-ratio to the current policy, post-processed each step
-                a = losses.process_signal(t_lp - lp.detach(), mask, rewards, s2.scale, s2.signal_clip, s2.center,
-                                          s2.gating, data.group[batch.idx].to(dev)) * row_w
+                a = losses.process_signal(t_lp - lp, fmask, data.rewards[batch.idx].to(dev), s2.scale, s2.signal_clip,
+                                          s2.center, s2.gating, data.group[batch.idx].to(dev)) * row_w
             a = a * trust
-            tok, aux = losses.surrogate(lp, anchor, a, s2.clip)
-            stats["clip_frac"] = (aux["clip_frac"] * mask).sum()
-            stats["signal"] = (a * mask).sum()
+            loss, m = erpd.linear_policy_loss(
+                hr, policy.head_weight(), batch.targets, anchor, a, mask, method="ppo", agg=s2.agg,
+                clip_low=s2.clip, clip_high=s2.clip, num_items=n_tok if s2.agg == "token-mean" else n_seq,
+                return_logprobs=True, **head,
+            )
+            lp = m["logprobs"]
+            stats["clip_frac"] = m["clipfrac"] * m["num_valid"]
+            stats["signal"] = (a * fmask).sum()
         if s2.kl_coef:
-            tok = tok + s2.kl_coef * kl0
-        loss = engine.aggregate(tok, mask, s2.agg, n_tok, n_seq)
+            loss = loss + s2.kl_coef * engine.aggregate(kl0, fmask, s2.agg, n_tok, n_seq)
         (old,) = engine.rows(data, batch.idx, "old_logprobs", device=dev)
-        stats["logratio"] = ((lp - old).detach() * mask).sum()
+        stats["logratio"] = ((lp.detach() - old) * fmask).sum()
         return engine.StepOutput(loss=loss, stats=stats)
 
     return step
