@@ -81,27 +81,18 @@ class SampleConfig:
 
 
 @dataclass
-class Stage1Config:
-    objective: str = "ppo"  # ppo | sapo | cispo | ce | mse (DESIGN.md §1)
+class StageConfig:
+    """The training loop's knobs, shared by both stages (and the control)."""
+
     epochs: int = 8
     lr: float = 2e-4
     weight_decay: float = 0.0
     batch_size: int = 32  # sequences per optimizer step
     micro_batch_size: int = 32  # sequences per forward/backward (gradient accumulation)
     grad_clip: float | None = 1.0
-    agg: str = "token-mean"  # token-mean | seq-mean-token-mean (token-level objectives)
-    # ppo: the ratio is clipped to [1 - clip_low, 1 + clip_high], as erpd.policy_loss takes them:
-    # clip_low = 1 is no floor, clip_high = .inf no ceiling (the default, "loose": the extreme
-    # region), null the same as clip_low.
-    clip_low: float = 0.2
-    clip_high: float | None = math.inf
-    tau_pos: float = 1.0  # sapo gate temperature for positive advantages
-    tau_neg: float = 1.05  # sapo gate temperature for negative advantages
-    cispo_cap: float = 5.0  # cispo: absolute cap on the detached ratio
-    beta: float = 0.1  # ce / mse: scale of the response log-ratio Δ
-    kl_coef: float = 0.0  # optional KL(π‖π0) penalty on the sampled tokens
-    kl_estimator: str = "k3"  # k1 | k2 | k3
-    seed: int = 0
+    agg: str = "token-mean"  # token-mean | seq-mean-token-mean (the token-level losses)
+    kl_coef: float = 0.0  # optional KL(π‖π0) penalty (see each stage)
+    seed: int = 0  # the data order of epoch e depends on (seed, e) only
     # Also checkpoint every N optimizer steps (0: only at epoch ends), so a crash mid-epoch loses
     # at most N steps; a checkpoint holds the weights, AdamW, RNG and the position in the epoch.
     checkpoint_every: int = 0
@@ -112,18 +103,28 @@ class Stage1Config:
 
 
 @dataclass
-class Stage2Config:
-    # logratio | opd | forward_kl | reverse_kl | combined (DESIGN.md §1)
+class Stage1Config(StageConfig):
+    objective: str = "ppo"  # ppo | sapo | cispo | ce | mse (docs/trainer.md)
+    # ppo: the ratio is clipped to [1 - clip_low, 1 + clip_high], as erpd.policy_loss takes them:
+    # clip_low = 1 is no floor, clip_high = .inf no ceiling (the default, "loose": the extreme
+    # region), null the same as clip_low.
+    clip_low: float = 0.2
+    clip_high: float | None = math.inf
+    tau_pos: float = 1.0  # sapo gate temperature for positive advantages
+    tau_neg: float = 1.05  # sapo gate temperature for negative advantages
+    cispo_cap: float = 5.0  # cispo: absolute cap on the detached ratio
+    beta: float = 0.1  # ce / mse: scale of the response log-ratio Δ
+    kl_estimator: str = "k3"  # the kl_coef term: k1 | k2 | k3 of KL(π‖π0) on the sampled tokens
+
+
+@dataclass
+class Stage2Config(StageConfig):
+    epochs: int = 6
+    lr: float = 1e-4
+    # logratio | response | advantage | opd | forward_kl | reverse_kl | combined (docs/trainer.md)
     signal: str = "logratio"
     teachers: list = field(default_factory=list)  # teacher dirs; empty: the run's stage-1 teacher
     teacher_weights: list = field(default_factory=list)  # combined: one weight per teacher (default equal)
-    epochs: int = 6
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    micro_batch_size: int = 32
-    grad_clip: float | None = 1.0
-    agg: str = "token-mean"
     clip: float = 0.2  # trust region: ρ = π/π_anchor kept in [1 - clip, 1 + clip]
     reanchor: bool = False  # anchor = the previous pass's policy instead of π0
     scale: float = 1.0  # signal post-processing: a ← scale · a
@@ -134,16 +135,11 @@ class Stage2Config:
     gating: str = "none"  # then on reward-0 responses: none | drop | negate
     # all | mixed: keep the signal only on prompts whose responses got different rewards.
     groups: str = "all"
-    kl_coef: float = 0.0  # optional β · KL(π‖π0) (full vocabulary) penalty
-    # Full-vocabulary trust region: positions where KL(π‖π0) (whole vocabulary) exceeds this get no
-    # distillation gradient (null: off).
+    # kl_coef: β · KL(π‖π0) over the full vocabulary, per token. Full-vocabulary trust region:
+    # positions where that KL exceeds kl_trust get no distillation gradient (null: off).
     kl_trust: float | None = None
     # Stop the stage after the first epoch whose KL(π‖π0) on the fixed data exceeds this (null: off).
     target_kl: float | None = None
-    seed: int = 0
-    checkpoint_every: int = 0  # as stage1
-    pack: bool = False  # as stage1
-    pack_length: int = 0
 
 
 @dataclass

@@ -1,9 +1,5 @@
-"""Stage 0: the fixed data both stages train on.
-
-``sample_fixed_data`` draws ``k`` responses per prompt from π0 once (``generate`` with pure
-temperature sampling, batched), scores them with the verifier, computes π0's log-prob of every
-response token (teacher-forced, through the same fused path the trainer uses, so the stage-1
-ratio is exactly 1 before the first update) and the group-normalized advantages.
+"""The fixed data both stages train on (sampled by ``erpd.train.stage0``): its tensors, its
+format on disk, and the checks a loaded copy must pass.
 
 On-disk format (a directory; version ``FORMAT_VERSION``)::
 
@@ -197,38 +193,3 @@ def build(prompt_ids: list, response_ids: list, rewards: list, group: list, pad_
     return FixedData(input_ids=input_ids, attention_mask=attention, prompt_len=plen, response_len=rlen, targets=targets,
                      old_logprobs=torch.zeros((n, R), dtype=torch.float32), rewards=rewards_t,
                      advantages=group_advantages(rewards_t, group_t, advantage), group=group_t, **texts)
-
-
-def sample_fixed_data(policy, problems: list, cfg, verifier, system_prompt=None):
-    """Stage 0: sample ``cfg.sample.k`` responses per problem from ``policy`` (π0), score them,
-    and fill in π0's log-probs. Returns ``(data, cache)``; the cache (see ``engine.build_cache``)
-    is what the π0 pass computed on the way and saves stage 1 a second pass."""
-    from erpd.train import engine
-    from erpd.train.task import chat_prompt
-
-    sc = cfg.sample
-    if sc.max_new_tokens < 1:
-        raise ValueError("sample.max_new_tokens must be >= 1")
-    prompts = [chat_prompt(policy.tokenizer, p.question, system_prompt) for p in problems]
-    samples = engine.generate(policy, prompts, sc.k, sc.max_new_tokens, sc.temperature, sc.batch_size, sc.seed,
-                              desc="stage 0: sampling π0")
-    rewards, group = [], []
-    for i, (_, _, text) in enumerate(samples):
-        g = i // sc.k
-        rewards.append(float(verifier(text, problems[g].answer)))
-        group.append(g)
-    data = build([s[0] for s in samples], [s[1] for s in samples], rewards, group, policy.tokenizer.pad_token_id,
-                 sc.advantage, questions=[p.question for p in problems], answers=[str(p.answer) for p in problems],
-                 prompts=prompts, responses=[s[2] for s in samples])
-    cache, lp = engine.build_cache(policy, data, sc.temperature, cfg.stage1.micro_batch_size, desc="stage 0: π0 log-probs")
-    data.old_logprobs = lp
-    data.meta = {"model": policy.name, "train_layers": policy.cfg.train_layers, "temperature": sc.temperature,
-                 "sample": dataclass_dict(sc), "task": dataclass_dict(cfg.task),
-                 "mean_reward": float(data.rewards.mean()) if len(data) else 0.0}
-    return data, cache
-
-
-def dataclass_dict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from erpd.train import engine
+from erpd.train import stage0
 from erpd.train.models import Policy
 from erpd.train.task import Problem, chat_prompt
 
@@ -57,7 +57,7 @@ def greedy_split(policy: Policy, problems: list[Problem], verifier: Callable, sy
                  max_new_tokens: int, batch_size: int, desc: str = "greedy eval") -> SplitResult:
     """The policy's greedy answers to ``problems``, scored by ``verifier``."""
     prompts = [chat_prompt(policy.tokenizer, p.question, system_prompt) for p in problems]
-    out = engine.generate(policy, prompts, 1, max_new_tokens, None, batch_size, seed=0, desc=desc)
+    out = stage0.generate(policy, prompts, 1, max_new_tokens, None, batch_size, seed=0, desc=desc)
     eos = policy.tokenizer.eos_token_id
     correct = [float(verifier(text, p.answer)) for (_, _, text), p in zip(out, problems)]
     truncated = [len(r) >= max_new_tokens and r[-1] != eos for _, r, _ in out]

@@ -21,17 +21,14 @@ import json
 import time
 from pathlib import Path
 
+from erpd.train import checked_io, dist, measure, report, stage0, stage1, stage2
 from erpd.train import data as fixed_data
-from erpd.train import checked_io, dist, engine, report, stage1, stage2
 from erpd.train.config import RunConfig
 from erpd.train.evaluate import SplitResult, greedy_split
 from erpd.train.models import load_policy, load_policy_state
+from erpd.train.progress import say
 from erpd.train.task import make_splits
 from erpd.train.verifier import load_verifier
-
-
-def say(msg: str) -> None:
-    engine.tqdm.write(msg, file=engine.sys.stderr)
 
 
 class Run:
@@ -83,7 +80,7 @@ class Run:
             dist.barrier()
             return self.data
         self.reset_to_base()
-        self.data, self.cache = fixed_data.sample_fixed_data(self.policy, self.train_problems, self.cfg, self.verifier,
+        self.data, self.cache = stage0.sample_fixed_data(self.policy, self.train_problems, self.cfg, self.verifier,
                                                              self.cfg.task.system_prompt)
         if dist.is_main():
             fixed_data.save(self.data, ddir)
@@ -109,7 +106,7 @@ class Run:
             if data.meta.get("model") not in (None, self.cfg.model.name):
                 raise ValueError(f"the fixed data was sampled from {data.meta['model']!r}, the config's model is {self.cfg.model.name!r}")
             self.reset_to_base()
-            self.cache, lp = engine.build_cache(self.policy, data, self.cfg.sample.temperature,
+            self.cache, lp = measure.build_cache(self.policy, data, self.cfg.sample.temperature,
                                                 self.cfg.stage1.micro_batch_size)
             diff = (lp - data.old_logprobs)[data.mask].abs().max().item() if data.mask.any() else 0.0
             if diff > 1e-2:
@@ -221,10 +218,10 @@ class Run:
                     say(f"[erpd] no {d}; skipping")
                     continue
                 load_policy_state(self.policy, d)
-            out = engine.policy_outputs(self.policy, data, cache, self.cfg.sample.temperature,
+            out = measure.policy_outputs(self.policy, data, cache, self.cfg.sample.temperature,
                                         self.cfg.stage1.micro_batch_size, desc=f"measure {name}")
             label = Path(name).name
-            rows.append(report.PolicyRow(label, self.evaluate(label), engine.drift_metrics(out, data)))
+            rows.append(report.PolicyRow(label, self.evaluate(label), measure.drift_metrics(out, data)))
         self.reset_to_base()
         return rows
 
@@ -238,7 +235,7 @@ class Run:
             if res is None:
                 continue
             path = self.out / stage / "metrics.jsonl"
-            epochs = [r for r in engine.read_jsonl(path) if r["kind"] == "epoch"] if path.is_file() else []
+            epochs = [r for r in checked_io.read_jsonl(path) if r["kind"] == "epoch"] if path.is_file() else []
             drift = epochs[epoch] if epochs else ({"kl_full": 0.0, "kl_k3": 0.0} if name == "base" else {})
             rows.append(report.PolicyRow(name, res, drift))
         return rows

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import erpd
-from erpd.train import dist, engine, losses
+from erpd.train import batches, dist, loop, losses, measure
 from erpd.train.config import RunConfig
 from erpd.train.data import FixedData
 from erpd.train.models import Policy, save_policy_state
@@ -28,10 +28,10 @@ def make_step(policy: Policy, data: FixedData, cfg: RunConfig):
     s1, temperature = cfg.stage1, cfg.sample.temperature
     baseline_all = data.group_baseline()
 
-    def step(batch: engine.Batch, n_tok: int, n_seq: int, state: dict) -> engine.StepOutput:
-        hr = engine.response_hidden(policy, batch)
+    def step(batch: batches.Batch, n_tok: int, n_seq: int, state: dict) -> loop.StepOutput:
+        hr = batches.response_hidden(policy, batch)
         dev = hr.device
-        (old,) = engine.rows(data, batch.idx, "old_logprobs", device=dev)
+        (old,) = batches.rows(data, batch.idx, "old_logprobs", device=dev)
         mask = batch.mask
         stats = {}
         if s1.objective in TOKEN_OBJECTIVES:
@@ -46,7 +46,7 @@ def make_step(policy: Policy, data: FixedData, cfg: RunConfig):
             lp = m["logprobs"]
             stats["clip_frac"] = m["clipfrac"] * m["num_valid"]
         else:
-            lp, _ = engine.logprobs(policy, hr, batch.targets, temperature)
+            lp, _ = batches.logprobs(policy, hr, batch.targets, temperature)
             rewards = data.rewards[batch.idx].to(dev)
             fmask = mask.to(lp.dtype)
             if s1.objective == "ce":
@@ -56,14 +56,14 @@ def make_step(policy: Policy, data: FixedData, cfg: RunConfig):
             loss = seq.sum() / max(1, n_seq)
             if s1.kl_coef:
                 kl = losses.kl_estimate(lp, old, s1.kl_estimator)
-                loss = loss + s1.kl_coef * engine.aggregate(kl, fmask, s1.agg, n_tok, n_seq)
+                loss = loss + s1.kl_coef * loop.aggregate(kl, fmask, s1.agg, n_tok, n_seq)
         stats["logratio"] = ((lp.detach() - old) * mask).sum()
-        return engine.StepOutput(loss=loss, stats=stats)
+        return loop.StepOutput(loss=loss, stats=stats)
 
     return step
 
 
-def run(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, out_dir: Path, evaluate, resume=False):
+def run(policy: Policy, data: FixedData, cache: measure.Cache, cfg: RunConfig, out_dir: Path, evaluate, resume=False):
     """Train the teacher; write ``out_dir/stage1/metrics.jsonl`` and ``out_dir/teacher``.
 
     ``evaluate(epoch, last) -> dict`` adds metrics to an epoch's record (or {}).
@@ -72,11 +72,11 @@ def run(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, ou
     run_dir = Path(out_dir) / "stage1"
 
     def epoch_end(epoch: int, state: dict) -> dict:
-        out = engine.policy_outputs(policy, data, cache, cfg.sample.temperature, cfg.stage1.micro_batch_size,
+        out = measure.policy_outputs(policy, data, cache, cfg.sample.temperature, cfg.stage1.micro_batch_size,
                                     desc="stage1 measure")
-        return {**engine.drift_metrics(out, data), **dist.on_main(evaluate, epoch, epoch == cfg.stage1.epochs)}
+        return {**measure.drift_metrics(out, data), **dist.on_main(evaluate, epoch, epoch == cfg.stage1.epochs)}
 
-    history = engine.train_stage(policy, data, cache, cfg.stage1, cfg.sample.temperature, run_dir, make_step(policy, data, cfg),
+    history = loop.train_stage(policy, data, cache, cfg.stage1, run_dir, make_step(policy, data, cfg),
                                  epoch_end, resume, stage="stage1")
     final = policy.trainable_state()  # every rank: gathering FSDP shards is a collective
     if dist.is_main():

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import erpd
-from erpd.train import dist, engine, losses
+from erpd.train import batches, dist, loop, losses, measure
 from erpd.train.config import RunConfig
 from erpd.train.data import FixedData
 from erpd.train.models import Policy, load_policy_state, save_policy_state
@@ -33,7 +33,7 @@ KL_SIGNALS = ("forward_kl", "reverse_kl")
 
 
 @torch.no_grad()
-def teacher_outputs(policy: Policy, data: FixedData, cache: engine.Cache, teacher_dirs: list, temperature: float,
+def teacher_outputs(policy: Policy, data: FixedData, cache: measure.Cache, teacher_dirs: list, temperature: float,
                     micro_batch_size: int, with_hidden: bool) -> list[dict]:
     """Each teacher's log-probs (and response hidden states + head when ``with_hidden``) on the
     fixed data, computed by loading it into ``policy`` in turn; ``policy`` is restored after."""
@@ -42,20 +42,20 @@ def teacher_outputs(policy: Policy, data: FixedData, cache: engine.Cache, teache
     try:
         for d in teacher_dirs:
             load_policy_state(policy, d)
-            out = engine.policy_outputs(policy, data, cache, temperature, micro_batch_size, with_hidden=with_hidden,
+            out = measure.policy_outputs(policy, data, cache, temperature, micro_batch_size, with_hidden=with_hidden,
                                         desc=f"teacher pass {Path(d).name}")
             w = policy.head_weight()
             out["head_weight"] = w.detach().clone() if w.requires_grad else w
             b = policy.head_bias()
             out["head_bias"] = None if b is None else b.detach().clone()
-            out["metrics"] = engine.drift_metrics(out, data)
+            out["metrics"] = measure.drift_metrics(out, data)
             outs.append(out)
     finally:
         policy.load_trainable_state(base)
     return outs
 
 
-def fixed_signal(cfg: RunConfig, data: FixedData, teachers: list[dict], cache: engine.Cache | None = None,
+def fixed_signal(cfg: RunConfig, data: FixedData, teachers: list[dict], cache: measure.Cache | None = None,
                  temperature: float = 1.0) -> torch.Tensor | None:
     """The per-token signal ``[N, R]`` of the strategies whose signal does not depend on πθ."""
     s2, mask = cfg.stage2, data.mask
@@ -85,12 +85,12 @@ def row_weights(cfg: RunConfig, data: FixedData) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_position_kl(teacher: dict, data: FixedData, cache: engine.Cache, temperature: float) -> torch.Tensor:
+def teacher_position_kl(teacher: dict, data: FixedData, cache: measure.Cache, temperature: float) -> torch.Tensor:
     """KL(π0‖πT) over the whole vocabulary at every response position ``[N, R]``: minus the
     expected log πT/π0 under π0 there, the per-position baseline of the ``advantage`` signal."""
     n, R = data.targets.shape
     out = torch.zeros(n, R)
-    for idx in engine.micro_batches(n, 32):
+    for idx in batches.micro_batches(n, 32):
         rows = idx.tolist()
         r = int(data.response_len[idx].max())
         h0 = torch.nn.utils.rnn.pad_sequence([cache.ref_hidden[i][:r] for i in rows], batch_first=True)
@@ -104,7 +104,7 @@ def teacher_position_kl(teacher: dict, data: FixedData, cache: engine.Cache, tem
     return out * data.mask
 
 
-def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, teachers: list[dict],
+def make_step(policy: Policy, data: FixedData, cache: measure.Cache, cfg: RunConfig, teachers: list[dict],
               signal_all: torch.Tensor | None):
     """One micro-batch of stage 2. The clipped surrogate −min(ρa, clip(ρ, 1±ε)a), ρ = π/π_anchor,
     is ``erpd.linear_policy_loss`` with the signal as per-token advantages and π_anchor as the old
@@ -114,8 +114,8 @@ def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConf
     weights_all = row_weights(cfg, data)
     head = dict(bias=policy.head_bias(), temperature=temperature, backend=policy.backend)
 
-    def step(batch: engine.Batch, n_tok: int, n_seq: int, state: dict) -> engine.StepOutput:
-        hr = engine.response_hidden(policy, batch)
+    def step(batch: batches.Batch, n_tok: int, n_seq: int, state: dict) -> loop.StepOutput:
+        hr = batches.response_hidden(policy, batch)
         dev = hr.device
         R = batch.targets.shape[1]
         mask = batch.mask
@@ -135,7 +135,7 @@ def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConf
             stats["outside_trust"] = ((1 - trust) * fmask).sum()
         if s2.signal in KL_SIGNALS or s2.signal == "opd":
             with torch.no_grad():  # the current log-probs: the pull's direction, or opd's signal
-                lp, _ = engine.logprobs(policy, hr, batch.targets, temperature)
+                lp, _ = batches.logprobs(policy, hr, batch.targets, temperature)
         if s2.signal in KL_SIGNALS:
             t_hidden = torch.nn.utils.rnn.pad_sequence([teacher["hidden"][i][:R] for i in batch.idx.tolist()],
                                                        batch_first=True).to(dev)
@@ -143,7 +143,7 @@ def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConf
                                 teacher_weight=teacher["head_weight"], teacher_bias=teacher["head_bias"],
                                 direction="forward" if s2.signal == "forward_kl" else "reverse", **head)
             keep = losses.kl_trust_mask(lp, anchor, t_lp - lp, s2.clip)
-            loss = engine.aggregate(kl * keep * trust * row_w, fmask, s2.agg, n_tok, n_seq)
+            loss = loop.aggregate(kl * keep * trust * row_w, fmask, s2.agg, n_tok, n_seq)
             stats["clip_frac"] = ((1 - keep) * fmask).sum()
         else:
             if signal_all is not None:
@@ -161,15 +161,15 @@ def make_step(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConf
             stats["clip_frac"] = m["clipfrac"] * m["num_valid"]
             stats["signal"] = (a * fmask).sum()
         if s2.kl_coef:
-            loss = loss + s2.kl_coef * engine.aggregate(kl0, fmask, s2.agg, n_tok, n_seq)
-        (old,) = engine.rows(data, batch.idx, "old_logprobs", device=dev)
+            loss = loss + s2.kl_coef * loop.aggregate(kl0, fmask, s2.agg, n_tok, n_seq)
+        (old,) = batches.rows(data, batch.idx, "old_logprobs", device=dev)
         stats["logratio"] = ((lp.detach() - old) * fmask).sum()
-        return engine.StepOutput(loss=loss, stats=stats)
+        return loop.StepOutput(loss=loss, stats=stats)
 
     return step
 
 
-def run(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, out_dir: Path, evaluate,
+def run(policy: Policy, data: FixedData, cache: measure.Cache, cfg: RunConfig, out_dir: Path, evaluate,
         teacher_dirs: list, resume=False, control: bool = False):
     """Distill into π0 (``policy`` must hold π0); write ``out_dir/stage2/metrics.jsonl`` and ``out_dir/student``.
 
@@ -189,15 +189,15 @@ def run(policy: Policy, data: FixedData, cache: engine.Cache, cfg: RunConfig, ou
     run_dir = Path(out_dir) / ("control" if control else "stage2")
 
     def epoch_end(epoch: int, state: dict) -> dict:
-        out = engine.policy_outputs(policy, data, cache, cfg.sample.temperature, s2.micro_batch_size, desc="stage2 measure")
+        out = measure.policy_outputs(policy, data, cache, cfg.sample.temperature, s2.micro_batch_size, desc="stage2 measure")
         if s2.reanchor:
             state["anchor"] = out["logprobs"]
-        drift = engine.drift_metrics(out, data, s2.clip)
+        drift = measure.drift_metrics(out, data, s2.clip)
         stop = s2.target_kl is not None and drift["kl_full"] > s2.target_kl
         last = epoch == s2.epochs or stop
         return {**drift, **dist.on_main(evaluate, epoch, last), **({"stop": True} if stop else {})}
 
-    history = engine.train_stage(policy, data, cache, s2, cfg.sample.temperature, run_dir,
+    history = loop.train_stage(policy, data, cache, s2, run_dir,
                                  make_step(policy, data, cache, cfg, teachers, signal_all), epoch_end, resume,
                                  stage="control" if control else "stage2",
                                  extra_state={"anchor": data.old_logprobs.clone()})

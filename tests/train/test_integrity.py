@@ -20,7 +20,7 @@ from conftest import make_policy, tiny_cfg
 from test_resume import _cfg, _flat, _no_eval, _setup, _steps
 
 from erpd import cli
-from erpd.train import checked_io, engine, models, stage1, stage2
+from erpd.train import checked_io, checkpoint, loop, models, stage1, stage2
 from erpd.train.checked_io import CorruptFileError, DiskFullError, NonFiniteError
 from erpd.train.models import load_policy_state, save_policy_state
 
@@ -121,7 +121,7 @@ def test_resume_refuses_a_checkpoint_with_non_finite_weights(stage1_run):
     with pytest.raises(NonFiniteError, match=rf"checkpoint\.pt \(weights\): {name} has 1 non-finite value"):
         _resume(stage1_run)
     with pytest.raises(NonFiniteError, match="writing .*checkpoint.pt"):  # and none is ever written
-        engine.save_checkpoint(path, ck)
+        checkpoint.save_checkpoint(path, ck)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def _poisoned(monkeypatch, bad_call, kind):
             calls["n"] += 1
             if calls["n"] == bad_call:
                 bad = out.loss * float("nan") if kind == "loss" else out.loss + _InfGrad.apply(w)
-                out = engine.StepOutput(loss=bad, stats=out.stats)
+                out = loop.StepOutput(loss=bad, stats=out.stats)
             return out
 
         return poisoned

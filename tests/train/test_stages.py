@@ -7,14 +7,14 @@ import torch.nn.functional as F
 import erpd
 from conftest import make_policy, synthetic_data, tiny_cfg, with_old_logprobs
 
-from erpd.train import engine, losses, stage1, stage2
+from erpd.train import batches, losses, measure, stage1, stage2
 from erpd.train.config import OBJECTIVES, SIGNALS
 from erpd.train.models import load_policy_state, save_policy_state
 
 
 def _loss(step, data, cache, policy, state=None):
     idx = torch.arange(len(data))
-    batch = engine.collate(data, idx, policy.device, cache.prefix)
+    batch = batches.collate(data, idx, policy.device, cache.prefix)
     return step(batch, int(data.mask.sum()), len(data), state if state is not None else {})
 
 
@@ -54,7 +54,7 @@ def test_stage1_objective_decreases_its_loss(tiny, objective, kl_coef):
 def _pg_objective(policy, data, cache):
     """Σ Â log π over the response tokens: what every stage-1 objective pushes up."""
     with torch.no_grad():
-        lp = engine.policy_outputs(policy, data, cache, 1.0, 8)["logprobs"]
+        lp = measure.policy_outputs(policy, data, cache, 1.0, 8)["logprobs"]
     return (data.advantages[:, None] * lp * data.mask).sum().item()
 
 
@@ -95,7 +95,7 @@ def test_stage2_strategy_decreases_its_loss(tiny, teacher_dir, signal):
     teachers = stage2.teacher_outputs(policy, data, cache, dirs, 1.0, 4,
                                       with_hidden=signal in stage2.KL_SIGNALS + ("advantage",))
     # The teacher pass leaves the policy at π0.
-    _, lp = engine.build_cache(policy, data, 1.0, 5)
+    _, lp = measure.build_cache(policy, data, 1.0, 5)
     assert torch.allclose(lp, data.old_logprobs, atol=1e-6)
     step = stage2.make_step(policy, data, cache, cfg, teachers, stage2.fixed_signal(cfg, data, teachers, cache, 1.0))
     first, last = _moves(step, data, cache, policy, state={"anchor": data.old_logprobs.clone()})
@@ -135,7 +135,7 @@ def _f64_setup(train_layers, temperature=0.7, seed=1):
     policy.dtype = torch.float64
     policy.backend = "torch"
     data = synthetic_data(policy, seed=seed)
-    cache, lp0 = engine.build_cache(policy, data, temperature, 5)
+    cache, lp0 = measure.build_cache(policy, data, temperature, 5)
     data.old_logprobs = lp0.double()
     with torch.no_grad():  # move away from π0 so that ratios, clips and KLs are not trivial
         g = torch.Generator().manual_seed(seed)
@@ -146,9 +146,9 @@ def _f64_setup(train_layers, temperature=0.7, seed=1):
 
 def _logits(policy, data, temperature):
     """[N, R, V] logits at the response-predicting positions, from the model's own forward."""
-    batch = engine.collate(data, torch.arange(len(data)), policy.device)
+    batch = batches.collate(data, torch.arange(len(data)), policy.device)
     logits = policy.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return engine.gather_positions(logits, batch.positions) / temperature, batch
+    return batches.gather_positions(logits, batch.positions) / temperature, batch
 
 
 def _reference_stage1(policy, data, cfg, temperature):
@@ -278,11 +278,11 @@ def test_prefix_cache_equals_full_forward():
     data = synthetic_data(policy, seed=2)
     cache = with_old_logprobs(policy, data)
     idx = torch.arange(len(data))
-    b_full = engine.collate(data, idx, policy.device)
-    b_cached = engine.collate(data, idx, policy.device, cache.prefix)
+    b_full = batches.collate(data, idx, policy.device)
+    b_cached = batches.collate(data, idx, policy.device, cache.prefix)
     with torch.no_grad():
-        h_full = engine.response_hidden(policy, b_full)
-        h_cached = engine.response_hidden(policy, b_cached)
+        h_full = batches.response_hidden(policy, b_full)
+        h_cached = batches.response_hidden(policy, b_cached)
     assert policy.n_frozen == 1 and b_cached.prefix is not None
     # Equal wherever a response token is predicted (padding rows differ: the cache pads with 0).
     m = b_full.mask
