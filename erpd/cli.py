@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-COMMANDS = ("demo", "sample", "stage1", "stage2", "control", "eval")
+COMMANDS = ("demo", "sample", "stage1", "stage2", "control", "eval")  # and `export` (its own arguments)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +59,19 @@ def _passive_omp(argv: list[str] | None) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "erpd.cli", *sys.argv[1:]], env)
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="erpd export", description="write a run's policy as a Hugging Face model "
+                                 "directory that AutoModelForCausalLM.from_pretrained loads without erpd")
+    ap.add_argument("run", help="the run directory")
+    ap.add_argument("--policy", required=True, choices=("base", "teacher", "student", "control"))
+    ap.add_argument("--out", required=True, help="the directory to write (save_pretrained + tokenizer)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["export"]:
+        return _export(_export_parser().parse_args(args_list[1:]))
     args, rest = _parser().parse_known_args(argv)
     _passive_omp(argv)
     from erpd.train import config as C
@@ -96,6 +108,30 @@ def main(argv: list[str] | None = None) -> int:
         dist.shutdown()  # under torchrun: the group's threads must end before the interpreter does
 
 
+def _export(args) -> int:
+    from erpd.train import config as C
+    from erpd.train.checked_io import IntegrityError
+    from erpd.train.export import export_policy
+    from erpd.train.pipeline import Run, say
+
+    run_dir = Path(args.run)
+    if not (run_dir / "config.json").is_file():
+        print(f"erpd: {run_dir} is not an erpd run directory (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        cfg = C.from_dict(C.load_file(run_dir / "config.json"))
+        cfg.out_dir = str(run_dir)
+        out = export_policy(Run(cfg, resume=True, write_config=False), args.policy, args.out)
+    except C.ConfigError as e:
+        print(f"erpd: {e}", file=sys.stderr)
+        return 2
+    except (IntegrityError, FileNotFoundError) as e:
+        print(f"erpd: {e}", file=sys.stderr)
+        return 1
+    say(f"[erpd] {args.policy} of {run_dir} -> {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
 def _run(args, cfg) -> int:
     import torch
 
@@ -124,6 +160,11 @@ def _run(args, cfg) -> int:
         run.ensure_data()
         run.run_stage1()
         run.run_stage2()
+        if dist.is_main() and not dist.lockstep():  # FSDP shards the model: `erpd export` it afterwards
+            from erpd.train.export import export_policy
+
+            for name in ("base", "teacher", "student"):
+                export_policy(run, name, run.out / name / "hf")
     if args.command in ("demo", "stage1", "stage2", "control") and dist.is_main():
         wall = time.time() - t0
         table = write_summary(run, wall)

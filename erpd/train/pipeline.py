@@ -32,10 +32,10 @@ from erpd.train.verifier import load_verifier
 
 
 class Run:
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool = False, write_config: bool = True):
         self.cfg, self.resume = cfg, resume
         self.out = Path(cfg.out_dir)
-        if dist.is_main():
+        if dist.is_main() and write_config:
             self.out.mkdir(parents=True, exist_ok=True)
             checked_io.write_json(self.out / "config.json", cfg.to_dict())
         self.verifier = load_verifier(cfg.task.verifier)

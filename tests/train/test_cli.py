@@ -34,6 +34,8 @@ def test_demo_smoke(tmp_path, capsys):
             assert any(key in k for r in epochs[1:] for k in r), key
     for d in ("data", "teacher", "student"):
         assert (out / d).is_dir()
+    for name in ("base", "teacher", "student"):  # the demo exports its policies (tests/train/test_export.py)
+        assert (out / name / "hf" / "config.json").is_file() and (out / name / "hf" / "manifest.json").is_file()
 
     # --resume finds everything done and only rewrites the summary.
     assert cli.main(["demo", "--out", str(out), "--resume"]) == 0
