@@ -75,6 +75,12 @@ def test_bias_temperature_ignored_rows_and_side_inputs(cpu_backend, method):
                   **(dict(dual_clip=2.0) if method != "cispo" else dict(cispo_cap=1.3)))
 
 
+@pytest.mark.parametrize("method", ["ppo", "gspo", "cispo"])
+def test_kl_ratio_weighted(cpu_backend, method):
+    x = make_linear_policy_inputs(**TINY, seed=17, drift=0.5, ref=True, is_weights=True)
+    check_backend(x, cpu_backend, method=method, kl_coef=0.2, kl_ratio_weighted=True)
+
+
 @pytest.mark.parametrize("method", ["ppo", "gspo"])
 def test_equals_the_unfused_composition(cpu_backend, method):
     """Same backend, same kernels: linear_logprobs + policy_loss through autograd vs the fused op."""
