@@ -57,6 +57,13 @@ class TaskConfig:
     seed: int = 0
     verifier: str = "erpd.train.verifier.verify"  # dotted path to verify(response, answer) -> float
     system_prompt: str | None = SYSTEM_PROMPT  # null: the user message only
+    # Your own problems instead of the generated ones (erpd.train.task.load_problems): a .jsonl file
+    # of {"prompt": ..., "answer": ...} objects, or anything `datasets.load_dataset` opens (a local
+    # data directory, a Hub name), with its `source_split`. `difficulty` is then unused.
+    source: str | None = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    source_split: str = "train"
 
 
 @dataclass

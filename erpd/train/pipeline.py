@@ -21,7 +21,7 @@ from erpd.train import data as fixed_data
 from erpd.train import dist, engine, stage1, stage2
 from erpd.train.config import RunConfig
 from erpd.train.models import load_policy, load_policy_state
-from erpd.train.task import chat_prompt, make_splits
+from erpd.train.task import chat_prompt, problems
 from erpd.train.verifier import load_verifier
 
 
@@ -37,8 +37,7 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         self.verifier = load_verifier(cfg.task.verifier)
-        self.train_problems, self.heldout = make_splits(cfg.task.seed, cfg.task.n_train, cfg.task.n_heldout,
-                                                        cfg.task.difficulty)
+        self.train_problems, self.heldout = problems(cfg.task)
         self._policy = None
         self.base_state = None
         self.data = None
