@@ -6,11 +6,12 @@ TRL 1.15, 1.16         :func:`use_erpd`: one call before building the trainer, a
                        GRPO, RLOO, SFT, DPO, KTO) computes all of its per-token fields with
                        erpd's kernels (:func:`erpd.linear_token_stats`), softcapped and
                        scaled heads included.
-TRL 1.8 to 1.12        :class:`FusedLinearGRPOLoss` as ``trainer.liger_loss`` of a GRPOTrainer
-                       built with ``use_liger_kernel=True``.
+TRL 1.8 to 1.13        :class:`FusedLinearGRPOLoss` as ``trainer.liger_loss`` of a GRPOTrainer
+                       built with ``use_liger_kernel=True`` (Liger's module up to 1.12, TRL's
+                       own ``trl.losses.FusedLinearGRPOLoss`` in 1.13: same call).
 TRL up to 1.7          :class:`FusedLinearGRPOLoss` as ``trainer.liger_grpo_loss``.
-TRL 1.13, 1.14         neither: the Liger loss is gone and the per-token head has another
-                       contract (a two-output kernel called from the trainers).
+TRL 1.14               neither: ``liger_loss`` is gone and the per-token head has another
+                       contract (a two-output kernel the trainers import by name).
 =====================  =====================================================================
 
 GKD (TRL's experimental ``GKDTrainer``) is :mod:`erpd.adapters.trl_gkd`.
@@ -32,7 +33,7 @@ erpd's backward would see the partition), which raises.
 ``(loss, metrics)`` of Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (0.8.5), with ``metrics =
 (mean KL,)`` when ``beta != 0`` followed by ``(clip ratio,)``::
 
-    trainer.liger_loss = erpd.adapters.trl.FusedLinearGRPOLoss(beta=args.beta, ...)   # TRL 1.8-1.12
+    trainer.liger_loss = erpd.adapters.trl.FusedLinearGRPOLoss(beta=args.beta, ...)   # TRL 1.8-1.13
 
 How TRL's ``loss_type`` maps onto erpd (Liger 0.8.5 semantics):
 
@@ -51,7 +52,7 @@ How TRL's ``loss_type`` maps onto erpd (Liger 0.8.5 semantics):
 Liger); ``delta`` is erpd's ``dual_clip`` (identical to Liger's ``delta`` when
 ``delta >= 1 + epsilon_high``, which is required); ``beta`` the k3 ``kl_coef`` against
 ``ref_per_token_logps`` (or against log-probs computed here from ``ref_input`` / ``ref_weight``);
-``use_bias_correction_kl`` (TRL 1.12's default) erpd's ``kl_ratio_weighted`` (the KL term times
+``use_bias_correction_kl`` (on by default in TRL 1.12 and 1.13) erpd's ``kl_ratio_weighted`` (the KL term times
 the importance ratio; no effect when ``beta == 0``); ``vllm_is_ratio`` the ``is_weights``.
 ``compiled`` and ``chunk_size`` are accepted and unused. Not supported (they raise):
 ``loss_type`` ``luspo`` / ``vespo``.
@@ -141,8 +142,8 @@ def use_erpd(backend: str = "auto") -> _Installed:
     if version < Version(FIRST_FUSED_HEAD_VERSION):
         raise RuntimeError(
             f"erpd.adapters.trl.use_erpd needs TRL >= {FIRST_FUSED_HEAD_VERSION} (its fused LM head); TRL "
-            f"{trl.__version__} is installed. For TRL <= 1.12 use erpd.adapters.trl.FusedLinearGRPOLoss as the "
-            "GRPOTrainer's liger_loss (1.8-1.12) or liger_grpo_loss (<= 1.7); TRL 1.13 and 1.14 are not served."
+            f"{trl.__version__} is installed. For TRL <= 1.13 use erpd.adapters.trl.FusedLinearGRPOLoss as the "
+            "GRPOTrainer's liger_loss (1.8-1.13) or liger_grpo_loss (<= 1.7); TRL 1.14 is not served."
         )
     from trl.trainer import utils
 
@@ -158,7 +159,7 @@ def use_erpd(backend: str = "auto") -> _Installed:
 
 
 # ---------------------------------------------------------------------------------------------
-# TRL <= 1.12: Liger's GRPO loss
+# TRL <= 1.13: the Liger-signature GRPO loss
 # ---------------------------------------------------------------------------------------------
 
 _AGG = {
