@@ -80,6 +80,24 @@ FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 FIRST_FUSED_HEAD_VERSION = "1.15.0"
 
 
+def head_transform(config) -> tuple[float, float | None]:
+    """(logit_scale, softcap) of a transformers model's LM head from its config, the factors its
+    forward applies to ``lm_head(h)`` before the softmax: ``final_logit_softcapping`` (Gemma 2/3),
+    a multiplier ``logit_scale`` (Cohere), ``output_multiplier`` or ``lm_head_multiplier``
+    (Falcon-H1), or ``logits_scaling``, which Granite and MiniCPM3 divide by and HyperCLOVA X
+    multiplies by. These are the attributes TRL's ``add_fused_lm_head`` reads (TRL 1.16)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(text, name, None)
+        if scale is not None:
+            break
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / text.logits_scaling
+    return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
+
+
 class FusedLMHeadKernel:
     """TRL's fused-LM-head kernel contract (``_ChunkedLogProbFunction.apply``) computed by erpd;
     ``backend`` picks erpd's backend. ``calls`` counts the calls (for tests and logs)."""
@@ -315,4 +333,4 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                 f"temperature={self.temperature}, backend={self.backend!r}")
 
 
-__all__ = ["FIELDS", "FusedLMHeadKernel", "FusedLinearGRPOLoss", "use_erpd"]
+__all__ = ["FIELDS", "FusedLMHeadKernel", "FusedLinearGRPOLoss", "head_transform", "use_erpd"]

@@ -15,6 +15,11 @@ not -100 and divided by their count, or by ``num_items_in_batch`` when the train
 
 Evaluation calls ``compute_loss(..., return_outputs=True)`` for the student's logits, which only
 TRL's path produces: that one call goes to TRL's loss.
+
+Heads whose logits are scaled (Granite's ``logits_scaling``, Cohere's ``logit_scale``...) are
+handled when student and teacher share the scale (it is then an inverse temperature of both);
+softcapped heads (Gemma's ``final_logit_softcapping``) and unequal scales raise
+NotImplementedError at construction: ``erpd.linear_kl`` has no per-side logit transform yet.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
 from trl.models.utils import _ForwardRedirection
 
+from erpd.adapters.trl import head_transform
 from erpd.ops import linear_kl
 
 
@@ -41,6 +47,16 @@ class GKDTrainer(_TRLGKDTrainer):
         super().__init__(*args, **kwargs)
         self.erpd_backend = erpd_backend
         self._redirect = _ForwardRedirection()
+        unwrap = self.accelerator.unwrap_model
+        student, teacher = (head_transform(unwrap(m).config) for m in (self.model, self.teacher_model))
+        if student[1] is not None or teacher[1] is not None or student[0] != teacher[0]:
+            raise NotImplementedError(
+                f"erpd's GKDTrainer needs student and teacher heads with the same logit scale and no softcapping "
+                f"(erpd.linear_kl has no per-side logit transform yet); got (logit_scale, softcap) {student} for the "
+                f"student and {teacher} for the teacher. Use trl.experimental.gkd.GKDTrainer for these models."
+            )
+        # A logit scale shared by both heads is an inverse temperature of both distributions.
+        self._erpd_temperature = 1.0 / student[0]
 
     def _last_hidden(self, wrapped, inputs):
         """[B, T-1, H] final hidden states predicting tokens 1..T-1, through the (DDP/FSDP/DeepSpeed)
@@ -64,7 +80,8 @@ class GKDTrainer(_TRLGKDTrainer):
         labels = inputs["labels"][:, 1:]
         per_token = linear_kl(
             hidden, head.weight, labels, bias=head.bias, teacher_hidden=t_hidden, teacher_weight=t_head.weight,
-            teacher_bias=t_head.bias, direction="jsd", beta=self.beta, backend=self.erpd_backend,
+            teacher_bias=t_head.bias, direction="jsd", beta=self.beta, temperature=self._erpd_temperature,
+            backend=self.erpd_backend,
         )
         if num_items_in_batch is not None:
             return per_token.sum() / torch.as_tensor(num_items_in_batch, device=per_token.device)

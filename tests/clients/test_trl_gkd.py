@@ -13,12 +13,13 @@ from _tiny_models import addition_conversations, causal_lm, tokenizer  # noqa: E
 STEPS = 3
 
 
-def _train(trainer_cls, out_dir, **config):
+def _train(trainer_cls, out_dir, kind="llama", student_head=None, teacher_head=None, **config):
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig
 
-    student = causal_lm(seed=0)
-    teacher = causal_lm(seed=1, hidden_size=48)  # a different hidden size: erpd's fused teacher allows it
+    student = causal_lm(kind, seed=0, **(student_head or {}))
+    # a different hidden size: erpd's fused teacher allows it
+    teacher = causal_lm(kind, seed=1, hidden_size=48, **(teacher_head or {}))
     args = GKDConfig(
         output_dir=str(out_dir), per_device_train_batch_size=4, max_steps=STEPS, learning_rate=0.05, optim="sgd",
         logging_steps=1, report_to="none", seed=0, bf16=False, use_cpu=True, save_strategy="no", disable_tqdm=True,
@@ -30,8 +31,11 @@ def _train(trainer_cls, out_dir, **config):
     return trainer.state.log_history, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("config", [dict(beta=0.5, lmbda=0.0), dict(beta=0.0, lmbda=0.0), dict(beta=1.0, lmbda=0.0),
-                                    dict(beta=0.3, lmbda=1.0)], ids=lambda c: f"beta={c['beta']}-lmbda={c['lmbda']}")
+@pytest.mark.parametrize("config", [
+    dict(beta=0.5, lmbda=0.0), dict(beta=0.0, lmbda=0.0), dict(beta=1.0, lmbda=0.0), dict(beta=0.3, lmbda=1.0),
+    # Granite divides both models' logits by logits_scaling: an inverse temperature of both
+    dict(beta=0.5, lmbda=0.0, kind="granite", student_head=dict(logits_scaling=0.5), teacher_head=dict(logits_scaling=0.5)),
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k in ("beta", "lmbda", "kind")))
 def test_same_training_as_trl(tmp_path, config, monkeypatch):
     from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer
 
@@ -63,3 +67,26 @@ def test_same_training_as_trl(tmp_path, config, monkeypatch):
     assert losses_erpd == pytest.approx(losses_trl, rel=1e-4, abs=1e-7)
     for name, w in w_trl.items():
         torch.testing.assert_close(w_erpd[name], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"weight {name}: {m}")
+
+
+@pytest.mark.parametrize("kind, student_head, teacher_head", [
+    ("gemma2", {}, {}),  # final_logit_softcapping
+    ("granite", dict(logits_scaling=0.5), dict(logits_scaling=2.0)),
+])
+def test_heads_it_cannot_match_are_refused(tmp_path, kind, student_head, teacher_head):
+    from erpd.adapters.trl_gkd import GKDTrainer
+
+    with pytest.raises(NotImplementedError, match="same logit scale and no softcapping"):
+        _train(GKDTrainer, tmp_path, kind=kind, student_head=student_head, teacher_head=teacher_head, beta=0.5,
+               lmbda=0.0)
+
+
+def test_head_transform_reads_the_configs():
+    import transformers
+
+    from erpd.adapters.trl import head_transform
+
+    assert head_transform(transformers.LlamaConfig()) == (1.0, None)
+    assert head_transform(transformers.Gemma2Config(final_logit_softcapping=30.0)) == (1.0, 30.0)
+    assert head_transform(transformers.GraniteConfig(logits_scaling=8.0)) == (0.125, None)
+    assert head_transform(transformers.CohereConfig(logit_scale=0.0625)) == (0.0625, None)
