@@ -63,6 +63,14 @@ def test_softcap_changes_the_result(cpu_backend):
     torch.testing.assert_close(scaled, hot, rtol=1e-5, atol=1e-5)  # a scale is an inverse temperature
 
 
+def test_module_form():
+    x = make_linear_inputs(8, 16, 64, seed=5)
+    mod = erpd.nn.LinearLogprobs(softcap=2.0, logit_scale=0.7, with_entropy=True)
+    torch.testing.assert_close(mod(x.hidden, x.weight, x.targets),
+                               erpd.linear_logprobs(x.hidden, x.weight, x.targets, softcap=2.0, logit_scale=0.7,
+                                                    with_entropy=True))
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 3 * 4 * 1001])
 def test_softcap_chunk_boundaries_of_the_cpp_driver(monkeypatch, chunk_bytes):
     """Softcapping budgets two logits buffers per chunk: one row per chunk and ragged 1-row chunks."""
