@@ -64,9 +64,9 @@ kernels rather than by autograd over chunks.
 
 from __future__ import annotations
 
-import torch
-
 import contextlib
+
+import torch
 
 from erpd.ops import linear_logprobs, linear_policy_loss, linear_token_stats
 
