@@ -98,7 +98,7 @@ class _TopkFunction(torch.autograd.Function):
         fwd, _ = _logprobs_impl(backend)
         valid = targets != ignore_index
         anchor = torch.where(valid, ids[:, 0], targets)  # any valid id: only lse is used here
-        _, _, lse = fwd(hidden, weight, bias, anchor, inv_t, ignore_index)
+        _, _, lse, _ = fwd(hidden, weight, bias, anchor, inv_t, 0.0, ignore_index, False)
         s_logp = _gather_logits(hidden, weight, bias, ids, inv_t) - lse.unsqueeze(1)
         q_t = t_logp.float().exp()
         q_s = s_logp.exp()
@@ -124,7 +124,8 @@ class _TopkFunction(torch.autograd.Function):
         g = torch.where(valid, grad_kl.float(), 0.0)
         _, bwd = _logprobs_impl(backend)
         # Dense part: dz = g alpha (q^S - delta_anchor); the +g alpha at the anchor is sparse.
-        gh, gw, gb = bwd(hidden, weight, bias, anchor, lse, lse, (-g * alpha).contiguous(), None, inv_t, ignore_index, need_h, need_w)
+        gh, gw, gb = bwd(hidden, weight, bias, anchor, lse, lse, (-g * alpha).contiguous(), None, inv_t, 0.0, ignore_index,
+                         need_h, need_w)
         s = g.unsqueeze(1) * sparse
         s[:, 0] += g * alpha
         s = s * inv_t  # chain rule of the temperature for the gathered columns

@@ -68,25 +68,25 @@ class _LinearPolicyLossFunction(torch.autograd.Function):
         return gh, gw, gb, None
 
 
-def _run_compiled(h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_tensor, args):
+def _run_compiled(h2, w, b, t1, inv_t, cap, ignore_index, old, adv, mask, ref, isw, n_tensor, args):
     """backend cpu or cuda: one erpd._C op, whose CPU or CUDA kernel the dispatcher picks by device."""
 
     def run(need_h, need_w):
         return torch.ops.erpd.linear_policy_loss_fwd(
-            h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_tensor, *args, need_h, need_w,
+            h2, w, b, t1, inv_t, cap, ignore_index, old, adv, mask, ref, isw, n_tensor, *args, need_h, need_w,
         )
 
     return run
 
 
-def _run_triton(h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_tensor, args):
+def _run_triton(h2, w, b, t1, inv_t, cap, ignore_index, old, adv, mask, ref, isw, n_tensor, args):
     # The registered Triton ops (erpd/ops/_library.py), so that torch.compile traces through.
     kl = kp = torch.ops.erpd_triton
 
     B, T = mask.shape
 
     def run(need_h, need_w):
-        lp, ent, lse = kl.linear_logprobs_fwd(h2, w, b, t1, inv_t, ignore_index)
+        lp, ent, lse, _ = kl.linear_logprobs_fwd(h2, w, b, t1, inv_t, cap, ignore_index, False)
         lp2, ent2 = lp.view(B, T), ent.view(B, T)
         with_grad_entropy = args[9] != 0.0
         loss, stats, g_lp, g_ent = kp.policy_loss_fwd(
@@ -98,7 +98,7 @@ def _run_triton(h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_t
             g_ent.mul_(stats[0])
         gh, gw, gb = kl.linear_logprobs_bwd(
             h2, w, b, t1, lse, ent, g_lp.view(-1), g_ent.view(-1) if with_grad_entropy else None,
-            inv_t, ignore_index, need_h, need_w,
+            inv_t, cap, ignore_index, need_h, need_w,
         )
         return loss, stats, gh, gw, gb, lp
 
@@ -115,6 +115,8 @@ def linear_policy_loss(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     ignore_index: int = -100,
     method: str = "ppo",
     agg: str = "token-mean",
@@ -130,6 +132,7 @@ def linear_policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    kl_ratio_weighted: bool = False,
     entropy_coef: float = 0.0,
     num_items: float | torch.Tensor | None = None,
     norm_length: int | None = None,
@@ -149,7 +152,9 @@ def linear_policy_loss(
 
     Args:
         hidden: ``[B, T, H]`` final hidden states of the completion tokens.
-        weight: ``[V, H]`` LM head (``bias``: optional ``[V]``); same dtype as ``hidden``.
+        weight: ``[V, H]`` LM head (``bias``: optional ``[V]``); same dtype as ``hidden``, or fp32
+            with fp16/bf16 ``hidden`` (as :func:`erpd.linear_logprobs`).
+        temperature, logit_scale, softcap: the logits, as in :func:`erpd.linear_logprobs`.
         targets: ``[B, T]`` the sampled token ids (``ignore_index`` entries are masked out).
         old_logprobs: ``[B, T]``, or None for on-policy (the ratio is exp(x - sg(x)) = 1 with
             the policy gradient, as TRL does when it does not reuse a batch).
@@ -172,16 +177,18 @@ def linear_policy_loss(
     hidden, weight, bias = _validate.linear_head(hidden, weight, bias)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, H], got {list(hidden.shape)}")
-    inv_t = 1.0 / _validate.temperature(temperature)
+    inv_t, cap = _validate.logit_transform(temperature, logit_scale, softcap)
     ignore_index = _validate.index(ignore_index, "ignore_index")
     if tp_group is not None:
+        if softcap is not None:
+            raise NotImplementedError("softcap with tp_group is not supported (logit_scale is)")
         loss, metrics, lp = _tp.linear_policy_loss(
-            hidden, weight, bias, targets, old_logprobs, advantages, mask, temperature=temperature,
+            hidden, weight, bias, targets, old_logprobs, advantages, mask, temperature=1.0 / inv_t,
             ignore_index=ignore_index, backend=backend, validate=validate, tp_group=tp_group, vocab_start=vocab_start,
             method=method, agg=agg, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, tau_pos=tau_pos,
             tau_neg=tau_neg, cispo_cap=cispo_cap, cispo_floor=cispo_floor, reinforce_cap=reinforce_cap,
             is_weights=is_weights, ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator,
-            entropy_coef=entropy_coef, num_items=num_items, norm_length=norm_length,
+            kl_ratio_weighted=kl_ratio_weighted, entropy_coef=entropy_coef, num_items=num_items, norm_length=norm_length,
         )
         return loss, _with_logprobs(metrics, lp, return_logprobs)
     dev = hidden.device
@@ -195,7 +202,7 @@ def linear_policy_loss(
         method=method, agg=agg, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, tau_pos=tau_pos,
         tau_neg=tau_neg, cispo_cap=cispo_cap, cispo_floor=cispo_floor, reinforce_cap=reinforce_cap,
         kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, norm_length=norm_length,
-        has_ref=ref_logprobs is not None, has_entropy=None,
+        kl_ratio_weighted=kl_ratio_weighted, has_ref=ref_logprobs is not None, has_entropy=None,
     )
     n_tensor, n_value = _validate.num_items(num_items, dev, check_values)
     name = backends.resolve(backend, dev, OP)
@@ -205,6 +212,7 @@ def linear_policy_loss(
         # (An empty batch takes this path on every backend: nothing to fuse.)
         lp, ent = reference.linear_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index, with_entropy=True,
+            logit_scale=logit_scale, softcap=softcap,
         )
         loss, metrics = reference.policy_loss(
             lp, lp.detach() if old_logprobs is None else old_logprobs, advantages, valid,
@@ -219,7 +227,7 @@ def linear_policy_loss(
     make = _run_triton if name == "triton" else _run_compiled
     run = make(
         hidden.reshape(B * T, hidden.shape[-1]).contiguous(), weight.contiguous(),
-        None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(), inv_t, ignore_index,
+        None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(), inv_t, cap, ignore_index,
         f32(old_logprobs), f32(advantages), valid.contiguous(), f32(ref_logprobs), f32(is_weights), n_tensor,
         opts.kernel_args(T, n_value),
     )

@@ -11,7 +11,7 @@ The fused backends implement one function on float32 contiguous [B, T] inputs:
     fwd(logprobs, old_logprobs, advantages [B] | [B, T], mask (bool), ref_logprobs | None,
         entropy | None, is_weights | None, num_items (0-dim f32) | None, method, agg, ratio_lo,
         ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
-        num_items_value, norm_scale, need_grad_entropy)
+        num_items_value, norm_scale, kl_ratio_weighted, need_grad_entropy)
         -> (loss [], stats [12], grad_logprobs [B, T], grad_entropy [B, T] | empty)
 
 computing the loss, the metrics and dL/dlogprobs (and dL/dentropy) in one call; the gradients
@@ -100,6 +100,7 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    kl_ratio_weighted: bool = False,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     num_items: float | torch.Tensor | None = None,
@@ -133,6 +134,9 @@ def policy_loss(
         is_weights: ``[B, T]`` detached per-token weights of the policy term (rollout correction).
         ref_logprobs, kl_coef, kl_estimator: KL(π‖π_ref) penalty with estimator ``k1|k2|k3``
             (``ref_logprobs`` without ``kl_coef`` only adds the ``kl_ref`` metric).
+        kl_ratio_weighted: multiply each token's KL term by the importance ratio of the loss
+            (differentiable; DeepSeek-V3.2's unbiased KL gradient, TRL's and Liger's
+            ``use_bias_correction_kl``); needs ``ref_logprobs``.
         entropy, entropy_coef: ``[B, T]`` entropy (differentiable) and the bonus coefficient.
         num_items: the count of the whole optimizer step that the aggregation divides by
             (tokens for token-mean, sequences for seq-mean-*), so that gradient-accumulation
@@ -167,7 +171,7 @@ def policy_loss(
         method=method, agg=agg, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, tau_pos=tau_pos,
         tau_neg=tau_neg, cispo_cap=cispo_cap, cispo_floor=cispo_floor, reinforce_cap=reinforce_cap,
         kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, norm_length=norm_length,
-        has_ref=ref_logprobs is not None, has_entropy=entropy is not None,
+        kl_ratio_weighted=kl_ratio_weighted, has_ref=ref_logprobs is not None, has_entropy=entropy is not None,
     )
     n_tensor, n_value = _validate.num_items(num_items, dev, check_values)
     name = backends.resolve(backend, dev, OP)

@@ -65,6 +65,13 @@ class TaskConfig:
     seed: int = 0
     verifier: str = "erpd.train.verifier.verify"  # dotted path to verify(response, answer) -> float
     system_prompt: str | None = SYSTEM_PROMPT  # null: the user message only
+    # Your own problems instead of the generated ones (erpd.train.task.load_problems): a .jsonl file
+    # of {"prompt": ..., "answer": ...} objects, or anything `datasets.load_dataset` opens (a local
+    # data directory, a Hub name), with its `source_split`. `difficulty` is then unused.
+    source: str | None = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    source_split: str = "train"
 
 
 @dataclass
@@ -356,7 +363,8 @@ def _op_check(check, names: dict[str, str], **kwargs):
 
 _POLICY_DEFAULTS = dict(method="ppo", agg="token-mean", clip_low=0.2, clip_high=None, dual_clip=None, tau_pos=1.0,
                         tau_neg=1.05, cispo_cap=5.0, cispo_floor=None, reinforce_cap=None, kl_coef=0.0,
-                        kl_estimator="k3", entropy_coef=0.0, norm_length=None, has_ref=True, has_entropy=None)
+                        kl_estimator="k3", entropy_coef=0.0, norm_length=None, kl_ratio_weighted=False, has_ref=True,
+                        has_entropy=None)
 
 
 def _policy_check(names: dict[str, str], **options):

@@ -27,7 +27,7 @@ from erpd.train.config import RunConfig
 from erpd.train.evaluate import SplitResult, greedy_split
 from erpd.train.models import load_policy, load_policy_state
 from erpd.train.progress import say
-from erpd.train.task import make_splits
+from erpd.train.task import problems
 from erpd.train.verifier import load_verifier
 
 
@@ -39,8 +39,7 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             checked_io.write_json(self.out / "config.json", cfg.to_dict())
         self.verifier = load_verifier(cfg.task.verifier)
-        self.train_problems, self.heldout, self.other = make_splits(cfg.task.seed, cfg.task.n_train, cfg.task.n_heldout,
-                                                                    cfg.task.difficulty, cfg.task.n_other)
+        self.train_problems, self.heldout, self.other = problems(cfg.task)
         self._policy = None
         self.base_state = None
         self.data = None

@@ -20,13 +20,21 @@ appears among its question's numbers (so repeating the question never scores).
 Each problem becomes a chat prompt (the tokenizer's chat template) whose system message asks
 for the final answer on a last line ``Answer: <number>``, the form ``erpd.train.verifier``
 parses first.
+
+Your own problems (``task.source``): :func:`load_problems` reads a JSONL file of
+``{"prompt": ..., "answer": ...}`` objects (other key names with ``task.prompt_key`` /
+``task.answer_key``), or opens ``task.source`` with ``datasets.load_dataset`` when it is not a
+``.jsonl`` file (the ``datasets`` package must be installed); :func:`problems` shuffles them with
+``task.seed`` into ``n_train`` train and ``n_heldout`` held-out problems.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 # One worked example: it doubles SmolLM2-135M-Instruct's sampled accuracy on level 1 (about 14%
 # → 28% at temperature 0.5 over 64 problems) and shows the `Answer: N` form the verifier parses first.
@@ -41,8 +49,8 @@ _OBJECTS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "coi
 @dataclass(frozen=True)
 class Problem:
     question: str
-    answer: int
-    level: int
+    answer: int | str  # a generated problem's integer; a user's answer as given (number or text)
+    level: int  # 1..4 for generated problems, 0 for a user's
 
 
 def _pron(name: str) -> str:
@@ -185,6 +193,81 @@ def make_splits(seed: int, n_train: int, n_heldout: int, difficulty=1,
     heldout = generate(n_heldout, seed + 7919, difficulty, exclude={p.question for p in train})
     other = generate(n_other, seed + 104729, difficulty, phrasing="other")
     return train, heldout, other
+
+
+def _check_record(record, source: str, where: str, prompt_key: str, answer_key: str) -> Problem:
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}: {where} is not a JSON object")
+    for key in (prompt_key, answer_key):
+        if key not in record:
+            raise ValueError(f"{source}: {where} has no {key!r} (its keys: {sorted(record)}; set task.prompt_key / "
+                             "task.answer_key for other names)")
+    prompt, answer = record[prompt_key], record[answer_key]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{source}: {where}: {prompt_key!r} must be a non-empty string, got {prompt!r}")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
+        raise ValueError(f"{source}: {where}: {answer_key!r} must be a number or a non-empty string, got {answer!r}")
+    return Problem(prompt, answer, 0)
+
+
+def load_problems(source: str, prompt_key: str = "prompt", answer_key: str = "answer",
+                  split: str = "train") -> list[Problem]:
+    """A user's problems: a ``.jsonl`` file (one JSON object per line, blank lines skipped), or what
+    ``datasets.load_dataset(source, split=split)`` returns. Records must hold a non-empty string
+    prompt and a number or string answer; a prompt may appear once. Errors name the file and line."""
+    if source.endswith(".jsonl"):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"task.source {source!r} does not exist")
+        records = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{source}: line {n} is not valid JSON ({e.msg})") from None
+    else:
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError(f"task.source {source!r} is not a .jsonl file; opening it with datasets.load_dataset "
+                              "needs the `datasets` package (pip install datasets)") from None
+        rows = datasets.load_dataset(source, split=split)
+        records = [(f"row {i}", dict(r)) for i, r in enumerate(rows)]
+    out, first = [], {}
+    for where, record in records:
+        p = _check_record(record, source, where, prompt_key, answer_key)
+        if p.question in first:
+            raise ValueError(f"{source}: {where} repeats the prompt of {first[p.question]}")
+        first[p.question] = where
+        out.append(p)
+    if not out:
+        raise ValueError(f"{source}: no problems")
+    return out
+
+
+def split_problems(problems: list[Problem], seed: int, n_train: int, n_heldout: int) -> tuple[list[Problem], list[Problem]]:
+    """Shuffles ``problems`` with ``seed`` and takes ``n_train`` train then ``n_heldout`` held-out ones."""
+    if n_train < 1 or n_heldout < 0:
+        raise ValueError(f"need n_train >= 1 and n_heldout >= 0, got {n_train} and {n_heldout}")
+    if n_train + n_heldout > len(problems):
+        raise ValueError(f"task.source has {len(problems)} problems; task.n_train + task.n_heldout = "
+                         f"{n_train} + {n_heldout} needs more")
+    order = list(problems)
+    random.Random(seed).shuffle(order)
+    return order[:n_train], order[n_train:n_train + n_heldout]
+
+
+def problems(task_config) -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """The run's train, held-out and other-phrasings problems: generated, or the user's
+    (``task.source``: train and held-out only; there is no other-phrasings split to draw)."""
+    c = task_config
+    if c.source is None:
+        return make_splits(c.seed, c.n_train, c.n_heldout, c.difficulty, c.n_other)
+    train, heldout = split_problems(load_problems(c.source, c.prompt_key, c.answer_key, c.source_split), c.seed,
+                                    c.n_train, c.n_heldout)
+    return train, heldout, []
 
 
 def chat_prompt(tokenizer, question: str, system_prompt: str | None = SYSTEM_PROMPT) -> str:

@@ -122,6 +122,12 @@ def test_returns_its_logprobs_and_counts(cpu_backend):
     assert lin.hidden.grad is not None
 
 
+@pytest.mark.parametrize("method", ["ppo", "gspo", "cispo"])
+def test_kl_ratio_weighted(cpu_backend, method):
+    x = make_linear_policy_inputs(**TINY, seed=17, drift=0.5, ref=True, is_weights=True)
+    check_backend(x, cpu_backend, method=method, kl_coef=0.2, kl_ratio_weighted=True)
+
+
 @pytest.mark.parametrize("method", ["ppo", "gspo"])
 def test_equals_the_unfused_composition(cpu_backend, method):
     """Same backend, same kernels: linear_logprobs + policy_loss through autograd vs the fused op."""

@@ -100,6 +100,23 @@ def test_kl_estimators(cpu_backend, kl_estimator):
     check_backend(x, cpu_backend, kl_coef=0.3, kl_estimator=kl_estimator)
 
 
+@pytest.mark.parametrize("method", POLICY_METHODS)
+def test_kl_ratio_weighted(cpu_backend, method):
+    """The importance-weighted KL term (TRL's use_bias_correction_kl): r k, whose gradient carries
+    r's own derivative (through gspo's sequence ratio for gspo); the kl_ref metric is its mean."""
+    x = make_policy_inputs(5, 29, seed=19, ref=True, drift=0.6, is_weights=True)
+    _, weighted, _ = check_backend(x, cpu_backend, method=method, agg="seq-mean-token-mean", kl_coef=0.3,
+                                   kl_estimator="k3", kl_ratio_weighted=True)
+    _, plain, _ = _run(x, cpu_backend, method=method, kl_coef=0.3, kl_estimator="k3")
+    assert abs(weighted["kl_ref"] - plain["kl_ref"]) > 1e-3
+
+
+def test_kl_ratio_weighted_needs_ref():
+    x = make_policy_inputs(2, 5, seed=1)
+    with pytest.raises(ValueError, match="kl_ratio_weighted=True weights the KL term, which needs ref_logprobs"):
+        erpd.policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, kl_ratio_weighted=True)
+
+
 def test_metrics_only_kl_and_entropy(cpu_backend):
     """ref_logprobs / entropy without coefficients: metrics only, no gradient into entropy."""
     x = make_policy_inputs(4, 33, seed=13, ref=True, entropy=True)
