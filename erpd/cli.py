@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-COMMANDS = ("demo", "sample", "stage1", "stage2", "control", "eval")  # and `export` (its own arguments)
+COMMANDS = ("demo", "sample", "stage1", "stage2", "control", "eval", "study")  # and `export` (its own arguments)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true", help="continue a stopped run in the same directory")
     ap.add_argument("--models", default="base,teacher,student",
                     help="eval: comma-separated base|teacher|student|<policy dir> (default all three)")
+    ap.add_argument("--seeds", type=int, default=3, help="study: stage-2 students and controls per teacher (default 3)")
+    ap.add_argument("--weak", default="mse,ce", help="study: weak stage-1 objectives, comma-separated ('' for none)")
     ap.add_argument("--fsdp", action="store_true",
                     help="under torchrun: shard the decoder layers with FSDP2 (same as model.fsdp=true)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -97,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from erpd.train.checked_io import IntegrityError
 
     try:
-        if dist.init_from_env(cfg.model.dist_timeout_minutes) and args.command == "eval":
-            print("erpd: `erpd eval` runs in one process; launch it without torchrun", file=sys.stderr)
+        if dist.init_from_env(cfg.model.dist_timeout_minutes) and args.command in ("eval", "study"):
+            print(f"erpd: `erpd {args.command}` runs in one process; launch it without torchrun", file=sys.stderr)
             return 2
         return _run(args, cfg)
     except IntegrityError as e:  # corrupt or non-finite state, a full disk: the message says what and where
@@ -155,6 +157,13 @@ def _run(args, cfg) -> int:
     elif args.command == "eval":
         rows = run.run_eval([m.strip() for m in args.models.split(",") if m.strip()])
         print(report.markdown(rows, COMPARISONS))
+        return 0
+    elif args.command == "study":
+        from erpd.train.study import run_study
+
+        table = run_study(run, seeds=args.seeds, weak=tuple(w.strip() for w in args.weak.split(",") if w.strip()))
+        print(table)
+        say(f"[erpd] study finished in {(time.time() - t0) / 60:.1f} min; {run.out}/study.md, study.json, study.png")
         return 0
     else:
         run.ensure_data()

@@ -14,6 +14,9 @@ class PolicyRow:
     name: str
     splits: dict[str, SplitResult]  # split name -> greedy answers
     drift: dict = field(default_factory=dict)  # kl_full, kl_k3, entropy, ... on the fixed data
+    # Several seeds pooled into one row (``splits`` then holds each prompt's accuracy averaged over
+    # the seeds): split -> each seed's accuracy, shown as the spread.
+    seeds: dict = field(default_factory=dict)
 
     def accuracy(self, split: str) -> tuple[float, float, float]:
         return bootstrap_ci(self.splits[split].correct)
@@ -22,6 +25,10 @@ class PolicyRow:
 def _ci(t: tuple[float, float, float], signed: bool = False) -> str:
     fmt = "+.3f" if signed else ".3f"
     return f"{t[0]:{fmt}} [{t[1]:{fmt}}, {t[2]:{fmt}}]"
+
+
+def _spread(per_seed: list[float] | None) -> str:
+    return f" (seeds {min(per_seed):.3f}–{max(per_seed):.3f})" if per_seed else ""
 
 
 def comparisons(rows: list[PolicyRow], pairs: list[tuple[str, str]]) -> list[dict]:
@@ -36,12 +43,12 @@ def comparisons(rows: list[PolicyRow], pairs: list[tuple[str, str]]) -> list[dic
 
 
 def markdown(rows: list[PolicyRow], pairs: list[tuple[str, str]]) -> str:
-    """The accuracy table (mean [95% CI] per split, KL to π0, entropy, truncation) and the paired
-    differences below it."""
+    """The accuracy table (mean [95% CI] per split, the seeds' spread where a row pools several, KL
+    to π0, entropy, truncation) and the paired differences below it."""
     lines = ["| policy | task prompts [95% CI] | other phrasings [95% CI] | KL(·‖π0) full | KL k3 | entropy | truncated |",
              "|---|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
-        acc = [(_ci(r.accuracy(s)) if s in r.splits else "—") for s in SPLITS]
+        acc = [(_ci(r.accuracy(s)) + _spread(r.seeds.get(s)) if s in r.splits else "—") for s in SPLITS]
         d = r.drift
         trunc = sum(r.splits[s].truncation for s in r.splits) / max(1, len(r.splits))
         lines.append(f"| {r.name} | {acc[0]} | {acc[1]} | {d.get('kl_full', float('nan')):.3f} | "
