@@ -47,8 +47,9 @@ def build_cache(policy: Policy, data: FixedData, temperature: float, micro_batch
         batch = collate(data, idx, policy.device)
         boundary, h = policy.prefix_pass(batch.input_ids, batch.attention_mask)
         hr = gather_positions(h, batch.positions)
-        lp, _ = logprobs(policy, hr, batch.targets, temperature)
-        lp_all[idx, : lp.shape[1]] = lp.float().cpu()
+        m = batch.mask  # the response tokens only: padding rows would cost vocabulary GEMMs for nothing
+        lp, _ = logprobs(policy, hr[m], batch.targets[m], temperature)
+        lp_all[idx, : m.shape[1]] = scatter(lp, m)
         for j, i in enumerate(idx.tolist()):
             L_i = int(data.prompt_len[i] + data.response_len[i])
             # Kept in host memory (a GPU-scale run's caches would not fit next to the model);
@@ -78,19 +79,28 @@ def policy_outputs(policy: Policy, data: FixedData, cache: Cache, temperature: f
         for idx in progress(list(micro_batches(n, micro_batch_size)), desc=desc, unit="batch"):
             batch = collate(data, idx, policy.device, cache.prefix)
             hr = response_hidden(policy, batch)
-            lp, ent = logprobs(policy, hr, batch.targets, temperature, with_entropy=True)
-            kl = erpd.linear_kl(hr, policy.head_weight(), batch.targets, bias=policy.head_bias(),
-                                teacher_hidden=cache.ref_batch(batch), teacher_weight=cache.ref_weight,
+            m = batch.mask  # the response tokens only (see build_cache)
+            h, targets = hr[m], batch.targets[m]
+            lp, ent = logprobs(policy, h, targets, temperature, with_entropy=True)
+            kl = erpd.linear_kl(h, policy.head_weight(), targets, bias=policy.head_bias(),
+                                teacher_hidden=cache.ref_batch(batch)[m], teacher_weight=cache.ref_weight,
                                 teacher_bias=cache.ref_bias, direction="reverse", temperature=temperature,
                                 backend=policy.backend)
-            r = lp.shape[1]
-            lp_all[idx, :r], ent_all[idx, :r], kl_all[idx, :r] = lp.float().cpu(), ent.float().cpu(), kl.float().cpu()
+            r = m.shape[1]
+            lp_all[idx, :r], ent_all[idx, :r], kl_all[idx, :r] = scatter(lp, m), scatter(ent, m), scatter(kl, m)
             if hidden is not None:
                 for j, i in enumerate(idx.tolist()):
                     hidden[i] = hr[j, : int(data.response_len[i])].to("cpu", copy=True)
     finally:
         policy.model.train(was_training)
     return dict(logprobs=lp_all, entropy=ent_all, kl=kl_all, hidden=hidden)
+
+
+def scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[n]`` values of the ``mask``'s True positions back into a zero ``[b, R]`` float32 (host)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    out[mask.cpu()] = values.float().cpu()
+    return out
 
 
 def drift_metrics(out: dict, data: FixedData, band: float = 0.2) -> dict:

@@ -88,20 +88,18 @@ def row_weights(cfg: RunConfig, data: FixedData) -> torch.Tensor:
 def teacher_position_kl(teacher: dict, data: FixedData, cache: measure.Cache, temperature: float) -> torch.Tensor:
     """KL(π0‖πT) over the whole vocabulary at every response position ``[N, R]``: minus the
     expected log πT/π0 under π0 there, the per-position baseline of the ``advantage`` signal."""
-    n, R = data.targets.shape
-    out = torch.zeros(n, R)
-    for idx in batches.micro_batches(n, 32):
+    out = torch.zeros(data.targets.shape)
+    dev = cache.ref_weight.device
+    for idx in batches.micro_batches(len(data), 32):
         rows = idx.tolist()
-        r = int(data.response_len[idx].max())
-        h0 = torch.nn.utils.rnn.pad_sequence([cache.ref_hidden[i][:r] for i in rows], batch_first=True)
-        ht = torch.nn.utils.rnn.pad_sequence([teacher["hidden"][i][:r] for i in rows], batch_first=True)
-        h0 = h0.to(cache.ref_weight.device)
-        targets = data.targets[idx, :r].to(h0.device)
-        kl = erpd.linear_kl(h0, cache.ref_weight, targets, bias=cache.ref_bias, teacher_hidden=ht.to(h0.device),
+        h0 = torch.cat([cache.ref_hidden[i] for i in rows]).to(dev)  # every response token, no padding
+        ht = torch.cat([teacher["hidden"][i] for i in rows]).to(dev)
+        m = data.mask[idx]
+        kl = erpd.linear_kl(h0, cache.ref_weight, data.targets[idx][m].to(dev), bias=cache.ref_bias, teacher_hidden=ht,
                             teacher_weight=teacher["head_weight"], teacher_bias=teacher["head_bias"], direction="reverse",
                             temperature=temperature)
-        out[idx, :r] = kl.float().cpu()
-    return out * data.mask
+        out[idx] = measure.scatter(kl, m)
+    return out
 
 
 def make_step(policy: Policy, data: FixedData, cache: measure.Cache, cfg: RunConfig, teachers: list[dict],
