@@ -183,7 +183,9 @@ def _coerce(value, tp, where: str):
     if tp is typing.Any:
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
+        # "none" on the command line is null for a field that may be null (stage1.clip_high=none),
+        # and stays the string where it is a choice (stage2.center=none).
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
         errors = []
         for a in args:
@@ -300,8 +302,6 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         key, _, raw = item.partition("=")
         value = yaml.safe_load(raw) if raw.strip() else None
-        if isinstance(value, str) and value.lower() in ("none", "null"):
-            value = None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

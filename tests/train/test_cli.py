@@ -57,6 +57,13 @@ def test_bad_override_is_a_usage_error(tmp_path, capsys):
     assert "unknown config key 'stage1.epoch'" in capsys.readouterr().err
 
 
+def test_none_is_null_only_where_a_field_may_be_null():
+    cfg = C.build(None, ["stage2.center=none", "stage2.gating=none", "stage1.clip_high=none", "stage2.signal_clip=null",
+                         "stage1.grad_clip=None"])
+    assert cfg.stage2.center == "none" and cfg.stage2.gating == "none"
+    assert cfg.stage1.clip_high is None and cfg.stage2.signal_clip is None and cfg.stage1.grad_clip is None
+
+
 def test_config_layers(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("stage1:\n  objective: sapo\n  epochs: 3\nmodel:\n  train_layers: null\n")
