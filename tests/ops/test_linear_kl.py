@@ -1,7 +1,7 @@
 """linear_kl: every backend against the float64 reference, forward and backward, for every
 direction and teacher form (fused, dense logits, top-k), plus the divergence's invariants.
 
-Tolerance rule (DESIGN.md §5): error vs float64 at most 2x the error plain PyTorch makes on the
+Tolerance rule (docs/design.md §5): error vs float64 at most 2x the error plain PyTorch makes on the
 same inputs in the same precision (erpd.testing.assert_within_rule).
 """
 

@@ -1,6 +1,6 @@
 """linear_logprobs: every backend against the float64 reference, forward and backward.
 
-Tolerance rule (DESIGN.md §5): error vs float64 at most 2x the error plain PyTorch makes on the
+Tolerance rule (docs/design.md §5): error vs float64 at most 2x the error plain PyTorch makes on the
 same inputs in the same precision (erpd.testing.assert_within_rule).
 """
 

@@ -1,7 +1,7 @@
 """linear_policy_loss: the fused op against the float64 reference composition, against the unfused
 composition of erpd ops, micro-batching, and the claim that its backward makes no vocabulary pass.
 
-Tolerance rule (DESIGN.md §5): error vs float64 at most 2x the error of plain PyTorch
+Tolerance rule (docs/design.md §5): error vs float64 at most 2x the error of plain PyTorch
 (naive_linear_logprobs + the reference policy loss) in the same input precision.
 """
 

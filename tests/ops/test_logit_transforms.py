@@ -2,7 +2,7 @@
 LM head (erpd.linear_token_stats), and mixed precision (an fp32 head with 16-bit hidden states,
 torch.autocast): every CPU backend against the float64 reference, forward and backward.
 
-Tolerance rule (DESIGN.md §5): error vs float64 at most 2x the error of plain PyTorch (the
+Tolerance rule (docs/design.md §5): error vs float64 at most 2x the error of plain PyTorch (the
 reference run in the inputs' precision) on the same inputs.
 """
 

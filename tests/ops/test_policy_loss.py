@@ -1,6 +1,6 @@
 """policy_loss: every method x aggregation, every backend, against the float64 reference.
 
-Tolerance rule (DESIGN.md §5): error vs float64 at most 2x the error plain PyTorch (the reference
+Tolerance rule (docs/design.md §5): error vs float64 at most 2x the error plain PyTorch (the reference
 run in float32, i.e. backend="torch") makes on the same inputs, plus a small floor. The
 reference itself is pinned to hand-computed values at the end of the file.
 """
