@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import erpd
-from erpd.testing import assert_within_rule, make_kl_teacher, make_linear_inputs, naive_linear_kl, shapes
+from erpd.testing import assert_within_rule, make_kl_teacher, make_linear_inputs, naive_linear_kl, shapes, three_way
 from erpd.testing.shapes import by_name
 
 DIRECTIONS = ("forward", "reverse", "jsd")
@@ -42,9 +42,8 @@ def _run(x, teacher, backend, g, **kw):
 def check_kl(x, teacher, backend, *, seed=0, **kw):
     """Compare `backend` with the float64 reference under the tolerance rule; returns its kl."""
     g = torch.randn(x.targets.shape, generator=torch.Generator().manual_seed(seed + 17), dtype=torch.float64) * 2
-    ref = _run(x.to64(), _to64(teacher), "torch", g, **kw)
-    got = _run(x.clone(), teacher, backend, g, **kw)
-    base = _run(x.clone(), teacher, "naive", g, **kw)
+    ref, base, got = three_way(lambda y, provider: _run(*y, provider, g, **kw), backend,
+                               exact=lambda: (x.to64(), _to64(teacher)), fresh=lambda: (x.clone(), teacher))
     assert got[0].dtype == torch.float32 and got[0].shape == x.targets.shape
     assert_within_rule(got[0], ref[0], base[0], name=f"{backend} kl")
     assert set(got[1]) == set(ref[1])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import erpd
-from erpd.testing import assert_within_rule, make_linear_inputs, naive_linear_logprobs, shapes
+from erpd.testing import assert_within_rule, make_linear_inputs, naive_linear_logprobs, shapes, three_way
 from erpd.testing.shapes import by_name
 
 
@@ -39,9 +39,8 @@ def check_backend(x, backend, *, temperature=1.0, ignore_index=-100, with_entrop
     lead = x.targets.shape
     # Upstream gradients != 1 on both outputs.
     g = (torch.randn(lead, generator=gen, dtype=torch.float64) * 2, torch.randn(lead, generator=gen, dtype=torch.float64))
-    ref = _run(x.to64(), "torch", temperature, ignore_index, with_entropy, g)
-    got = _run(x.clone(), backend, temperature, ignore_index, with_entropy, g)
-    base = _run(x.clone(), "naive", temperature, ignore_index, with_entropy, g)
+    ref, base, got = three_way(lambda y, provider: _run(y, provider, temperature, ignore_index, with_entropy, g),
+                               backend, exact=x.to64, fresh=x.clone)
     assert got[0].dtype == torch.float32
     assert_within_rule(got[0], ref[0], base[0], name=f"{backend} logprobs")
     if with_entropy:
