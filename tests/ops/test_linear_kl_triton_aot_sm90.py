@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+pytestmark = pytest.mark.slow  # a child process compiles every GPU variant: tens of seconds on 2 cores
+
 from test_linear_logprobs_triton_aot_sm90 import H100_MAX_SHARED_BYTES, compile_for_sm90  # noqa: E402
 
 _BODY = r"""

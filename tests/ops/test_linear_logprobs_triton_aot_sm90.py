@@ -24,6 +24,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+pytestmark = pytest.mark.slow  # a child process compiles every GPU variant: tens of seconds on 2 cores
+
 # Largest dynamic shared memory one block may opt into on an H100 (227 KiB).
 H100_MAX_SHARED_BYTES = 232_448
 

@@ -18,6 +18,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+pytestmark = pytest.mark.slow  # a child process compiles every GPU variant: tens of seconds on 2 cores
+
 _CHILD = r"""
 import json, os
 assert os.environ.get("TRITON_INTERPRET", "0") != "1"
