@@ -159,7 +159,7 @@ def test_linear_logprobs(benchmark, provider: Provider, shape: Shape, mode: str)
 
 
 def _target_lines(rows, device: str, auto: str) -> list[str]:
-    """The acceptance numbers of DESIGN.md §6 / the issue, for the provider `auto` picks."""
+    """The performance targets (docs/design.md §6) for the provider `auto` picks."""
     out = []
     fused = f"erpd-{auto}"
     for shape in dict.fromkeys(r.shape for r in rows):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from erpd import _bench
@@ -61,6 +62,7 @@ def test_quantiles():
     assert s["median"] == s["p20"] == s["p80"] == 3.0
 
 
+@pytest.mark.slow  # every op and provider, each in a fresh process
 def test_suite_runner_writes_table_rows_and_plot(tmp_path):
     """`python -m benchmarks.run` end to end on the smallest shape: every op's table, CSV rows
     whose ratios agree with the raw samples, and a plot."""

@@ -10,7 +10,7 @@
 #include "cpu/vocab_rows.h"
 
 TORCH_LIBRARY(erpd, m) {
-  // linear_logprobs (DESIGN.md §3): per-row log p(target), entropy and log-sum-exp of
+  // linear_logprobs (docs/design.md §4.2): per-row log p(target), entropy and log-sum-exp of
   // softmax(y * inv_temperature), y = hidden @ weight.T + bias, or tanh(softcap_scale * y) when
   // softcap_scale > 0 (chunked::Softcap), never materializing [N, V]. with_stats: also
   // stats [3, N] = (log sum p^2, mean logit, is_top1), else stats is empty.

@@ -17,15 +17,12 @@ namespace chunked {
 
 // Rows per chunk for `buffers` fp32 [rows, v] logits blocks (two for linear_kl: student and
 // teacher), within a byte budget for all of them that ERPD_CHUNK_BYTES overrides. Default:
-//  * CPU 128 MiB per block (512 rows at V = 64K): with K = H = 512, MKL's [rows, H] x [H, V] GEMM
-//    ran at 72% of its one-big-GEMM rate with 128-row chunks, 86% with 256 and 90% with 512
-//    (2-core EPYC, V = 65536); linear_kl's fwd+bwd went from 9.4 s to 6.8 s at N = 2048 when its
-//    chunks grew from 128 to 512 rows, for +200 MB. Memory stays O(rows * V);
+//  * CPU 128 MiB per block (512 rows at V = 64K): MKL's chunk GEMM needs a few hundred rows to
+//    come close to the rate of one big GEMM. Memory stays O(rows * V);
 //  * CUDA 1 GiB in all (~2000 rows at V = 128K for one block): a cuBLAS GEMM needs M in the
 //    thousands to run at the tensor cores' rate, the one-block-per-row epilogues need rows >> SMs,
-//    and every chunk re-reads and re-writes the fp32 dW accumulator (2 GB at V = 128K, H = 4096).
-//    With 64 MiB chunks (130 rows) an H100 took 98 ms for a backward whose GEMMs alone take 19 ms
-//    (N = 4096, H = 4096, V = 128256, bf16; notes in benchmarks/results/README.md).
+//    and every chunk re-reads and re-writes the fp32 dW accumulator.
+// The measurements: benchmarks/results/README.md, "Where the defaults in the code come from".
 inline int64_t rows_per_chunk(int64_t n, int64_t v, int64_t buffers, bool cuda) {
   int64_t budget = cuda ? int64_t(1) << 30 : buffers * (int64_t(128) << 20);
   if (const char* env = std::getenv("ERPD_CHUNK_BYTES")) budget = std::max<int64_t>(std::atoll(env), 1);
@@ -72,7 +69,7 @@ inline void chunk_logits(at::Tensor& z, const at::Tensor& h, const Operands& ops
 //  * dW sums over chunks: an fp32 accumulator that the first chunk writes (beta = 0, so the
 //    buffer is never zero-filled or read) and the others add to, cast once at the end. When one
 //    chunk holds every row there is nothing to sum: written once in the input dtype. (At
-//    V = 128K, H = 4096 the accumulator is 2 GB: each pass over it costs ~1.3 ms on an H100.)
+//    V = 128K, H = 4096 the accumulator is 2 GB, so every pass over it saved counts.)
 struct Grads {
   at::Tensor gh, gw, gb;
   bool need_h, need_w, has_bias, gh_final, gw_final, gw_written = false;

@@ -5,7 +5,7 @@
 // them into per-row statistics (forward) or into dz in place (backward). So the logits only
 // ever exist as one [rows, V] chunk: memory O(N + rows * V), while the GEMMs stay large.
 //
-// Math (DESIGN.md §3), for a row with logits z = (W h + b) * t and target y:
+// Math (docs/design.md §4.2), for a row with logits z = (W h + b) * t and target y:
 //   m = max z,  s = sum e^{z - m},  u = sum e^{z - m} (z - m)
 //   lse = m + log s,  log p_y = z_y - lse,  H = log s - u / s
 // (u is accumulated around m so that H never subtracts two numbers of size |lse|.)

@@ -1,7 +1,7 @@
-"""Timing and peak-memory measurement shared by `python -m erpd.demo` and `benchmarks/`.
+"""Timing and peak-memory measurement shared by `python -m erpd.compare` and `benchmarks/`.
 
-It lives inside the package (not in `benchmarks/`) because the demo is an installed module and
-must not depend on the repository layout.
+It lives inside the package (not in `benchmarks/`) because `erpd.compare` is an installed module
+and must not depend on the repository layout.
 
 A measurement is described by a *case factory*: a ``"module:function"`` string plus keyword
 arguments, which :func:`measure_in_subprocess` calls in a freshly spawned interpreter. Each case

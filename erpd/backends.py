@@ -18,11 +18,9 @@ from erpd import _ext
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
-# Per-op choice of `auto` on CUDA tensors: the faster backend in the committed H100 tables
-# (benchmarks/results/gpu-*.md, bf16, fwd+bwd at N=4096, H=4096, V=128256): cuda 31 ms vs triton
-# 68 ms for linear_logprobs, 50 vs 137 for linear_kl, 26 vs 69 for linear_policy_loss; the
-# pointwise policy_loss (B=8, T=1024) is launch-bound, 0.30 vs 0.45 ms per eager fwd+bwd. When
-# the preferred backend is not built, `auto` takes the other one.
+# Per-op choice of `auto` on CUDA tensors: the faster backend on an H100 (`cuda` for every op, by
+# 2-3x for the fused ops; measurements in benchmarks/results/README.md, "Where the defaults in the
+# code come from"). When the preferred backend is not built, `auto` takes the other one.
 AUTO_CUDA: dict[str, str] = {"linear_logprobs": "cuda", "linear_kl": "cuda", "policy_loss": "cuda", "linear_policy_loss": "cuda"}
 
 # The compiled kernels (erpd::<name>) an op needs, for the `cpu` backend (CPU dispatch key) and

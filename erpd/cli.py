@@ -46,9 +46,10 @@ def _passive_omp(argv: list[str] | None) -> None:
     """Re-execute once with ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy.
 
     OpenMP threads that spin while waiting (libgomp's default) are disastrous on a CPU shared with
-    other processes: measured on a busy 2-core machine, a SmolLM2 decode step took 4.1 s instead
-    of 0.34 s. The policy is read when the OpenMP runtime loads (at ``import torch``, which has
-    already happened by the time this runs), hence the re-exec rather than an ``os.environ`` edit.
+    other processes: a SmolLM2 decode step became an order of magnitude slower on a busy 2-core
+    machine (docs/environment-notes.md). The policy is read when the OpenMP runtime loads (at
+    ``import torch``, which has already happened by the time this runs), hence the re-exec rather
+    than an ``os.environ`` edit.
     """
     import os
 

@@ -11,7 +11,7 @@ which merge across blocks (or across vocabulary splits) as, for a new maximum m'
     s' = e^{m - m'} s,    u' = e^{m - m'} (u + s (m - m')).
 
 At the end lse = m + log s, log p_y = z_y - lse and H = -sum_k p_k log p_k = log s - u / s.
-(DESIGN.md §3 keeps u = sum e^{z-m} z and writes H = lse - u/s; the same number, but
+(Keeping u = sum e^{z-m} z instead and writing H = lse - u/s gives the same number, but
 accumulating z - m instead of z avoids subtracting two values of size |lse| when the logits are
 large, which would cost fp32 digits in H.)
 

@@ -129,6 +129,7 @@ def test_verl_contract(backend):
     torch.testing.assert_close(lp2, lp.detach())
 
 
+@pytest.mark.slow  # each example in its own interpreter
 @pytest.mark.parametrize("script", ["trl_grpo_dropin.py", "custom_loop.py"])
 def test_examples_run(script):
     if importlib.util.find_spec("transformers") is None:

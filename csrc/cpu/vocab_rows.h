@@ -4,9 +4,9 @@
 // AVX-512) and the best one the CPU runs is picked on first use; ERPD_CPU_ISA=default|avx2|avx512
 // forces a level, and the tests run every level this machine has.
 //
-// Why: with scalar std::exp and double accumulators an exp-sum pass cost 4-7 ns per logit on the
-// 2-core EPYC, and the epilogues as much time as the GEMMs at H = 512; vectorized the pass costs
-// ~0.5 ns (AVX-512), ~0.8 (AVX2), ~2.3 (baseline SSE2). The exp is a polynomial within ~1 ulp
+// Why: with scalar std::exp and double accumulators the epilogues took as much time as the GEMMs
+// at H = 512; vectorized, an exp-sum pass is several times cheaper (per-logit costs at each ISA
+// level: benchmarks/results/README.md, CPU section). The exp is a polynomial within ~1 ulp
 // (vocab_rows_impl.h); the row sums are float per SIMD lane over blocks of 256 logits, then
 // double across blocks (relative error ~1e-8 on a 65k-logit row, like the double sums they
 // replace).

@@ -19,7 +19,7 @@ from erpd.testing.shapes import SHAPES, Shape, shapes
 
 __all__ = [
     "SHAPES", "Shape", "shapes", "LinearInputs", "make_linear_inputs", "naive_linear_logprobs",
-    "make_kl_teacher", "naive_linear_kl", "max_err", "assert_within_rule",
+    "make_kl_teacher", "naive_linear_kl", "max_err", "three_way", "assert_within_rule",
     "PolicyInputs", "make_policy_inputs", "LinearPolicyInputs", "make_linear_policy_inputs",
 ]
 
@@ -137,6 +137,23 @@ def naive_linear_kl(hidden, weight, targets=None, bias=None, *, teacher_hidden=N
 
 def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.detach().double() - expected.detach().double()).abs().max().item() if expected.numel() else 0.0
+
+
+def three_way(run, backend: str, *, exact, fresh, baseline: str = "naive") -> tuple:
+    """The three providers of the tolerance rule on the same values, in this order:
+    ``(reference, baseline, backend)``, each ``run(inputs, provider)``.
+
+    ``exact()`` gives float64 copies of the inputs, which ``run`` gets with provider ``"torch"``
+    (the float64 reference); ``fresh()`` gives fresh leaves with the inputs' own values and dtype,
+    called once per provider so that each gets its own ``.grad``. ``baseline`` is the provider of
+    plain PyTorch in the input precision: ``"naive"`` (:func:`naive_linear_logprobs`,
+    :func:`naive_linear_kl`), or ``"torch"`` where the reference run in the input dtype is that
+    baseline (the pointwise policy loss). Compare the results with :func:`assert_within_rule`.
+    """
+    ref = run(exact(), "torch")
+    base = run(fresh(), baseline)
+    got = run(fresh(), backend)
+    return ref, base, got
 
 
 def assert_within_rule(actual, expected64, baseline, *, name: str, factor: float = 2.0, floor: float = 1e-5) -> None:

@@ -3,7 +3,7 @@
 Tiers:
   ``interp`` small enough for the Triton interpreter on a 2-core CPU (odd sizes on purpose);
   ``cpu``    realistic vocabularies, run natively on CPU in tests and CPU benchmarks;
-  ``gpu``    the sizes the GPU targets are quoted at (DESIGN.md §6, notes/anchors-kernels.md §7).
+  ``gpu``    the sizes the GPU targets are quoted at (docs/design.md §6).
 """
 
 from __future__ import annotations

@@ -216,6 +216,7 @@ def _tp_check(rank, world):
     torch.testing.assert_close(partial, h_full.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # gloo ranks in fresh processes
 @pytest.mark.skipif("cpu" not in erpd.available("cpu"), reason="needs the compiled cpu backend")
 def test_dist_process_group_leaves_the_hidden_gradient_to_the_caller(tmp_path):
     mp.spawn(_tp_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)

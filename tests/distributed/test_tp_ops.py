@@ -269,6 +269,6 @@ def _worker(rank, world, init_file):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.skipif("cpu" not in erpd.available("cpu"), reason="needs the compiled cpu backend")
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])  # 3 ranks: the slow tier
 def test_vocab_parallel_ops_match_unsharded(tmp_path, world):
     mp.spawn(_worker, args=(world, str(tmp_path / "init")), nprocs=world, join=True)

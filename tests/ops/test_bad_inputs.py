@@ -458,7 +458,8 @@ def _params():
     return [pytest.param(op, name, id=f"{op}-{name}") for op, names in CASE_NAMES.items() for name in names]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# The Triton interpreter makes its ~200 cases a slow-tier cost (tenths of a second each).
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS])
 @pytest.mark.parametrize("op, case_name", _params())
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

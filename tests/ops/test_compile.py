@@ -271,6 +271,7 @@ def test_all_rows_ignored_under_compile():
     assert x.hidden.grad.abs().max() == 0 and x.weight.grad.abs().max() == 0
 
 
+@pytest.mark.slow  # an Inductor compile of the whole graph
 def test_inductor_end_to_end():
     """One op through Inductor (its generated C++ around the opaque erpd ops)."""
     x, f = _case_linear_policy_loss(CPU_BACKENDS[0])

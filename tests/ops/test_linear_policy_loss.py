@@ -1,7 +1,7 @@
 """linear_policy_loss: the fused op against the float64 reference composition, against the unfused
 composition of erpd ops, micro-batching, and the claim that its backward makes no vocabulary pass.
 
-Tolerance rule (DESIGN.md §5): error vs float64 at most 2x the error of plain PyTorch
+Tolerance rule (docs/design.md §5): error vs float64 at most 2x the error of plain PyTorch
 (naive_linear_logprobs + the reference policy loss) in the same input precision.
 """
 
@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import erpd
 from erpd.reference import POLICY_AGGS, POLICY_METHODS
-from erpd.testing import assert_within_rule, make_linear_policy_inputs, naive_linear_logprobs
+from erpd.testing import assert_within_rule, make_linear_policy_inputs, naive_linear_logprobs, three_way
 
 TINY = dict(b=3, t=13, h=32, v=101)  # 39 rows: cheap under the Triton interpreter
 
@@ -43,9 +43,7 @@ def _run(x, backend, temperature=1.0, ignore_index=-100, **opts):
 
 
 def check_backend(x, backend, **opts):
-    ref = _run(x.to64(), "torch", **opts)
-    base = _run(x.clone(), "naive", **opts)
-    got = _run(x.clone(), backend, **opts)
+    ref, base, got = three_way(lambda y, provider: _run(y, provider, **opts), backend, exact=x.to64, fresh=x.clone)
     assert got[0].dtype == torch.float32 and got[0].shape == ()
     assert_within_rule(got[0], ref[0], base[0], name=f"{backend} loss")
     assert set(got[1]) == set(ref[1]), f"{backend} metrics {sorted(got[1])} != {sorted(ref[1])}"

@@ -2,7 +2,7 @@
 LM head (erpd.linear_token_stats), and mixed precision (an fp32 head with 16-bit hidden states,
 torch.autocast): every CPU backend against the float64 reference, forward and backward.
 
-Tolerance rule (DESIGN.md §5): error vs float64 at most 2x the error of plain PyTorch (the
+Tolerance rule (docs/design.md §5): error vs float64 at most 2x the error of plain PyTorch (the
 reference run in the inputs' precision) on the same inputs.
 """
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import erpd
-from erpd.testing import assert_within_rule, make_linear_inputs, make_linear_policy_inputs
+from erpd.testing import assert_within_rule, make_linear_inputs, make_linear_policy_inputs, three_way
 
 TRANSFORMS = [
     dict(softcap=None, logit_scale=0.4),  # Granite-like: divides the logits
@@ -102,7 +102,7 @@ def test_linear_policy_loss(cpu_backend, method, transform):
         wrt = (lin.hidden, lin.weight, lin.bias)
         return loss.detach(), metrics, torch.autograd.grad(loss, wrt)
 
-    ref, base, got = run(x.to64(), "torch"), run(x.clone(), "torch"), run(x.clone(), cpu_backend)
+    ref, base, got = three_way(run, cpu_backend, exact=x.to64, fresh=x.clone, baseline="torch")
     assert_within_rule(got[0], ref[0], base[0], name="loss")
     for k in ref[1]:
         assert_within_rule(got[1][k], ref[1][k], base[1][k], name=f"metric {k}")

@@ -1,6 +1,6 @@
 """policy_loss: every method x aggregation, every backend, against the float64 reference.
 
-Tolerance rule (DESIGN.md §5): error vs float64 at most 2x the error plain PyTorch (the reference
+Tolerance rule (docs/design.md §5): error vs float64 at most 2x the error plain PyTorch (the reference
 run in float32, i.e. backend="torch") makes on the same inputs, plus a small floor. The
 reference itself is pinned to hand-computed values at the end of the file.
 """
@@ -12,7 +12,7 @@ import torch
 
 import erpd
 from erpd.reference import POLICY_AGGS, POLICY_METHODS
-from erpd.testing import assert_within_rule, make_linear_policy_inputs, make_policy_inputs
+from erpd.testing import assert_within_rule, make_linear_policy_inputs, make_policy_inputs, three_way
 
 
 def _run(x, backend, **opts):
@@ -46,9 +46,8 @@ def check_backend(x, backend, dtype=torch.float32, **opts):
     """`dtype`: the precision of the differentiable inputs; the float64 reference sees the same
     (rounded) values, and plain PyTorch (the rule's baseline) runs on them in `dtype`."""
     x = x.cast(dtype)
-    ref = _run(x.cast(torch.float64), "torch", **opts)
-    base = _run(x.cast(dtype), "torch", **opts)
-    got = _run(x.cast(dtype), backend, **opts)
+    ref, base, got = three_way(lambda y, provider: _run(y, provider, **opts), backend,
+                               exact=lambda: x.cast(torch.float64), fresh=lambda: x.cast(dtype), baseline="torch")
     assert got[0].dtype == torch.float32 and got[0].shape == ()
     assert_within_rule(got[0], ref[0], base[0], name=f"{backend} loss")
     assert set(got[1]) == set(ref[1]), f"{backend} metric names {sorted(got[1])} != {sorted(ref[1])}"

@@ -56,6 +56,7 @@ def _worker(rank, world, init_file, out_dir, objective, result_dir, epochs=2, re
         torch.save(gathered, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow  # every test that spawns training ranks: 10-15 s each on 2 cores
 @pytest.mark.parametrize("objective", ["ppo", "ce"])
 def test_two_gloo_processes_stay_in_sync(tmp_path, objective):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), objective, str(tmp_path)), nprocs=2,
@@ -77,6 +78,7 @@ def test_two_gloo_processes_stay_in_sync(tmp_path, objective):
                 assert abs(a[key] - b[key]) < 1e-5, key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,batch_size", [(2, 11), (3, 5)])
 def test_a_rank_without_rows_in_a_step_keeps_up(tmp_path, world, batch_size):
     """12 rows in mini-batches of 11 + 1 on 2 ranks, or 5 + 5 + 2 on 3: in the last step one rank
@@ -116,6 +118,7 @@ def _initial():
     return torch.cat([p.detach().flatten() for _, p in make_policy(train_layers=1).trainable_named()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
 def test_checkpoint_resumes_on_a_different_world_size(tmp_path, first, then):
     """Train epoch 1 (2 steps) on ``first`` processes, resume epoch 2 on ``then``: the next step's
@@ -149,6 +152,7 @@ def _epochs(out_dir):
     return [r for r in checked_io.read_jsonl(os.path.join(out_dir, "stage1", "metrics.jsonl")) if r["kind"] == "epoch"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_layers", [1, None])
 def test_fsdp2_two_gloo_processes_equal_one_process(tmp_path, train_layers):
     """FSDP2 (``model.fsdp``) on CPU/gloo: decoder layers sharded over 2 ranks, mini-batches of 5
@@ -263,6 +267,7 @@ print("warned" if any("still referenced" in str(w.message) for w in caught) else
     assert warned == "warned" and int(threads) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_torchrun_demo_two_processes(tmp_path, fsdp):
     """The documented command, end to end on CPU: ``torchrun --nproc-per-node 2 -m erpd.cli demo``

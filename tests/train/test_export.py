@@ -51,7 +51,7 @@ def _logits_in_erpd(run, policy_name, ids):
         return r.policy.model(input_ids=torch.tensor([ids])).logits[0]
 
 
-@pytest.mark.parametrize("policy", ["base", "teacher", "student"])
+@pytest.mark.parametrize("policy", ["base", *(pytest.param(p, marks=pytest.mark.slow) for p in ("teacher", "student"))])
 def test_export_loads_without_erpd_and_equals_the_policy(run_dir, tmp_path, policy):
     out = tmp_path / policy
     assert cli.main(["export", str(run_dir), "--policy", policy, "--out", str(out)]) == 0

@@ -167,6 +167,7 @@ def test_stage2_crash_mid_epoch_with_reanchor(tmp_path, monkeypatch):
     assert torch.allclose(final, _flat(policy), atol=1e-6)
 
 
+@pytest.mark.slow  # two fresh processes
 def test_crash_in_a_subprocess_then_resume(tmp_path):
     """A real process death (os._exit in the middle of step 5, no cleanup), then a resume in a
     fresh process: the same final weights as an uninterrupted run."""

@@ -1,5 +1,5 @@
 """Compile-only guard for the GPU path of `erpd.kernels.linear_kl` (see
-test_linear_logprobs_triton_compile.py, whose child-process helpers this reuses).
+test_linear_logprobs_triton_aot_sm90.py, whose child-process helpers this reuses).
 
 Builds the real GPU variants for an H100 (sm_90) with the launchers' constexprs and tile
 configs: the three modes, fused and dense teachers (fp32 dense logits under 16-bit students),
@@ -14,7 +14,9 @@ import pytest
 
 pytest.importorskip("triton")
 
-from test_linear_logprobs_triton_compile import H100_MAX_SHARED_BYTES, compile_for_sm90  # noqa: E402
+pytestmark = pytest.mark.slow  # a child process compiles every GPU variant: tens of seconds on 2 cores
+
+from test_linear_logprobs_triton_aot_sm90 import H100_MAX_SHARED_BYTES, compile_for_sm90  # noqa: E402
 
 _BODY = r"""
 from erpd.kernels import linear_kl as K

@@ -4,7 +4,7 @@ The interpreter tests cannot see what only the compiler checks (loop-carried typ
 branches, pointer types). This compiles the kernels ahead of time for an H100 (sm_90) with
 `triton.compile`, for every method and the flag combinations the launcher produces, and checks
 that PTX and a cubin come out. It runs in a subprocess for the reason given in
-test_linear_logprobs_triton_compile.py (the session may have switched the interpreter on).
+test_linear_logprobs_triton_aot_sm90.py (the session may have switched the interpreter on).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+
+pytestmark = pytest.mark.slow  # a child process compiles every GPU variant: tens of seconds on 2 cores
 
 _CHILD = r"""
 import json, os

@@ -10,7 +10,7 @@ It runs in a subprocess because a test session may have set TRITON_INTERPRET=1 b
 kernel module was imported, and then its kernels exist only in interpreted form.
 
 `SM90_PRELUDE` (the child's compile helpers) and `compile_for_sm90` are shared with the other
-ops' compile tests (test_linear_kl_triton_compile.py).
+ops' ahead-of-time tests (test_linear_kl_triton_aot_sm90.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+
+pytestmark = pytest.mark.slow  # a child process compiles every GPU variant: tens of seconds on 2 cores
 
 # Largest dynamic shared memory one block may opt into on an H100 (227 KiB).
 H100_MAX_SHARED_BYTES = 232_448

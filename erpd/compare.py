@@ -1,11 +1,11 @@
-"""`python -m erpd.demo`: the fused `erpd.linear_logprobs` next to the plain PyTorch version.
+"""`python -m erpd.compare`: the fused `erpd.linear_logprobs` next to the plain PyTorch version.
 
 Both compute per-token log-probs and entropy from hidden states and an LM head, then
-backpropagate a random upstream gradient through both. The demo prints how far apart the
+backpropagate a random upstream gradient through both. The comparison prints how far apart the
 results are, the fwd+bwd time, and the peak memory each adds on top of its inputs. Each side runs
 in its own fresh process, so one side's allocations cannot hide in the other's numbers.
 
-    python -m erpd.demo [--n 2048] [--h 512] [--v 65536] [--dtype fp32] [--device cpu]
+    python -m erpd.compare [--n 2048] [--h 512] [--v 65536] [--dtype fp32] [--device cpu]
 
 The default shape takes about half a minute on a 2-core CPU; the naive side's logits alone are
 N·V·4 bytes (512 MiB here) and it keeps several such tensors alive for the backward.
@@ -43,7 +43,7 @@ def make_case(which: str, n: int, h: int, v: int, dtype: str, device: str, seed:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m erpd.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m erpd.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=2048, help="tokens (default 2048)")
     ap.add_argument("--h", type=int, default=512, help="hidden size (default 512)")
     ap.add_argument("--v", type=int, default=65536, help="vocabulary size (default 65536)")
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     auto = backends.resolve("auto", dev, "linear_logprobs")
     env = _bench.environment(args.device, args.threads)
 
-    print(f"erpd demo: linear_logprobs with entropy, fwd+bwd, N={args.n} H={args.h} V={args.v} {args.dtype} on {args.device}")
+    print(f"erpd compare: linear_logprobs with entropy, fwd+bwd, N={args.n} H={args.h} V={args.v} {args.dtype} on {args.device}")
     print(f"  {env['device']}, {env['threads']} threads, torch {env['torch']}, commit {env['commit']}")
     print(f'  erpd backends here: {erpd.available(dev)}; backend="auto" -> {auto!r}')
     print(f"  a [N, V] fp32 logits tensor is {_bench.fmt_mb(4 * args.n * args.v)} MB\n", flush=True)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         # default shape well under a minute on two cores. Eager code has little one-time cost
         # (thread pools), so the first call is representative; benchmarks/ warms up properly.
         results[which] = _bench.measure_in_subprocess(
-            "erpd.demo:make_case",
+            "erpd.compare:make_case",
             dict(which=which, n=args.n, h=args.h, v=args.v, dtype=args.dtype, device=args.device),
             warmup=0, repeats=0, modes=(), threads=args.threads,
         )
