@@ -1,13 +1,14 @@
 """Stage 2: distill the stage-1 teacher(s) into π0 on the same fixed data, under a trust region.
 
-The policy starts from π0 again. Signals (DESIGN.md §1; ``a_t`` per response token):
+The policy starts from π0 again. Signals, ``a_t`` per response token (docs/trainer.md, "The method
+as implemented", has the full list):
 
 * ``logratio`` (default): a_t = log πT(y_t) − log π0(y_t), fixed for the whole stage;
 * ``opd``: a_t = log πT(y_t) − log πθ(y_t), recomputed at every step (the sampled-token reverse
   KL used as a reward, as in on-policy distillation);
 * ``combined``: Σ_j w_j · standardize(log πTj − log π0) over several teachers;
-* these three are post-processed (scale, clip, per-sequence centering, outcome gating) and
-  trained with the clipped surrogate −min(ρ a, clip(ρ, 1±ε) a), ρ = πθ/π_anchor;
+* these are post-processed (scale, clip, centering per response or per prompt group, outcome
+  gating, mixed-reward groups only) and trained with the clipped surrogate −min(ρ a, clip(ρ, 1±ε) a), ρ = πθ/π_anchor;
 * ``forward_kl`` / ``reverse_kl``: the full-vocabulary KL(πT‖πθ) / KL(πθ‖πT) per token
   (``erpd.linear_kl`` with the teacher's cached final hidden states and LM head: no logits),
   with tokens outside the trust region in the direction of the pull masked.
