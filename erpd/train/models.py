@@ -125,6 +125,11 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype):
         d, f = smollm2_gguf()
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)
+        # transformers de-quantizes GGUF weights on load but keeps the quantizer's marker, which
+        # makes save_pretrained refuse the (plain fp32/bf16) model: `erpd export` must write it.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         return model, tok
     path = Path(cfg.name)
     if not path.is_dir():

