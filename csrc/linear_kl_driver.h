@@ -60,6 +60,11 @@ class Teacher {
 //                 int64_t ignore_index, const at::Tensor& targets, int64_t mode, double beta,
 //                 const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& aux,
 //                 const at::Tensor& grad_kl)          -- overwrites zs with t * dz
+//   void forward_backward(at::Tensor& zs, const at::Tensor& zt, int64_t r0, double inv_t,
+//                         int64_t ignore_index, const at::Tensor& targets, int64_t mode, double beta,
+//                         const at::Tensor& grad_kl, at::Tensor& kl, at::Tensor& lse_s,
+//                         at::Tensor& lse_t, at::Tensor& aux)  -- both, on one chunk (the
+//                         statistics may stay unwritten where the backend needs none)
 template <class Epilogue>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -104,6 +109,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     grads.add_chunk(zs, h, ops, r0);
   }
   return grads.finish(hidden, weight);
+}
+
+// Forward that also produces the gradients of a reduced loss sum_i grad_kl_i * kl_i, whose
+// per-row weights grad_kl are known before the forward (erpd.linear_kl with a reduction): per
+// chunk, the two logits GEMMs, the epilogue's forward and backward on the same logits, the dh
+// and dW GEMMs. Each chunk's logits are computed once: 8·N·H·V FLOPs with a fused teacher of
+// the student's size (6·N·H·V with dense teacher logits, plus their read), and the autograd
+// backward only scales the returned gradients. Returns (kl, grad_hidden, grad_weight, grad_bias).
+template <class Epilogue>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grads(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const Teacher& teacher, const at::Tensor& targets, const at::Tensor& grad_kl, double inv_t,
+    int64_t ignore_index, int64_t mode, double beta, bool need_grad_hidden, bool need_grad_weight,
+    const Epilogue& ep) {
+  const int64_t n = hidden.size(0), v = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor kl = at::empty({n}, f32), lse_s = at::empty({n}, f32), lse_t = at::empty({n}, f32),
+             aux = at::empty({n}, f32);
+  const chunked::Operands ops(weight, bias);
+  const int64_t rows = chunked::rows_per_chunk(n, v, 2, hidden.is_cuda());
+  chunked::Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight, rows);
+  at::Tensor zs_buf = at::empty({rows, v}, f32), zt_buf = at::empty({rows, v}, f32);
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t r = std::min(rows, n - r0);
+    at::Tensor zs = zs_buf.narrow(0, 0, r), zt_b = zt_buf.narrow(0, 0, r);
+    const at::Tensor h = ops.rows(hidden, r0, r);
+    chunked::chunk_logits(zs, h, ops);
+    const at::Tensor zt = teacher.chunk(zt_b, r0, r);
+    ep.forward_backward(zs, zt, r0, inv_t, ignore_index, targets, mode, beta, grad_kl, kl, lse_s, lse_t, aux);
+    grads.add_chunk(zs, h, ops, r0);
+  }
+  auto [gh, gw, gb] = grads.finish(hidden, weight);
+  return {kl, gh, gw, gb};
 }
 
 }  // namespace linear_kl

@@ -16,7 +16,7 @@ namespace erpd {
 namespace cpu {
 
 struct CpuEpilogue {
-  // One pass for the max, one for the exponentials; both over a row that is still in cache.
+  // One read of each row: its maximum and sums online (csrc/cpu/vocab_rows.h).
   void forward(const at::Tensor& z, int64_t r0, double inv_t, int64_t ignore_index,
                const at::Tensor& targets, at::Tensor& logp, at::Tensor& ent, at::Tensor& lse) const {
     const int64_t r = z.size(0), v = z.size(1);
@@ -28,10 +28,8 @@ struct CpuEpilogue {
     at::parallel_for(0, r, row_grain(v), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const float* zi = zp + i * v;
-        // max of t * z is t * max z since t > 0.
-        const float m = rows.row_max(zi, v) * t;
-        const ExpSums su = rows.exp_sums(zi, v, t, m);
-        const double log_s = std::log(su.s), row_lse = double(m) + log_s;
+        const ExpSums su = rows.exp_sums(zi, v, t);
+        const double log_s = std::log(su.s), row_lse = double(su.m) + log_s;
         const int64_t y = tgt[i];
         const bool valid = y != ignore_index;
         ls[i] = float(row_lse);

@@ -6,15 +6,21 @@
 //
 // Why: with scalar std::exp and double accumulators an exp-sum pass cost 4-7 ns per logit on the
 // 2-core EPYC, and the epilogues as much time as the GEMMs at H = 512; vectorized the pass costs
-// ~0.5 ns (AVX-512), ~0.8 (AVX2), ~2.3 (baseline SSE2). The exp is a polynomial within ~1 ulp
-// (vocab_rows_impl.h); the row sums are float per SIMD lane over blocks of 256 logits, then
+// ~0.5 ns (AVX-512), ~0.8 (AVX2), ~2.3 (baseline SSE2). The exp and log are polynomials within
+// ~1 ulp (vocab_rows_impl.h); the row sums are float per SIMD lane over blocks of 256 logits, then
 // double across blocks (relative error ~1e-8 on a 65k-logit row, like the double sums they
 // replace).
+//
+// The forward statistics are online: each 256-logit block's maximum (from L1) moves the row's
+// reference up when it exceeds it, rescaling what was summed so far, so a forward epilogue
+// reads each row of the logits chunk once instead of once for the max and once for the sums.
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "linear_kl_math.h"  // linear_kl::Mode, linear_kl::JsdWeights
 
 namespace erpd {
 namespace cpu {
@@ -23,30 +29,40 @@ namespace cpu {
 // instead of paying the pool's start-up and join on every call.
 inline int64_t row_grain(int64_t v) { return (int64_t(1) << 16) / (v > 1 ? v : 1) + 1; }
 
+// Softmax statistics of one row of logits t z: m = max_k t z_k and, with d_k = t z_k - m,
 struct ExpSums {
+  float m;
   double s;  // sum_k e^{d_k}
   double u;  // sum_k e^{d_k} d_k
 };
 
+// Both rows' statistics for linear_kl (d^S, d^T about their own maxima).
 struct KlSums {
+  float ms, mt;
   double ss, st;  // the two sums of e^{d}, student and teacher
-  double cross;   // forward: sum e^{d^T} (d^T - d^S); reverse: sum e^{d^S} (d^S - d^T); else 0
+  double cross;   // forward: sum e^{d^T} (d^T - d^S); reverse: sum e^{d^S} (d^S - d^T); jsd: 0
+};
+
+// The two halves of the jsd: sum p^T (b - log m) and sum p^S (a - log m), M the mixture.
+struct JsdSums {
+  double kl_t, kl_s;
 };
 
 struct VocabRows {
-  // max_k z_k; NaN entries are skipped (a NaN logit still reaches the sums below).
-  float (*row_max)(const float* z, int64_t v);
-  // d_k = t z_k - m.
-  ExpSums (*exp_sums)(const float* z, int64_t v, float t, float m);
+  // The row's statistics in one read. NaN logits are skipped by the maximum and reach the sums.
+  ExpSums (*exp_sums)(const float* z, int64_t v, float t);
   // z_k <- -p_k (g + g_H (log p_k + H)), log p_k = t z_k - lse: the log-prob/entropy gradient
   // of a row without its one-hot term.
   void (*logprob_grad)(float* z, int64_t v, float t, float lse, float g, float g_H, float H);
-  // d^S_k = t zs_k - ms, d^T_k = t zt_k - mt; mode as linear_kl::Mode (jsd: cross = 0).
-  KlSums (*kl_sums)(const float* zs, const float* zt, int64_t v, float t, float ms, float mt, int mode);
-  // zs_k <- g * dKL/dz^S_k for forward (p^S - p^T) and reverse (p^S (a - b - kl)) KL, with
-  // a_k = t zs_k - lse_s, b_k = t zt_k - lse_t.
-  void (*kl_grad)(float* zs, const float* zt, int64_t v, float t, float lse_s, float lse_t, float kl, float g,
-                  int mode);
+  // Both rows' statistics in one read of each; mode as linear_kl::Mode.
+  KlSums (*kl_sums)(const float* zs, const float* zt, int64_t v, float t, int mode);
+  // With a_k = t zs_k - lse_s, b_k = t zt_k - lse_t (jsd's second pass, once both lse are known).
+  JsdSums (*jsd_sums)(const float* zs, const float* zt, int64_t v, float t, float lse_s, float lse_t,
+                      linear_kl::JsdWeights w);
+  // zs_k <- g * d(divergence)/dz^S_k (csrc/linear_kl_math.h), a_k and b_k as above; aux: the KL
+  // for reverse, KL(S||M) for jsd, unused for forward.
+  void (*kl_grad)(float* zs, const float* zt, int64_t v, float t, float lse_s, float lse_t, float aux, float g,
+                  int mode, linear_kl::JsdWeights w);
   const char* isa;
 };
 

@@ -10,8 +10,19 @@
 // epilogues only take x <= 0: d = z - max z, log p), NaN stays NaN. Branch-free, so the loops
 // below vectorize.
 //
+// log_f(x), x >= 0: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s) with
+// s = (m - 1) / (m + 1), |s| <= 0.172, as its odd series to s^11 (truncation < 1e-10 relative),
+// plus e ln2 split as in exp_f. 0 gives -inf, +inf gives +inf, NaN stays NaN; a subnormal x
+// (only ever a probability below 1e-38 here, weighted by itself) comes out near -88.
+//
 // Sums: float per SIMD lane over kBlock logits, then double across blocks. Every term weighted by
 // a probability goes through p_times (csrc/linear_kl_math.h): a -inf logit adds 0, not NaN.
+//
+// Online statistics: each block's maximum is taken first (the block then sits in L1 for its
+// sums); when it exceeds the row's reference m, the sums so far are rescaled to the new one,
+// in double: s' = c s, u' = c (u + s (m - m')) with c = e^{m - m'} (u = sum e^d d, d = t z - m).
+// While m is -inf (only -inf or NaN logits so far) the block is summed about 0 instead, so that
+// -inf - -inf never appears: -inf logits add 0 and a NaN logit still reaches the sums.
 
 constexpr int64_t kBlock = 256;
 constexpr float kLog2e = 1.44269504088896341f;
@@ -38,28 +49,68 @@ static inline float exp_f(float x) {
   return x != x ? x : e;
 }
 
-static float row_max(const float* z, int64_t v) {
+static inline float log_f(float x) {
+  const int32_t bits = __builtin_bit_cast(int32_t, x);
+  const float m1 = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const bool big = m1 > 1.41421356f;
+  const float m = big ? m1 * 0.5f : m1;
+  const float e = static_cast<float>(((bits >> 23) & 0xff) - 127 + (big ? 1 : 0));
+  const float s = (m - 1.f) / (m + 1.f), s2 = s * s;
+  float p = 1.f / 11.f;
+  p = p * s2 + 1.f / 9.f;
+  p = p * s2 + 1.f / 7.f;
+  p = p * s2 + 1.f / 5.f;
+  p = p * s2 + 1.f / 3.f;
+  p = p * s2 + 1.f;
+  float r = e * kLn2Hi + (2.f * s * p + e * kLn2Lo);
+  r = x == 0.f ? -__builtin_inff() : r;
+  r = x == __builtin_inff() ? x : r;
+  return x != x ? x : r;
+}
+
+static inline float block_max(const float* z, int64_t k0, int64_t k1) {
   float m = -__builtin_inff();
 #pragma omp simd reduction(max : m)
-  for (int64_t k = 0; k < v; ++k) m = z[k] > m ? z[k] : m;
+  for (int64_t k = k0; k < k1; ++k) m = z[k] > m ? z[k] : m;
   return m;
 }
 
-static ExpSums exp_sums(const float* z, int64_t v, float t, float m) {
+// Moves a running reference m up to the block's maximum bm (both already times t); returns the
+// factor c = e^{m - m'} and the shift m - m' that the sums about m need (c = 1, shift 0 when m
+// stays). Nothing summed yet (m = -inf): no rescaling.
+struct Rebase {
+  double c, shift;
+};
+static inline Rebase rebase(float& m, float bm) {
+  if (!(bm > m)) return {1.0, 0.0};
+  const double shift = m == -__builtin_inff() ? 0.0 : double(m) - double(bm);
+  m = bm;
+  return {shift == 0.0 ? 1.0 : __builtin_exp(shift), shift};
+}
+
+// The reference a block is summed about: m, or 0 while m is still -inf.
+static inline float ref(float m) { return m == -__builtin_inff() ? 0.f : m; }
+
+static ExpSums exp_sums(const float* z, int64_t v, float t) {
+  float m = -__builtin_inff();
   double s = 0.0, u = 0.0;
   for (int64_t k0 = 0; k0 < v; k0 += kBlock) {
     const int64_t k1 = k0 + kBlock < v ? k0 + kBlock : v;
+    const Rebase rb = rebase(m, block_max(z, k0, k1) * t);  // t > 0
+    u = rb.c * (u + s * rb.shift);
+    s *= rb.c;
+    const float mr = ref(m);
     float bs = 0.f, bu = 0.f;
 #pragma omp simd reduction(+ : bs, bu)
     for (int64_t k = k0; k < k1; ++k) {
-      const float d = z[k] * t - m, e = exp_f(d);
+      const float d = z[k] * t - mr, e = exp_f(d);
       bs += e;
       bu += p_times(e, d);
     }
     s += bs;
     u += bu;
   }
-  return {s, u};
+  return {m, s, u};
 }
 
 static void logprob_grad(float* z, int64_t v, float t, float lse, float g, float g_H, float H) {
@@ -71,14 +122,23 @@ static void logprob_grad(float* z, int64_t v, float t, float lse, float g, float
 }
 
 template <int Mode>
-static KlSums kl_sums_mode(const float* zs, const float* zt, int64_t v, float t, float ms, float mt) {
+static KlSums kl_sums_mode(const float* zs, const float* zt, int64_t v, float t) {
+  float ms = -__builtin_inff(), mt = -__builtin_inff();
   double ss = 0.0, st = 0.0, cross = 0.0;
   for (int64_t k0 = 0; k0 < v; k0 += kBlock) {
     const int64_t k1 = k0 + kBlock < v ? k0 + kBlock : v;
+    const Rebase rs = rebase(ms, block_max(zs, k0, k1) * t), rt = rebase(mt, block_max(zt, k0, k1) * t);
+    // cross is weighted by the teacher's (forward) or the student's (reverse) exponentials, and
+    // each of its terms d^T - d^S gains shift^T - shift^S.
+    if (Mode == linear_kl::kForward) cross = rt.c * (cross + st * (rt.shift - rs.shift));
+    if (Mode == linear_kl::kReverse) cross = rs.c * (cross + ss * (rs.shift - rt.shift));
+    ss *= rs.c;
+    st *= rt.c;
+    const float msr = ref(ms), mtr = ref(mt);
     float bs = 0.f, bt = 0.f, bc = 0.f;
 #pragma omp simd reduction(+ : bs, bt, bc)
     for (int64_t k = k0; k < k1; ++k) {
-      const float ds = zs[k] * t - ms, dt = zt[k] * t - mt;
+      const float ds = zs[k] * t - msr, dt = zt[k] * t - mtr;
       const float es = exp_f(ds), et = exp_f(dt);
       bs += es;
       bt += et;
@@ -89,27 +149,61 @@ static KlSums kl_sums_mode(const float* zs, const float* zt, int64_t v, float t,
     st += bt;
     cross += bc;
   }
-  return {ss, st, cross};
+  return {ms, mt, ss, st, cross};
 }
 
-static KlSums kl_sums(const float* zs, const float* zt, int64_t v, float t, float ms, float mt, int mode) {
-  if (mode == linear_kl::kForward) return kl_sums_mode<linear_kl::kForward>(zs, zt, v, t, ms, mt);
-  if (mode == linear_kl::kReverse) return kl_sums_mode<linear_kl::kReverse>(zs, zt, v, t, ms, mt);
-  return kl_sums_mode<linear_kl::kJsd>(zs, zt, v, t, ms, mt);
+static KlSums kl_sums(const float* zs, const float* zt, int64_t v, float t, int mode) {
+  if (mode == linear_kl::kForward) return kl_sums_mode<linear_kl::kForward>(zs, zt, v, t);
+  if (mode == linear_kl::kReverse) return kl_sums_mode<linear_kl::kReverse>(zs, zt, v, t);
+  return kl_sums_mode<linear_kl::kJsd>(zs, zt, v, t);
 }
 
-static void kl_grad(float* zs, const float* zt, int64_t v, float t, float lse_s, float lse_t, float kl, float g,
-                    int mode) {
+// log m_k of the jsd's mixture from the two probabilities (log_mixture of csrc/linear_kl_math.h
+// is the same quantity from the log-probs, at the price of a second exp and a log1p). Where both
+// probabilities underflow, log m = -inf, but every use weights it by one of them (p_times).
+static inline float log_mix(float ps, float pt, const linear_kl::JsdWeights& w) {
+  return log_f(w.one_mb * ps + w.b * pt);
+}
+
+static JsdSums jsd_sums(const float* zs, const float* zt, int64_t v, float t, float lse_s, float lse_t,
+                        linear_kl::JsdWeights w) {
+  double kl_t = 0.0, kl_s = 0.0;
+  for (int64_t k0 = 0; k0 < v; k0 += kBlock) {
+    const int64_t k1 = k0 + kBlock < v ? k0 + kBlock : v;
+    float bt = 0.f, bs = 0.f;
+#pragma omp simd reduction(+ : bt, bs)
+    for (int64_t k = k0; k < k1; ++k) {
+      const float a = zs[k] * t - lse_s, b = zt[k] * t - lse_t;
+      const float ps = exp_f(a), pt = exp_f(b), lm = log_mix(ps, pt, w);
+      bt += p_times(pt, b - lm);
+      bs += p_times(ps, a - lm);
+    }
+    kl_t += bt;
+    kl_s += bs;
+  }
+  return {kl_t, kl_s};
+}
+
+static void kl_grad(float* zs, const float* zt, int64_t v, float t, float lse_s, float lse_t, float aux, float g,
+                    int mode, linear_kl::JsdWeights w) {
   if (mode == linear_kl::kForward) {
 #pragma omp simd
     for (int64_t k = 0; k < v; ++k) zs[k] = g * (exp_f(zs[k] * t - lse_s) - exp_f(zt[k] * t - lse_t));
-  } else {
+  } else if (mode == linear_kl::kReverse) {
 #pragma omp simd
     for (int64_t k = 0; k < v; ++k) {
       const float a = zs[k] * t - lse_s, b = zt[k] * t - lse_t;
-      zs[k] = g * p_times(exp_f(a), a - b - kl);
+      zs[k] = g * p_times(exp_f(a), a - b - aux);
+    }
+  } else {
+    const float gj = g * w.one_mb;
+#pragma omp simd
+    for (int64_t k = 0; k < v; ++k) {
+      const float a = zs[k] * t - lse_s, b = zt[k] * t - lse_t;
+      const float ps = exp_f(a), lm = log_mix(ps, exp_f(b), w);
+      zs[k] = gj * p_times(ps, a - lm - aux);
     }
   }
 }
 
-static const VocabRows kRows = {row_max, exp_sums, logprob_grad, kl_sums, kl_grad, kIsaName};
+static const VocabRows kRows = {exp_sums, logprob_grad, kl_sums, jsd_sums, kl_grad, kIsaName};

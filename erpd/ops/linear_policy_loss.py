@@ -28,42 +28,10 @@ import torch
 
 from erpd import backends, reference
 from erpd.ops import _library, _tp, _validate
+from erpd.ops._grads_in_forward import GradsInForward
 from erpd.ops.policy_loss import metrics_from_stats
 
 OP = "linear_policy_loss"
-
-
-class _LinearPolicyLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, run):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        loss, stats, gh, gw, gb = run(need_h, need_w)
-        # Held as attributes, not saved tensors: the backward scales them in place and hands them
-        # to autograd, which then adopts them as .grad (or adds them into it) without a copy, so
-        # no second [V, H] buffer exists at any point.
-        ctx.grads = (gh if need_h else None, gw if need_w else None, gb if need_b else None)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.hidden_shape = hidden.shape
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        # The whole backward: the gradients were computed (and normalized) in the forward.
-        if ctx.grads is None:
-            raise RuntimeError(
-                "linear_policy_loss: a second backward through the same call; its gradients are computed in "
-                "the forward and handed over by the first backward (retain_graph=True is not supported)"
-            )
-        gh, gw, gb = ctx.grads
-        ctx.grads = None
-        if gh is not None:
-            gh = gh.mul_(grad_loss).view(ctx.hidden_shape)
-        if gw is not None:
-            gw = gw.mul_(grad_loss)
-        if gb is not None:
-            gb = (gb * grad_loss).to(ctx.bias_dtype)
-        return gh, gw, gb, None
 
 
 def _run_compiled(h2, w, b, t1, inv_t, ignore_index, old, adv, mask, ref, isw, n_tensor, args):
@@ -214,5 +182,5 @@ def linear_policy_loss(
         f32(old_logprobs), f32(advantages), valid.contiguous(), f32(ref_logprobs), f32(is_weights), n_tensor,
         opts.kernel_args(T, n_value),
     )
-    loss, stats = _LinearPolicyLossFunction.apply(hidden, weight, bias, run)
+    loss, stats = GradsInForward.apply(hidden, weight, bias, run)
     return loss, metrics_from_stats(stats, ref_logprobs is not None, True)
