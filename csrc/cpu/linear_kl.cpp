@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "cpu/vocab_rows.h"
 #include "linear_kl_driver.h"
@@ -32,18 +33,20 @@ struct RowKl {
   float aux;   // what the gradient needs (csrc/linear_kl_math.h)
 };
 
-RowKl row_kl(const cpu::VocabRows& rows, const float* zs, const float* zt, int64_t v, float t, int mode,
-             const linear_kl::JsdWeights& w) {
-  const cpu::KlSums k = rows.kl_sums(zs, zt, v, t, mode);
+// A row's log-sum-exps and, for the two KLs, its divergence from the sums (jsd: filled by row_kl).
+RowKl kl_stats(const cpu::KlSums& k, int64_t mode) {
   const double log_ss = std::log(k.ss), log_st = std::log(k.st);
   RowKl r{float(k.ms + log_ss), float(k.mt + log_st), 0.0, 0.f};
-  if (mode == Mode::kForward) {
-    r.div = k.cross / k.st - log_st + log_ss;
-    r.aux = float(r.div);
-  } else if (mode == Mode::kReverse) {
-    r.div = k.cross / k.ss - log_ss + log_st;
-    r.aux = float(r.div);
-  } else {
+  if (mode == Mode::kForward) r.div = k.cross / k.st - log_st + log_ss;
+  if (mode == Mode::kReverse) r.div = k.cross / k.ss - log_ss + log_st;
+  r.aux = float(r.div);
+  return r;
+}
+
+RowKl row_kl(const cpu::VocabRows& rows, const float* zs, const float* zt, int64_t v, float t, int mode,
+             const linear_kl::JsdWeights& w) {
+  RowKl r = kl_stats(rows.kl_sums(zs, zt, v, t, mode), mode);
+  if (mode == Mode::kJsd) {
     const cpu::JsdSums j = rows.jsd_sums(zs, zt, v, t, r.lse_s, r.lse_t, w);
     r.div = w.b * j.kl_t + w.one_mb * j.kl_s;
     r.aux = float(j.kl_s);
@@ -102,31 +105,39 @@ struct CpuEpilogue {
   }
 
   // The forward's statistics and the backward's dz of each row in one visit (the reduced loss:
-  // grad_kl is known before the forward). Ignored rows are skipped: kl 0, dz 0.
-  void forward_backward(at::Tensor& zs, const at::Tensor& zt, int64_t r0, double inv_t, int64_t ignore_index,
-                        const at::Tensor& targets, int64_t mode, double beta, const at::Tensor& grad_kl,
-                        at::Tensor& kl, at::Tensor& /*lse_s*/, at::Tensor& /*lse_t*/, at::Tensor& /*aux*/) const {
-    const int64_t r = zs.size(0), v = zs.size(1);
+  // grad_kl is known before the forward). Forward and reverse KL on a scratch teacher block keep
+  // their exponentials in the rows for the gradient (vocab_rows.h: kl_sums_keep); the others
+  // recompute them. Ignored rows are skipped: kl 0, dz 0.
+  void forward_backward(at::Tensor& zs, const at::Tensor& zt, bool zt_scratch, int64_t r0, double inv_t,
+                        int64_t ignore_index, const at::Tensor& targets, int64_t mode, double beta,
+                        const at::Tensor& grad_kl, at::Tensor& kl, at::Tensor& /*lse_s*/, at::Tensor& /*lse_t*/,
+                        at::Tensor& /*aux*/) const {
+    const int64_t r = zs.size(0), v = zs.size(1), nb = cpu::num_blocks(v);
     const float t = float(inv_t);
     const linear_kl::JsdWeights w = linear_kl::jsd_weights(float(beta));
-    float* zsp = zs.data_ptr<float>();
-    const float* ztp = zt.data_ptr<float>();
+    float *zsp = zs.data_ptr<float>(), *ztp = zt.data_ptr<float>();
     const int64_t* tgt = targets.data_ptr<int64_t>() + r0;
     const float* g = grad_kl.data_ptr<float>() + r0;
     float* out = kl.data_ptr<float>() + r0;
+    const bool keep = zt_scratch && mode != Mode::kJsd;
     const cpu::VocabRows& rows = cpu::vocab_rows();
     at::parallel_for(0, r, cpu::row_grain(v), [&](int64_t lo, int64_t hi) {
+      std::vector<float> refs(keep ? 2 * nb : 0);
       for (int64_t i = lo; i < hi; ++i) {
-        float* zsi = zsp + i * v;
-        const float* zti = ztp + i * v;
+        float *zsi = zsp + i * v, *zti = ztp + i * v;
         if (tgt[i] == ignore_index) {
           out[i] = 0.f;
           std::fill(zsi, zsi + v, 0.f);
-          continue;
+        } else if (keep) {
+          const cpu::KlSums k = rows.kl_sums_keep(zsi, zti, v, t, int(mode), refs.data(), refs.data() + nb);
+          const RowKl s = kl_stats(k, mode);
+          out[i] = clamp_div(s.div);
+          rows.kl_grad_kept(zsi, zti, v, refs.data(), refs.data() + nb, s.lse_s, s.lse_t, s.aux, g[i] * t, int(mode));
+        } else {
+          const RowKl s = row_kl(rows, zsi, zti, v, t, int(mode), w);
+          out[i] = clamp_div(s.div);
+          rows.kl_grad(zsi, zti, v, t, s.lse_s, s.lse_t, s.aux, g[i] * t, int(mode), w);
         }
-        const RowKl k = row_kl(rows, zsi, zti, v, t, int(mode), w);
-        out[i] = clamp_div(k.div);
-        rows.kl_grad(zsi, zti, v, t, k.lse_s, k.lse_t, k.aux, g[i] * t, int(mode), w);
       }
     });
   }

@@ -25,6 +25,10 @@
 namespace erpd {
 namespace cpu {
 
+// The row loops' sum block: float lane sums within a block, double across blocks.
+constexpr int64_t kBlock = 256;
+inline int64_t num_blocks(int64_t v) { return (v + kBlock - 1) / kBlock; }
+
 // Rows per parallel task of an epilogue: about 64k logits, so a tiny batch stays on one thread
 // instead of paying the pool's start-up and join on every call.
 inline int64_t row_grain(int64_t v) { return (int64_t(1) << 16) / (v > 1 ? v : 1) + 1; }
@@ -63,6 +67,12 @@ struct VocabRows {
   // for reverse, KL(S||M) for jsd, unused for forward.
   void (*kl_grad)(float* zs, const float* zt, int64_t v, float t, float lse_s, float lse_t, float aux, float g,
                   int mode, linear_kl::JsdWeights w);
+  // The reduced loss's rows (forward and reverse KL; zt must be scratch): kl_sums, leaving in zs
+  // and zt (instead of the logits) what kl_grad_kept needs, about per-block references ref_s,
+  // ref_t [num_blocks(v)]; then zs_k <- g * dKL/dz^S_k from them, with no exp per element.
+  KlSums (*kl_sums_keep)(float* zs, float* zt, int64_t v, float t, int mode, float* ref_s, float* ref_t);
+  void (*kl_grad_kept)(float* zs, const float* zt, int64_t v, const float* ref_s, const float* ref_t, float lse_s,
+                       float lse_t, float aux, float g, int mode);
   const char* isa;
 };
 

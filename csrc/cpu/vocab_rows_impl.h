@@ -3,16 +3,21 @@
 // nothing (a standard header pulled in here would be compiled for one level only) and has no
 // include guard.
 //
+// fmadd(a, b, c) = a * b + c, fused (one rounding) at the levels with FMA (kFma, set by
+// vocab_rows.cpp per level); the file is compiled with -ffp-contract=off, so nothing else fuses.
+//
 // exp_f(x): e^x = 2^n e^r with n = round(x log2 e) and r = x - n ln2, the ln2 split in two
 // (Cody-Waite; n * kLn2Hi is exact) so that |r| <= ln2 / 2 carries no cancellation error; e^r is
 // its degree-7 Taylor polynomial (truncation r^8 / 8! < 6e-9 relative); 2^n goes straight into
-// the exponent bits. x < -87.34 (a result below FLT_MIN) gives 0, x > 88 gives +inf (the
-// epilogues only take x <= 0: d = z - max z, log p), NaN stays NaN. Branch-free, so the loops
-// below vectorize.
+// the exponent bits. x < -87.34 (a result below FLT_MIN) gives 0 and NaN stays NaN (it runs
+// through every step); x is clamped at 88, which the epilogues never reach (they only take
+// x <= 0 up to rounding: d = z - max z, log p). Branch-free, so the loops below vectorize; the
+// element helpers are always inlined (with LTO, GCC otherwise called exp_f out of line and left
+// the loops that use it twice scalar).
 //
-// log_f(x), x >= 0: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s) with
-// s = (m - 1) / (m + 1), |s| <= 0.172, as its odd series to s^11 (truncation < 1e-10 relative),
-// plus e ln2 split as in exp_f. 0 gives -inf, +inf gives +inf, NaN stays NaN; a subnormal x
+// log_f(x), x >= 0: x = 2^e m with m in [sqrt(1/2), sqrt(2)) and f = m - 1 (exact), log(1 + f)
+// = f - f^2 / 2 + f^3 P(f) with the degree-8 minimax P of Cephes' logf (about 1 ulp), plus e ln2
+// split as in exp_f: no division. 0 gives -inf, +inf gives +inf, NaN stays NaN; a subnormal x
 // (only ever a probability below 1e-38 here, weighted by itself) comes out near -88.
 //
 // Sums: float per SIMD lane over kBlock logits, then double across blocks. Every term weighted by
@@ -24,45 +29,52 @@
 // While m is -inf (only -inf or NaN logits so far) the block is summed about 0 instead, so that
 // -inf - -inf never appears: -inf logits add 0 and a NaN logit still reaches the sums.
 
-constexpr int64_t kBlock = 256;
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f;
 constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kRound = 12582912.f;  // 1.5 * 2^23: x + kRound - kRound rounds x to an integer
+constexpr float kExpMin = -87.33654f;  // e^kExpMin = FLT_MIN
 
-static inline float exp_f(float x) {
-  const float xc = x < -87.33654f ? -87.33654f : (x > 88.f ? 88.f : x);
-  const float n = (xc * kLog2e + kRound) - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-  float e = p * scale;
-  e = x < -87.33654f ? 0.f : e;
-  e = x > 88.f ? __builtin_inff() : e;
-  return x != x ? x : e;
+[[gnu::always_inline]] static inline float fmadd(float a, float b, float c) {
+  if constexpr (kFma) return __builtin_fmaf(a, b, c);
+  return a * b + c;
 }
 
-static inline float log_f(float x) {
+[[gnu::always_inline]] static inline float exp_f(float x) {
+  const float xh = x > 88.f ? 88.f : x;
+  const float xc = xh < kExpMin ? kExpMin : xh;
+  const float n = fmadd(xc, kLog2e, kRound) - kRound;
+  const float r = fmadd(n, -kLn2Lo, fmadd(n, -kLn2Hi, xc));
+  float p = 1.f / 5040.f;
+  p = fmadd(p, r, 1.f / 720.f);
+  p = fmadd(p, r, 1.f / 120.f);
+  p = fmadd(p, r, 1.f / 24.f);
+  p = fmadd(p, r, 1.f / 6.f);
+  p = fmadd(p, r, 0.5f);
+  p = fmadd(p, r, 1.f);
+  p = fmadd(p, r, 1.f);
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  return x < kExpMin ? 0.f : p * scale;
+}
+
+[[gnu::always_inline]] static inline float log_f(float x) {
   const int32_t bits = __builtin_bit_cast(int32_t, x);
   const float m1 = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f800000);  // [1, 2)
   const bool big = m1 > 1.41421356f;
-  const float m = big ? m1 * 0.5f : m1;
+  const float f = (big ? m1 * 0.5f : m1) - 1.f;
   const float e = static_cast<float>(((bits >> 23) & 0xff) - 127 + (big ? 1 : 0));
-  const float s = (m - 1.f) / (m + 1.f), s2 = s * s;
-  float p = 1.f / 11.f;
-  p = p * s2 + 1.f / 9.f;
-  p = p * s2 + 1.f / 7.f;
-  p = p * s2 + 1.f / 5.f;
-  p = p * s2 + 1.f / 3.f;
-  p = p * s2 + 1.f;
-  float r = e * kLn2Hi + (2.f * s * p + e * kLn2Lo);
+  const float z = f * f;
+  float p = 7.0376836292e-2f;
+  p = fmadd(p, f, -1.1514610310e-1f);
+  p = fmadd(p, f, 1.1676998740e-1f);
+  p = fmadd(p, f, -1.2420140846e-1f);
+  p = fmadd(p, f, 1.4249322787e-1f);
+  p = fmadd(p, f, -1.6668057665e-1f);
+  p = fmadd(p, f, 2.0000714765e-1f);
+  p = fmadd(p, f, -2.4999993993e-1f);
+  p = fmadd(p, f, 3.3333331174e-1f);
+  const float y = fmadd(-0.5f, z, fmadd(e, kLn2Lo, p * f * z));
+  float r = fmadd(e, kLn2Hi, f + y);
   r = x == 0.f ? -__builtin_inff() : r;
   r = x == __builtin_inff() ? x : r;
   return x != x ? x : r;
@@ -121,11 +133,16 @@ static void logprob_grad(float* z, int64_t v, float t, float lse, float g, float
   }
 }
 
-template <int Mode>
-static KlSums kl_sums_mode(const float* zs, const float* zt, int64_t v, float t) {
+// Keep (the reduced loss's rows, forward and reverse KL): the loop also leaves in the rows what
+// the gradient needs, es = e^{d^S} in zs and, in zt, et = e^{d^T} (forward) or d^S - d^T
+// (reverse), each about the reference its block was summed with: ref_s[b], ref_t[b] per block
+// (-inf for a block summed while its side had no reference yet, i.e. about 0).
+template <int Mode, bool Keep>
+static KlSums kl_sums_mode(const float* zs, const float* zt, int64_t v, float t, float* keep_s, float* keep_t,
+                           float* ref_s, float* ref_t) {
   float ms = -__builtin_inff(), mt = -__builtin_inff();
   double ss = 0.0, st = 0.0, cross = 0.0;
-  for (int64_t k0 = 0; k0 < v; k0 += kBlock) {
+  for (int64_t k0 = 0, b = 0; k0 < v; k0 += kBlock, ++b) {
     const int64_t k1 = k0 + kBlock < v ? k0 + kBlock : v;
     const Rebase rs = rebase(ms, block_max(zs, k0, k1) * t), rt = rebase(mt, block_max(zt, k0, k1) * t);
     // cross is weighted by the teacher's (forward) or the student's (reverse) exponentials, and
@@ -135,6 +152,10 @@ static KlSums kl_sums_mode(const float* zs, const float* zt, int64_t v, float t)
     ss *= rs.c;
     st *= rt.c;
     const float msr = ref(ms), mtr = ref(mt);
+    if (Keep) {
+      ref_s[b] = ms;
+      ref_t[b] = mt;
+    }
     float bs = 0.f, bt = 0.f, bc = 0.f;
 #pragma omp simd reduction(+ : bs, bt, bc)
     for (int64_t k = k0; k < k1; ++k) {
@@ -144,6 +165,10 @@ static KlSums kl_sums_mode(const float* zs, const float* zt, int64_t v, float t)
       bt += et;
       if (Mode == linear_kl::kForward) bc += p_times(et, dt - ds);
       if (Mode == linear_kl::kReverse) bc += p_times(es, ds - dt);
+      if (Keep) {
+        keep_s[k] = es;
+        keep_t[k] = Mode == linear_kl::kForward ? et : ds - dt;
+      }
     }
     ss += bs;
     st += bt;
@@ -153,15 +178,52 @@ static KlSums kl_sums_mode(const float* zs, const float* zt, int64_t v, float t)
 }
 
 static KlSums kl_sums(const float* zs, const float* zt, int64_t v, float t, int mode) {
-  if (mode == linear_kl::kForward) return kl_sums_mode<linear_kl::kForward>(zs, zt, v, t);
-  if (mode == linear_kl::kReverse) return kl_sums_mode<linear_kl::kReverse>(zs, zt, v, t);
-  return kl_sums_mode<linear_kl::kJsd>(zs, zt, v, t);
+  if (mode == linear_kl::kForward)
+    return kl_sums_mode<linear_kl::kForward, false>(zs, zt, v, t, nullptr, nullptr, nullptr, nullptr);
+  if (mode == linear_kl::kReverse)
+    return kl_sums_mode<linear_kl::kReverse, false>(zs, zt, v, t, nullptr, nullptr, nullptr, nullptr);
+  return kl_sums_mode<linear_kl::kJsd, false>(zs, zt, v, t, nullptr, nullptr, nullptr, nullptr);
+}
+
+static KlSums kl_sums_keep(float* zs, float* zt, int64_t v, float t, int mode, float* ref_s, float* ref_t) {
+  if (mode == linear_kl::kForward) return kl_sums_mode<linear_kl::kForward, true>(zs, zt, v, t, zs, zt, ref_s, ref_t);
+  return kl_sums_mode<linear_kl::kReverse, true>(zs, zt, v, t, zs, zt, ref_s, ref_t);
+}
+
+// e^{ref - lse}: what turns e^{d} about a block's reference into the probability; 0 for a block
+// without one (ref -inf: its e^{d}, about 0, are 0 or NaN, and e^{0 - lse} could overflow).
+static inline float to_prob(float ref_b, float lse) {
+  return static_cast<float>(__builtin_exp(double(ref_b) - double(lse)));
+}
+
+static void kl_grad_kept(float* zs, const float* zt, int64_t v, const float* ref_s, const float* ref_t, float lse_s,
+                         float lse_t, float aux, float g, int mode) {
+  // Per block: the factors change only where a block moved a reference up (a few times a row).
+  float last_s = __builtin_nanf(""), last_t = __builtin_nanf(""), cs = 0.f, ct = 0.f, off = 0.f;
+  for (int64_t k0 = 0, b = 0; k0 < v; k0 += kBlock, ++b) {
+    const int64_t k1 = k0 + kBlock < v ? k0 + kBlock : v;
+    if (!(ref_s[b] == last_s && ref_t[b] == last_t)) {
+      last_s = ref_s[b];
+      last_t = ref_t[b];
+      cs = g * to_prob(last_s, lse_s);
+      ct = g * to_prob(last_t, lse_t);
+      // reverse: a - b - kl = (d^S - d^T) + (ref_s - lse_s) - (ref_t - lse_t) - kl
+      off = (ref(last_s) - lse_s) - (ref(last_t) - lse_t) - aux;
+    }
+    if (mode == linear_kl::kForward) {
+#pragma omp simd
+      for (int64_t k = k0; k < k1; ++k) zs[k] = fmadd(cs, zs[k], -ct * zt[k]);
+    } else {
+#pragma omp simd
+      for (int64_t k = k0; k < k1; ++k) zs[k] = cs * p_times(zs[k], zt[k] + off);
+    }
+  }
 }
 
 // log m_k of the jsd's mixture from the two probabilities (log_mixture of csrc/linear_kl_math.h
 // is the same quantity from the log-probs, at the price of a second exp and a log1p). Where both
 // probabilities underflow, log m = -inf, but every use weights it by one of them (p_times).
-static inline float log_mix(float ps, float pt, const linear_kl::JsdWeights& w) {
+[[gnu::always_inline]] static inline float log_mix(float ps, float pt, const linear_kl::JsdWeights& w) {
   return log_f(w.one_mb * ps + w.b * pt);
 }
 
@@ -206,4 +268,5 @@ static void kl_grad(float* zs, const float* zt, int64_t v, float t, float lse_s,
   }
 }
 
-static const VocabRows kRows = {exp_sums, logprob_grad, kl_sums, jsd_sums, kl_grad, kIsaName};
+static const VocabRows kRows = {exp_sums, logprob_grad, kl_sums, jsd_sums, kl_grad, kl_sums_keep, kl_grad_kept,
+                                kIsaName};

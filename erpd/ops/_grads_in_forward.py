@@ -7,6 +7,12 @@ from __future__ import annotations
 import torch
 
 
+def _is_one(grad: torch.Tensor) -> bool:
+    """grad == 1, where reading it costs nothing: on CPU, outside torch.compile's tracing (on CUDA
+    the read would be a host sync)."""
+    return grad.device.type == "cpu" and not torch.compiler.is_compiling() and grad.item() == 1.0
+
+
 class GradsInForward(torch.autograd.Function):
     """``apply(hidden, weight, bias, run) -> (loss, *extras)``.
 
@@ -39,10 +45,8 @@ class GradsInForward(torch.autograd.Function):
             )
         gh, gw, gb = ctx.grads
         ctx.grads = None
-        if gh is not None:
-            gh = gh.mul_(grad_loss).view(ctx.hidden_shape)
-        if gw is not None:
-            gw = gw.mul_(grad_loss)
-        if gb is not None:
-            gb = (gb * grad_loss).to(ctx.bias_dtype)
-        return gh, gw, gb, None
+        if not _is_one(grad_loss):  # loss.backward() seeds 1: then no pass over dW (V·H), ~1% of the op
+            gh = None if gh is None else gh.mul_(grad_loss)
+            gw = None if gw is None else gw.mul_(grad_loss)
+            gb = None if gb is None else gb * grad_loss
+        return (None if gh is None else gh.view(ctx.hidden_shape)), gw, (None if gb is None else gb.to(ctx.bias_dtype)), None

@@ -10,6 +10,7 @@ Tolerance rule (DESIGN.md §5): error vs float64 at most 2x the error of plain P
 from collections import Counter
 
 import pytest
+import test_numerics
 import torch
 from test_linear_policy_loss import _gemm_counts
 
@@ -135,6 +136,19 @@ def test_equals_the_per_token_op_reduced(kl_backend, reduction, form):
         torch.testing.assert_close(getattr(a, k).grad, getattr(b, k).grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 2 * 4 * 1001])
+@pytest.mark.parametrize("form", ["fused", "dense"])
+def test_chunk_boundaries_of_the_cpp_driver(monkeypatch, chunk_bytes, form):
+    """One row per chunk, and 3-row chunks with a ragged last one (two fp32 blocks per row)."""
+    if not erpd._ext.has_cpu():
+        pytest.skip("erpd._C not built")
+    monkeypatch.setenv("ERPD_CHUNK_BYTES", str(chunk_bytes))
+    x = make_linear_inputs(37, 96, 1001, bias=True, ignore_frac=0.2, seed=36)
+    for direction in DIRECTIONS:
+        check_loss(x.clone(), make_kl_teacher(x, form, h=32, seed=37), "cpu", "mean", direction=direction, beta=0.4,
+                   temperature=0.7)
+
+
 def test_topk_teacher_and_torch_backend_reduce_the_per_token_op(cpu_backend):
     x = make_linear_inputs(23, 32, 300, ignore_frac=0.2, seed=11)
     check_loss(x, make_kl_teacher(x, "topk", k=8, seed=12), cpu_backend, "mean", num_items=40)
@@ -224,6 +238,47 @@ def test_errors(kl_backend):
         loss.backward(retain_graph=True)
         with pytest.raises(RuntimeError, match="retain_graph=True is not supported"):
             loss.backward()
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_masked_vocabulary_and_far_negative_logits(kl_backend, direction):
+    """-inf logits (whole leading blocks, then scattered ids) in the student's bias and the fused
+    teacher's, every other logit shifted by -100 (so both log-sum-exps are far below the exp
+    range): loss and gradients equal the float64 loss on the vocabulary without the masked ids,
+    unshifted (the divergence does not depend on the shift); the masked rows of the head get 0."""
+    x = test_numerics._masked_inputs(23)
+    x.bias = (x.bias.detach() - 100.0).requires_grad_()
+    fused = make_kl_teacher(x, "fused", bias=True, seed=24)
+    fused["teacher_bias"] = fused["teacher_bias"] - 100.0
+    fused["teacher_bias"][test_numerics.MASKED] = float("-inf")
+    kw = dict(direction=direction, beta=0.3, temperature=0.9)
+    c = x.clone()
+    loss = erpd.linear_kl(c.hidden, c.weight, c.targets, bias=c.bias, backend=kl_backend, reduction="sum", **fused, **kw)
+    loss.backward()
+    kept, keep = test_numerics._on_kept(x), test_numerics.KEPT
+    kept.bias = (kept.bias.detach() + 100.0).requires_grad_()
+    ref = erpd.reference.linear_kl(kept.hidden, kept.weight, kept.targets, bias=kept.bias,
+                                   teacher_hidden=fused["teacher_hidden"].double(),
+                                   teacher_weight=fused["teacher_weight"][keep].double(),
+                                   teacher_bias=fused["teacher_bias"][keep].double() + 100.0, **kw).sum()
+    ref.backward()
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss.double(), ref, **tol)
+    torch.testing.assert_close(c.hidden.grad.double(), kept.hidden.grad, **tol)
+    torch.testing.assert_close(c.weight.grad[keep].double(), kept.weight.grad, **tol)
+    assert (c.weight.grad[test_numerics.MASKED] == 0).all() and (c.bias.grad[test_numerics.MASKED] == 0).all()
+
+
+def test_nan_row_poisons_the_loss_and_its_own_hidden_grad_only(kl_backend):
+    x = make_linear_inputs(19, 32, 301, seed=25)
+    teacher = make_kl_teacher(x, "fused", seed=26)
+    h = x.hidden.detach().clone()
+    h[4, 7] = float("nan")
+    h.requires_grad_()
+    loss = erpd.linear_kl(h, x.weight, x.targets, backend=kl_backend, reduction="mean", direction="reverse", **teacher)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(h.grad[4]).all()
+    assert torch.isfinite(h.grad[torch.arange(19) != 4]).all()
 
 
 # --------------------------------------------------------------------------------------------
