@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
              aux = at::empty({n}, f32);
   const chunked::Operands ops(weight, bias);
   const int64_t rows = chunked::rows_per_chunk(n, v, 2, hidden.is_cuda());
-  at::Tensor zs_buf = at::empty({rows, v}, f32), zt_buf = at::empty({rows, v}, f32);
+  at::Tensor zs_buf = chunked::logits_buffer(rows, v, hidden), zt_buf = chunked::logits_buffer(rows, v, hidden);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
     at::Tensor zs = zs_buf.narrow(0, 0, r), zt_b = zt_buf.narrow(0, 0, r);
@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const chunked::Operands ops(weight, bias);
   const int64_t rows = chunked::rows_per_chunk(n, v, 2, hidden.is_cuda());
   chunked::Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight, rows);
-  at::Tensor zs_buf = at::empty({rows, v}, f32), zt_buf = at::empty({rows, v}, f32);
+  at::Tensor zs_buf = chunked::logits_buffer(rows, v, hidden), zt_buf = chunked::logits_buffer(rows, v, hidden);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
     at::Tensor zs = zs_buf.narrow(0, 0, r), zt_b = zt_buf.narrow(0, 0, r);
@@ -131,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grads(
   const chunked::Operands ops(weight, bias);
   const int64_t rows = chunked::rows_per_chunk(n, v, 2, hidden.is_cuda());
   chunked::Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight, rows);
-  at::Tensor zs_buf = at::empty({rows, v}, f32), zt_buf = at::empty({rows, v}, f32);
+  at::Tensor zs_buf = chunked::logits_buffer(rows, v, hidden), zt_buf = chunked::logits_buffer(rows, v, hidden);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
     at::Tensor zs = zs_buf.narrow(0, 0, r), zt_b = zt_buf.narrow(0, 0, r);

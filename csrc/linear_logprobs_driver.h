@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor logp = at::empty({n}, f32), ent = at::empty({n}, f32), lse = at::empty({n}, f32);
   const Operands ops(weight, bias);
   const int64_t rows = rows_per_chunk(n, v, 1, hidden.is_cuda());
-  at::Tensor zbuf = at::empty({rows, v}, f32);
+  at::Tensor zbuf = chunked::logits_buffer(rows, v, hidden);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
     at::Tensor z = zbuf.narrow(0, 0, r);
@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const Operands ops(weight, bias);
   const int64_t rows = rows_per_chunk(n, v, 1, hidden.is_cuda());
   Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight, rows);
-  at::Tensor zbuf = at::empty({rows, v}, hidden.options().dtype(at::kFloat));
+  at::Tensor zbuf = chunked::logits_buffer(rows, v, hidden);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
     at::Tensor z = zbuf.narrow(0, 0, r);
@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_w
   const Operands ops(weight, bias);
   const int64_t rows = rows_per_chunk(n, v, 1, hidden.is_cuda());
   Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight, rows);
-  at::Tensor zbuf = at::empty({rows, v}, f32);
+  at::Tensor zbuf = chunked::logits_buffer(rows, v, hidden);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
     at::Tensor z = zbuf.narrow(0, 0, r);
