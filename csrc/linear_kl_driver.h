@@ -60,12 +60,11 @@ class Teacher {
 //                 int64_t ignore_index, const at::Tensor& targets, int64_t mode, double beta,
 //                 const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& aux,
 //                 const at::Tensor& grad_kl)          -- overwrites zs with t * dz
-//   void forward_backward(at::Tensor& zs, const at::Tensor& zt, bool zt_scratch, int64_t r0,
-//                         double inv_t, int64_t ignore_index, const at::Tensor& targets, int64_t mode,
-//                         double beta, const at::Tensor& grad_kl, at::Tensor& kl, at::Tensor& lse_s,
-//                         at::Tensor& lse_t, at::Tensor& aux)  -- both, on one chunk; zt_scratch:
-//                         zt is the driver's buffer, which the epilogue may overwrite (not the
-//                         caller's fp32 teacher_logits); the statistics may stay unwritten
+//   void forward_backward(at::Tensor& zs, const at::Tensor& zt, int64_t r0, double inv_t,
+//                         int64_t ignore_index, const at::Tensor& targets, int64_t mode, double beta,
+//                         const at::Tensor& grad_kl, at::Tensor& kl, at::Tensor& lse_s,
+//                         at::Tensor& lse_t, at::Tensor& aux)  -- both, on one chunk (the
+//                         statistics may stay unwritten where the backend needs none)
 template <class Epilogue>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -138,9 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grads(
     const at::Tensor h = ops.rows(hidden, r0, r);
     chunked::chunk_logits(zs, h, ops);
     const at::Tensor zt = teacher.chunk(zt_b, r0, r);
-    const bool zt_scratch = zt.data_ptr() == zt_b.data_ptr();
-    ep.forward_backward(zs, zt, zt_scratch, r0, inv_t, ignore_index, targets, mode, beta, grad_kl, kl, lse_s, lse_t,
-                        aux);
+    ep.forward_backward(zs, zt, r0, inv_t, ignore_index, targets, mode, beta, grad_kl, kl, lse_s, lse_t, aux);
     grads.add_chunk(zs, h, ops, r0);
   }
   auto [gh, gw, gb] = grads.finish(hidden, weight);

@@ -105,34 +105,35 @@ struct CpuEpilogue {
   }
 
   // The forward's statistics and the backward's dz of each row in one visit (the reduced loss:
-  // grad_kl is known before the forward). Forward and reverse KL on a scratch teacher block keep
-  // their exponentials in the rows for the gradient (vocab_rows.h: kl_sums_keep); the others
-  // recompute them. Ignored rows are skipped: kl 0, dz 0.
-  void forward_backward(at::Tensor& zs, const at::Tensor& zt, bool zt_scratch, int64_t r0, double inv_t,
-                        int64_t ignore_index, const at::Tensor& targets, int64_t mode, double beta,
-                        const at::Tensor& grad_kl, at::Tensor& kl, at::Tensor& /*lse_s*/, at::Tensor& /*lse_t*/,
-                        at::Tensor& /*aux*/) const {
+  // grad_kl is known before the forward). Forward and reverse KL keep their exponentials for the
+  // gradient (vocab_rows.h: kl_sums_keep, in a per-thread row that stays in cache); jsd recomputes
+  // them. Ignored rows are skipped: kl 0, dz 0.
+  void forward_backward(at::Tensor& zs, const at::Tensor& zt, int64_t r0, double inv_t, int64_t ignore_index,
+                        const at::Tensor& targets, int64_t mode, double beta, const at::Tensor& grad_kl,
+                        at::Tensor& kl, at::Tensor& /*lse_s*/, at::Tensor& /*lse_t*/, at::Tensor& /*aux*/) const {
     const int64_t r = zs.size(0), v = zs.size(1), nb = cpu::num_blocks(v);
     const float t = float(inv_t);
     const linear_kl::JsdWeights w = linear_kl::jsd_weights(float(beta));
-    float *zsp = zs.data_ptr<float>(), *ztp = zt.data_ptr<float>();
+    float* zsp = zs.data_ptr<float>();
+    const float* ztp = zt.data_ptr<float>();
     const int64_t* tgt = targets.data_ptr<int64_t>() + r0;
     const float* g = grad_kl.data_ptr<float>() + r0;
     float* out = kl.data_ptr<float>() + r0;
-    const bool keep = zt_scratch && mode != Mode::kJsd;
+    const bool keep = mode != Mode::kJsd;
     const cpu::VocabRows& rows = cpu::vocab_rows();
     at::parallel_for(0, r, cpu::row_grain(v), [&](int64_t lo, int64_t hi) {
-      std::vector<float> refs(keep ? 2 * nb : 0);
+      std::vector<float> kept(keep ? v + 2 * nb : 0);  // the kept row, then the two references per block
+      float *ref_s = keep ? kept.data() + v : nullptr, *ref_t = keep ? ref_s + nb : nullptr;
       for (int64_t i = lo; i < hi; ++i) {
-        float *zsi = zsp + i * v, *zti = ztp + i * v;
+        float* zsi = zsp + i * v;
+        const float* zti = ztp + i * v;
         if (tgt[i] == ignore_index) {
           out[i] = 0.f;
           std::fill(zsi, zsi + v, 0.f);
         } else if (keep) {
-          const cpu::KlSums k = rows.kl_sums_keep(zsi, zti, v, t, int(mode), refs.data(), refs.data() + nb);
-          const RowKl s = kl_stats(k, mode);
+          const RowKl s = kl_stats(rows.kl_sums_keep(zsi, zti, kept.data(), v, t, int(mode), ref_s, ref_t), mode);
           out[i] = clamp_div(s.div);
-          rows.kl_grad_kept(zsi, zti, v, refs.data(), refs.data() + nb, s.lse_s, s.lse_t, s.aux, g[i] * t, int(mode));
+          rows.kl_grad_kept(zsi, kept.data(), v, ref_s, ref_t, s.lse_s, s.lse_t, s.aux, g[i] * t, int(mode));
         } else {
           const RowKl s = row_kl(rows, zsi, zti, v, t, int(mode), w);
           out[i] = clamp_div(s.div);

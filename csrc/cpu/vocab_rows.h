@@ -67,11 +67,13 @@ struct VocabRows {
   // for reverse, KL(S||M) for jsd, unused for forward.
   void (*kl_grad)(float* zs, const float* zt, int64_t v, float t, float lse_s, float lse_t, float aux, float g,
                   int mode, linear_kl::JsdWeights w);
-  // The reduced loss's rows (forward and reverse KL; zt must be scratch): kl_sums, leaving in zs
-  // and zt (instead of the logits) what kl_grad_kept needs, about per-block references ref_s,
-  // ref_t [num_blocks(v)]; then zs_k <- g * dKL/dz^S_k from them, with no exp per element.
-  KlSums (*kl_sums_keep)(float* zs, float* zt, int64_t v, float t, int mode, float* ref_s, float* ref_t);
-  void (*kl_grad_kept)(float* zs, const float* zt, int64_t v, const float* ref_s, const float* ref_t, float lse_s,
+  // The reduced loss's rows (forward and reverse KL): kl_sums, leaving what kl_grad_kept needs in
+  // zs (instead of the student's logits) and in kept [v] (a row of the caller's scratch, which
+  // stays in cache; the teacher's row is only read), about per-block references ref_s, ref_t
+  // [num_blocks(v)]; then zs_k <- g * dKL/dz^S_k from them, with no exp per element.
+  KlSums (*kl_sums_keep)(float* zs, const float* zt, float* kept, int64_t v, float t, int mode, float* ref_s,
+                         float* ref_t);
+  void (*kl_grad_kept)(float* zs, const float* kept, int64_t v, const float* ref_s, const float* ref_t, float lse_s,
                        float lse_t, float aux, float g, int mode);
   const char* isa;
 };

@@ -133,10 +133,10 @@ static void logprob_grad(float* z, int64_t v, float t, float lse, float g, float
   }
 }
 
-// Keep (the reduced loss's rows, forward and reverse KL): the loop also leaves in the rows what
-// the gradient needs, es = e^{d^S} in zs and, in zt, et = e^{d^T} (forward) or d^S - d^T
-// (reverse), each about the reference its block was summed with: ref_s[b], ref_t[b] per block
-// (-inf for a block summed while its side had no reference yet, i.e. about 0).
+// Keep (the reduced loss's rows, forward and reverse KL): the loop also leaves what the gradient
+// needs, es = e^{d^S} in keep_s and et = e^{d^T} (forward) or d^S - d^T (reverse) in keep_t,
+// each about the reference its block was summed with: ref_s[b], ref_t[b] per block (-inf for a
+// block summed while its side had no reference yet, i.e. about 0).
 template <int Mode, bool Keep>
 static KlSums kl_sums_mode(const float* zs, const float* zt, int64_t v, float t, float* keep_s, float* keep_t,
                            float* ref_s, float* ref_t) {
@@ -185,9 +185,11 @@ static KlSums kl_sums(const float* zs, const float* zt, int64_t v, float t, int 
   return kl_sums_mode<linear_kl::kJsd, false>(zs, zt, v, t, nullptr, nullptr, nullptr, nullptr);
 }
 
-static KlSums kl_sums_keep(float* zs, float* zt, int64_t v, float t, int mode, float* ref_s, float* ref_t) {
-  if (mode == linear_kl::kForward) return kl_sums_mode<linear_kl::kForward, true>(zs, zt, v, t, zs, zt, ref_s, ref_t);
-  return kl_sums_mode<linear_kl::kReverse, true>(zs, zt, v, t, zs, zt, ref_s, ref_t);
+static KlSums kl_sums_keep(float* zs, const float* zt, float* kept, int64_t v, float t, int mode, float* ref_s,
+                           float* ref_t) {
+  if (mode == linear_kl::kForward)
+    return kl_sums_mode<linear_kl::kForward, true>(zs, zt, v, t, zs, kept, ref_s, ref_t);
+  return kl_sums_mode<linear_kl::kReverse, true>(zs, zt, v, t, zs, kept, ref_s, ref_t);
 }
 
 // e^{ref - lse}: what turns e^{d} about a block's reference into the probability; 0 for a block
@@ -196,7 +198,7 @@ static inline float to_prob(float ref_b, float lse) {
   return static_cast<float>(__builtin_exp(double(ref_b) - double(lse)));
 }
 
-static void kl_grad_kept(float* zs, const float* zt, int64_t v, const float* ref_s, const float* ref_t, float lse_s,
+static void kl_grad_kept(float* zs, const float* kept, int64_t v, const float* ref_s, const float* ref_t, float lse_s,
                          float lse_t, float aux, float g, int mode) {
   // Per block: the factors change only where a block moved a reference up (a few times a row).
   float last_s = __builtin_nanf(""), last_t = __builtin_nanf(""), cs = 0.f, ct = 0.f, off = 0.f;
@@ -212,10 +214,10 @@ static void kl_grad_kept(float* zs, const float* zt, int64_t v, const float* ref
     }
     if (mode == linear_kl::kForward) {
 #pragma omp simd
-      for (int64_t k = k0; k < k1; ++k) zs[k] = fmadd(cs, zs[k], -ct * zt[k]);
+      for (int64_t k = k0; k < k1; ++k) zs[k] = fmadd(cs, zs[k], -ct * kept[k]);
     } else {
 #pragma omp simd
-      for (int64_t k = k0; k < k1; ++k) zs[k] = cs * p_times(zs[k], zt[k] + off);
+      for (int64_t k = k0; k < k1; ++k) zs[k] = cs * p_times(zs[k], kept[k] + off);
     }
   }
 }

@@ -36,10 +36,9 @@ struct CudaEpilogue {
   }
 
   // Two kernels on the same chunk: the forward writes the row statistics the backward reads.
-  void forward_backward(at::Tensor& zs, const at::Tensor& zt, bool /*zt_scratch*/, int64_t r0, double inv_t,
-                        int64_t ignore_index, const at::Tensor& targets, int64_t mode, double beta,
-                        const at::Tensor& grad_kl, at::Tensor& kl, at::Tensor& lse_s, at::Tensor& lse_t,
-                        at::Tensor& aux) const {
+  void forward_backward(at::Tensor& zs, const at::Tensor& zt, int64_t r0, double inv_t, int64_t ignore_index,
+                        const at::Tensor& targets, int64_t mode, double beta, const at::Tensor& grad_kl,
+                        at::Tensor& kl, at::Tensor& lse_s, at::Tensor& lse_t, at::Tensor& aux) const {
     forward(zs, zt, r0, inv_t, ignore_index, targets, mode, beta, kl, lse_s, lse_t, aux);
     backward(zs, zt, r0, inv_t, ignore_index, targets, mode, beta, lse_s, lse_t, aux, grad_kl);
   }
