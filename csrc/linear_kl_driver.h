@@ -12,8 +12,10 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "chunked.h"
+#include "linear_kl_math.h"
 
 namespace erpd {
 namespace linear_kl {
@@ -33,18 +35,25 @@ class Teacher {
     }
   }
 
-  // fp32 teacher logits (before the temperature) of rows [r0, r0 + r); fills `buf` [r, V] unless
-  // the dense logits are already fp32, whose slice is returned as is.
-  at::Tensor chunk(at::Tensor& buf, int64_t r0, int64_t r) const {
+  // The GEMM operand of rows [r0, r0 + r) (fused; undefined for dense logits).
+  at::Tensor rows(int64_t r0, int64_t r) const { return ops_ ? ops_->rows(hidden_, r0, r) : at::Tensor(); }
+
+  // fp32 teacher logits (before the temperature) of rows [r0, r0 + r) at vocabulary columns
+  // [c0, c0 + c), h = rows(r0, r); fills `buf` [r, c] unless the dense logits are already fp32,
+  // whose slice is returned as is (rows with stride V when c < V).
+  at::Tensor block(at::Tensor& buf, const at::Tensor& h, int64_t r0, int64_t c0) const {
     if (logits_.defined()) {
-      const at::Tensor src = logits_.narrow(0, r0, r);
+      const int64_t c = buf.size(1);
+      at::Tensor src = logits_.narrow(0, r0, buf.size(0));
+      if (c != src.size(1)) src = src.narrow(1, c0, c);
       if (src.scalar_type() == at::kFloat) return src;
       buf.copy_(src);
       return buf;
     }
-    chunked::chunk_logits(buf, ops_->rows(hidden_, r0, r), *ops_);
+    chunked::chunk_logits(buf, h, *ops_, c0);
     return buf;
   }
+  at::Tensor chunk(at::Tensor& buf, int64_t r0, int64_t r) const { return block(buf, rows(r0, r), r0, 0); }
 
  private:
   at::Tensor logits_, hidden_;
@@ -107,6 +116,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor zt = teacher.chunk(zt_b, r0, r);
     ep.backward(zs, zt, r0, inv_t, ignore_index, targets, mode, beta, lse_s, lse_t, aux, grad_kl);
     grads.add_chunk(zs, h, ops, r0);
+  }
+  return grads.finish(hidden, weight);
+}
+
+// The CPU schedule (chunked::cpu_blocks, as in linear_logprobs::forward_blocked): both logits
+// blocks of every [rows, cols] block of the vocabulary are reduced (forward: merged into each
+// row's Epilogue::State, finished after the row's last block) or turned into dz and its gradient
+// GEMMs (backward) while they are in cache. jsd's forward needs both log-sum-exps before its
+// second sum, so it takes whole rows, in the row chunks of rows_per_chunk. The teacher block
+// may be the caller's fp32 logits, rows with stride V. Epilogue interface
+// (csrc/cpu/linear_kl.cpp): State,
+//   forward_block(zs, zt, r0, c0, inv_t, ignore_index, targets, mode, beta, State* st)
+//   forward_finish(const State* st, r0, r, ignore_index, targets, mode, beta, kl, lse_s, lse_t, aux)
+//   backward(zs, zt, r0, inv_t, ignore_index, targets, mode, beta, lse_s, lse_t, aux, grad_kl)
+template <class Epilogue>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_blocked(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const Teacher& teacher, const at::Tensor& targets, double inv_t, int64_t ignore_index, int64_t mode,
+    double beta, const Epilogue& ep) {
+  const int64_t n = hidden.size(0), v = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor kl = at::empty({n}, f32), lse_s = at::empty({n}, f32), lse_t = at::empty({n}, f32),
+             aux = at::empty({n}, f32);
+  const chunked::Operands ops(weight, bias);
+  const chunked::Blocks b = mode == Mode::kJsd ? chunked::Blocks{chunked::rows_per_chunk(n, v, 2, false), v}
+                                               : chunked::cpu_blocks(n, v, 2);
+  const at::Tensor zs_buf = chunked::logits_buffer(b.rows, b.cols, hidden),
+                   zt_buf = chunked::logits_buffer(b.rows, b.cols, hidden);
+  std::vector<typename Epilogue::State> st(b.rows);
+  for (int64_t r0 = 0; r0 < n; r0 += b.rows) {
+    const int64_t r = std::min(b.rows, n - r0);
+    const at::Tensor h = ops.rows(hidden, r0, r), ht = teacher.rows(r0, r);
+    std::fill(st.begin(), st.end(), typename Epilogue::State{});
+    for (int64_t c0 = 0; c0 < v; c0 += b.cols) {
+      const int64_t c = std::min(b.cols, v - c0);
+      at::Tensor zs = chunked::block_view(zs_buf, r, c), zt_b = chunked::block_view(zt_buf, r, c);
+      chunked::chunk_logits(zs, h, ops, c0);
+      const at::Tensor zt = teacher.block(zt_b, ht, r0, c0);
+      ep.forward_block(zs, zt, r0, c0, inv_t, ignore_index, targets, mode, beta, st.data());
+    }
+    ep.forward_finish(st.data(), r0, r, ignore_index, targets, mode, beta, kl, lse_s, lse_t, aux);
+  }
+  return {kl, lse_s, lse_t, aux};
+}
+
+template <class Epilogue>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_blocked(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const Teacher& teacher, const at::Tensor& targets, const at::Tensor& lse_s, const at::Tensor& lse_t,
+    const at::Tensor& aux, const at::Tensor& grad_kl, double inv_t, int64_t ignore_index, int64_t mode,
+    double beta, bool need_grad_hidden, bool need_grad_weight, const Epilogue& ep) {
+  const int64_t n = hidden.size(0), v = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const chunked::Operands ops(weight, bias);
+  const chunked::Blocks b = chunked::cpu_blocks(n, v, 2);
+  chunked::Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight, b.rows);
+  const at::Tensor zs_buf = at::empty({b.rows, b.cols}, f32), zt_buf = at::empty({b.rows, b.cols}, f32);
+  for (int64_t r0 = 0; r0 < n; r0 += b.rows) {
+    const int64_t r = std::min(b.rows, n - r0);
+    const at::Tensor h = ops.rows(hidden, r0, r), ht = teacher.rows(r0, r);
+    for (int64_t c0 = 0; c0 < v; c0 += b.cols) {
+      const int64_t c = std::min(b.cols, v - c0);
+      at::Tensor zs = chunked::block_view(zs_buf, r, c), zt_b = chunked::block_view(zt_buf, r, c);
+      chunked::chunk_logits(zs, h, ops, c0);
+      const at::Tensor zt = teacher.block(zt_b, ht, r0, c0);
+      ep.backward(zs, zt, r0, inv_t, ignore_index, targets, mode, beta, lse_s, lse_t, aux, grad_kl);
+      grads.add_chunk(zs, h, ops, r0, c0);
+    }
   }
   return grads.finish(hidden, weight);
 }

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "chunked.h"
 
@@ -79,14 +80,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   return grads.finish(hidden, weight);
 }
 
+// The CPU schedule (chunked::cpu_blocks): every [rows, cols] block of logits is reduced (forward:
+// merged into each row's Epilogue::State, finished once the row's last block is done) or turned
+// into dz and its gradient GEMMs (backward) while it is in cache. The same GEMMs as above, split
+// along the vocabulary. Epilogue interface (csrc/cpu/linear_logprobs_cpu.h): State,
+//   forward_block(z, r0, c0, inv_t, ignore_index, targets, State* st)
+//   forward_finish(const State* st, r0, r, ignore_index, targets, logp, ent, lse)
+//   backward(z, r0, c0, inv_t, ignore_index, targets, lse, ent, g_lp, g_ent)
+template <class Epilogue>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_blocked(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double inv_t, int64_t ignore_index, const Epilogue& ep) {
+  const int64_t n = hidden.size(0), v = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({n}, f32), ent = at::empty({n}, f32), lse = at::empty({n}, f32);
+  const Operands ops(weight, bias);
+  const chunked::Blocks b = chunked::cpu_blocks(n, v, 1);
+  const at::Tensor buf = at::empty({b.rows, b.cols}, f32);
+  std::vector<typename Epilogue::State> st(b.rows);
+  for (int64_t r0 = 0; r0 < n; r0 += b.rows) {
+    const int64_t r = std::min(b.rows, n - r0);
+    const at::Tensor h = ops.rows(hidden, r0, r);
+    std::fill(st.begin(), st.end(), typename Epilogue::State{});
+    for (int64_t c0 = 0; c0 < v; c0 += b.cols) {
+      at::Tensor z = chunked::block_view(buf, r, std::min(b.cols, v - c0));
+      chunk_logits(z, h, ops, c0);
+      ep.forward_block(z, r0, c0, inv_t, ignore_index, targets, st.data());
+    }
+    ep.forward_finish(st.data(), r0, r, ignore_index, targets, logp, ent, lse);
+  }
+  return {logp, ent, lse};
+}
+
+template <class Epilogue>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_blocked(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& ent,
+    const at::Tensor& g_lp, const c10::optional<at::Tensor>& g_ent, double inv_t,
+    int64_t ignore_index, bool need_grad_hidden, bool need_grad_weight, const Epilogue& ep) {
+  const int64_t n = hidden.size(0), v = weight.size(0);
+  const Operands ops(weight, bias);
+  const chunked::Blocks b = chunked::cpu_blocks(n, v, 1);
+  Grads grads(hidden, weight, bias.has_value(), need_grad_hidden, need_grad_weight, b.rows);
+  const at::Tensor buf = at::empty({b.rows, b.cols}, hidden.options().dtype(at::kFloat));
+  for (int64_t r0 = 0; r0 < n; r0 += b.rows) {
+    const int64_t r = std::min(b.rows, n - r0);
+    const at::Tensor h = ops.rows(hidden, r0, r);
+    for (int64_t c0 = 0; c0 < v; c0 += b.cols) {
+      at::Tensor z = chunked::block_view(buf, r, std::min(b.cols, v - c0));
+      chunk_logits(z, h, ops, c0);
+      ep.backward(z, r0, c0, inv_t, ignore_index, targets, lse, ent, g_lp, g_ent);
+      grads.add_chunk(z, h, ops, r0, c0);
+    }
+  }
+  return grads.finish(hidden, weight);
+}
+
 // Forward that also produces the gradients, for a loss whose gradient w.r.t. each row's log-prob
 // (and entropy) is known as soon as that row's log-prob is: the token-level policy losses
 // (erpd.linear_policy_loss). Per chunk: the logits GEMM, the forward epilogue, then
 // `grad_step(r0, r, logp, ent)` fills rows [r0, r0 + r) of g_lp (and g_ent), the backward
 // epilogue turns the same logits into dz in place, and the dh, dW GEMMs follow. So each chunk's
 // logits are computed once: 6·N·H·V FLOPs in all, and the autograd backward only scales the
-// returned gradients. g_ent == nullopt: no entropy gradient. Returns
-// (logp, ent, grad_hidden, grad_weight, grad_bias).
+// returned gradients. g_ent == nullopt: no entropy gradient. On CPU the three middle steps run
+// on groups of rows (chunked::cache_rows) that stay in cache from the forward epilogue's read to
+// the backward's, which the whole chunk does not; the gradient steps still visit the rows in
+// order. Returns (logp, ent, grad_hidden, grad_weight, grad_bias).
 template <class Epilogue, class GradStep>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grads(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -105,9 +164,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_w
     at::Tensor z = zbuf.narrow(0, 0, r);
     const at::Tensor h = ops.rows(hidden, r0, r);
     chunk_logits(z, h, ops);
-    ep.forward(z, r0, inv_t, ignore_index, targets, logp, ent, lse);
-    grad_step(r0, r, logp, ent);
-    ep.backward(z, r0, inv_t, ignore_index, targets, lse, ent, g_lp, g_ent);
+    const int64_t group = hidden.is_cuda() ? r : chunked::cache_rows(v);
+    for (int64_t g0 = 0; g0 < r; g0 += group) {
+      at::Tensor zg = z.narrow(0, g0, std::min(group, r - g0));
+      ep.forward(zg, r0 + g0, inv_t, ignore_index, targets, logp, ent, lse);
+      grad_step(r0 + g0, zg.size(0), logp, ent);
+      ep.backward(zg, r0 + g0, inv_t, ignore_index, targets, lse, ent, g_lp, g_ent);
+    }
     grads.add_chunk(z, h, ops, r0);
   }
   auto [gh, gw, gb] = grads.finish(hidden, weight);

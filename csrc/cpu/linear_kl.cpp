@@ -1,9 +1,10 @@
-// linear_kl on CPU: the chunked driver (csrc/linear_kl_driver.h, MKL GEMMs) with epilogues
-// parallel over rows (ATen's OpenMP pool), each row the vectorized loops of csrc/cpu/vocab_rows.h.
-// Math: csrc/linear_kl_math.h.
+// linear_kl on CPU: the driver's vocabulary-blocked schedule (csrc/linear_kl_driver.h, MKL GEMMs;
+// the reduced loss takes whole rows) with epilogues parallel over rows (ATen's OpenMP pool), each
+// row the vectorized loops of csrc/cpu/vocab_rows.h. Math: csrc/linear_kl_math.h.
 //
 // Forward, per row, with m = max z and d = z - m for each distribution:
-//   one read of both rows: m^S, m^T (online), s^S = sum e^{d^S}, s^T = sum e^{d^T} and, for the KLs,
+//   one read of both rows' blocks: m^S, m^T (online, merged across blocks), s^S = sum e^{d^S},
+//   s^T = sum e^{d^T} and, for the KLs,
 //   forward: KL = sum e^{d^T} (d^T - d^S) / s^T - log s^T + log s^S
 //   reverse: KL = sum e^{d^S} (d^S - d^T) / s^S - log s^S + log s^T
 //   (the maxima cancel, so no term of size |lse| is subtracted);
@@ -59,32 +60,64 @@ RowKl row_kl(const cpu::VocabRows& rows, const float* zs, const float* zt, int64
 float clamp_div(double div) { return std::max(float(div), 0.f); }
 
 struct CpuEpilogue {
-  void forward(const at::Tensor& zs, const at::Tensor& zt, int64_t r0, double inv_t, int64_t ignore_index,
-               const at::Tensor& targets, int64_t mode, double beta, at::Tensor& kl, at::Tensor& lse_s,
-               at::Tensor& lse_t, at::Tensor& aux) const {
-    const int64_t r = zs.size(0), v = zs.size(1);
+  // A row's statistics so far, over the vocabulary blocks seen (csrc/linear_kl_driver.h,
+  // forward_blocked); jsd's two sums, which whole rows give at once.
+  struct State {
+    cpu::KlSums k;
+    double kl_t = 0.0, kl_s = 0.0;
+  };
+
+  // Rows [r0, r0 + r) at vocabulary columns [c0, c0 + c): zs [r, c]; zt with rows of stride
+  // zt.stride(0). jsd: whole rows only (c = V).
+  void forward_block(const at::Tensor& zs, const at::Tensor& zt, int64_t /*r0*/, int64_t /*c0*/, double inv_t,
+                     int64_t /*ignore_index*/, const at::Tensor& /*targets*/, int64_t mode, double beta,
+                     State* st) const {
+    const int64_t r = zs.size(0), c = zs.size(1), ldt = zt.stride(0);
     const float t = float(inv_t);
     const linear_kl::JsdWeights w = linear_kl::jsd_weights(float(beta));
     const float *zsp = zs.data_ptr<float>(), *ztp = zt.data_ptr<float>();
-    const int64_t* tgt = targets.data_ptr<int64_t>() + r0;
-    float *out = kl.data_ptr<float>() + r0, *ls = lse_s.data_ptr<float>() + r0,
-          *lt = lse_t.data_ptr<float>() + r0, *ax = aux.data_ptr<float>() + r0;
     const cpu::VocabRows& rows = cpu::vocab_rows();
-    at::parallel_for(0, r, cpu::row_grain(v), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, r, cpu::row_grain(c), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        const RowKl k = row_kl(rows, zsp + i * v, ztp + i * v, v, t, int(mode), w);
-        ls[i] = k.lse_s;
-        lt[i] = k.lse_t;
-        ax[i] = k.aux;
-        out[i] = tgt[i] == ignore_index ? 0.f : clamp_div(k.div);
+        const float *zsi = zsp + i * c, *zti = ztp + i * ldt;
+        if (mode == Mode::kJsd) {
+          st[i].k = rows.kl_sums(zsi, zti, c, t, int(mode));
+          const RowKl k = kl_stats(st[i].k, mode);
+          const cpu::JsdSums j = rows.jsd_sums(zsi, zti, c, t, k.lse_s, k.lse_t, w);
+          st[i].kl_t = j.kl_t;
+          st[i].kl_s = j.kl_s;
+        } else {
+          cpu::merge(st[i].k, rows.kl_sums(zsi, zti, c, t, int(mode)), int(mode));
+        }
       }
     });
   }
 
+  void forward_finish(const State* st, int64_t r0, int64_t r, int64_t ignore_index, const at::Tensor& targets,
+                      int64_t mode, double beta, at::Tensor& kl, at::Tensor& lse_s, at::Tensor& lse_t,
+                      at::Tensor& aux) const {
+    const int64_t* tgt = targets.data_ptr<int64_t>() + r0;
+    float *out = kl.data_ptr<float>() + r0, *ls = lse_s.data_ptr<float>() + r0,
+          *lt = lse_t.data_ptr<float>() + r0, *ax = aux.data_ptr<float>() + r0;
+    const linear_kl::JsdWeights w = linear_kl::jsd_weights(float(beta));
+    for (int64_t i = 0; i < r; ++i) {
+      RowKl k = kl_stats(st[i].k, mode);
+      if (mode == Mode::kJsd) {
+        k.div = w.b * st[i].kl_t + w.one_mb * st[i].kl_s;
+        k.aux = float(st[i].kl_s);
+      }
+      ls[i] = k.lse_s;
+      lt[i] = k.lse_t;
+      ax[i] = k.aux;
+      out[i] = tgt[i] == ignore_index ? 0.f : clamp_div(k.div);
+    }
+  }
+
+  // Overwrites zs (any block of columns) with t * dz; zt: rows of stride zt.stride(0).
   void backward(at::Tensor& zs, const at::Tensor& zt, int64_t r0, double inv_t, int64_t ignore_index,
                 const at::Tensor& targets, int64_t mode, double beta, const at::Tensor& lse_s,
                 const at::Tensor& lse_t, const at::Tensor& aux, const at::Tensor& grad_kl) const {
-    const int64_t r = zs.size(0), v = zs.size(1);
+    const int64_t r = zs.size(0), c = zs.size(1), ldt = zt.stride(0);
     const float t = float(inv_t);
     const linear_kl::JsdWeights w = linear_kl::jsd_weights(float(beta));
     float* zsp = zs.data_ptr<float>();
@@ -93,13 +126,13 @@ struct CpuEpilogue {
     const float *ls = lse_s.data_ptr<float>() + r0, *lt = lse_t.data_ptr<float>() + r0,
                 *ax = aux.data_ptr<float>() + r0, *g = grad_kl.data_ptr<float>() + r0;
     const cpu::VocabRows& rows = cpu::vocab_rows();
-    at::parallel_for(0, r, cpu::row_grain(v), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, r, cpu::row_grain(c), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        float* zsi = zsp + i * v;
+        float* zsi = zsp + i * c;
         if (tgt[i] == ignore_index)
-          std::fill(zsi, zsi + v, 0.f);
+          std::fill(zsi, zsi + c, 0.f);
         else
-          rows.kl_grad(zsi, ztp + i * v, v, t, ls[i], lt[i], ax[i], g[i] * t, int(mode), w);
+          rows.kl_grad(zsi, ztp + i * ldt, c, t, ls[i], lt[i], ax[i], g[i] * t, int(mode), w);
       }
     });
   }
@@ -150,8 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     const c10::optional<at::Tensor>& teacher_bias, const c10::optional<at::Tensor>& teacher_logits,
     const at::Tensor& targets, double inv_temperature, int64_t ignore_index, int64_t mode, double beta) {
   const linear_kl::Teacher teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits);
-  return linear_kl::forward(hidden, weight, bias, teacher, targets, inv_temperature, ignore_index, mode, beta,
-                            CpuEpilogue{});
+  return linear_kl::forward_blocked(hidden, weight, bias, teacher, targets, inv_temperature, ignore_index, mode,
+                                    beta, CpuEpilogue{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
@@ -162,8 +195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_kl, double inv_temperature, int64_t ignore_index, int64_t mode, double beta,
     bool need_grad_hidden, bool need_grad_weight) {
   const linear_kl::Teacher teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits);
-  return linear_kl::backward(hidden, weight, bias, teacher, targets, lse_s, lse_t, aux, grad_kl, inv_temperature,
-                             ignore_index, mode, beta, need_grad_hidden, need_grad_weight, CpuEpilogue{});
+  return linear_kl::backward_blocked(hidden, weight, bias, teacher, targets, lse_s, lse_t, aux, grad_kl,
+                                     inv_temperature, ignore_index, mode, beta, need_grad_hidden, need_grad_weight,
+                                     CpuEpilogue{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_with_grads(

@@ -16,6 +16,7 @@
 // reads each row of the logits chunk once instead of once for the max and once for the sums.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -35,17 +36,50 @@ inline int64_t row_grain(int64_t v) { return (int64_t(1) << 16) / (v > 1 ? v : 1
 
 // Softmax statistics of one row of logits t z: m = max_k t z_k and, with d_k = t z_k - m,
 struct ExpSums {
-  float m;
-  double s;  // sum_k e^{d_k}
-  double u;  // sum_k e^{d_k} d_k
+  float m = -__builtin_inff();
+  double s = 0.0;  // sum_k e^{d_k}
+  double u = 0.0;  // sum_k e^{d_k} d_k
 };
 
 // Both rows' statistics for linear_kl (d^S, d^T about their own maxima).
 struct KlSums {
-  float ms, mt;
-  double ss, st;  // the two sums of e^{d}, student and teacher
-  double cross;   // forward: sum e^{d^T} (d^T - d^S); reverse: sum e^{d^S} (d^S - d^T); jsd: 0
+  float ms = -__builtin_inff(), mt = -__builtin_inff();
+  double ss = 0.0, st = 0.0;  // the two sums of e^{d}, student and teacher
+  double cross = 0.0;         // forward: sum e^{d^T} (d^T - d^S); reverse: sum e^{d^S} (d^S - d^T); jsd: 0
 };
+
+// Merging the statistics of two column ranges of a row (the CPU drivers' vocabulary blocks):
+// each part moves to the larger reference as the row loops rebase their blocks, in double:
+// s' = c s with c = e^{m - M}, u' = c (u + s (m - M)); a part without a reference (m = -inf,
+// nothing but -inf or NaN logits) is summed about 0 and stays as it is.
+struct Shift {
+  double c, d;  // e^{m - M} and m - M
+};
+inline Shift shift_to(float m, float big) {
+  if (m == -__builtin_inff()) return {1.0, 0.0};
+  const double d = double(m) - double(big);
+  return {std::exp(d), d};
+}
+inline float larger(float a, float b) { return b > a ? b : a; }
+
+inline void merge(ExpSums& a, const ExpSums& b) {
+  const float m = larger(a.m, b.m);
+  const Shift x = shift_to(a.m, m), y = shift_to(b.m, m);
+  a = {m, x.c * a.s + y.c * b.s, x.c * (a.u + a.s * x.d) + y.c * (b.u + b.s * y.d)};
+}
+
+// cross is weighted by the teacher's (forward) or the student's (reverse) exponentials, and each
+// of its terms d^T - d^S gains shift^T - shift^S.
+inline void merge(KlSums& a, const KlSums& b, int mode) {
+  const float ms = larger(a.ms, b.ms), mt = larger(a.mt, b.mt);
+  const Shift as = shift_to(a.ms, ms), bs = shift_to(b.ms, ms), at = shift_to(a.mt, mt), bt = shift_to(b.mt, mt);
+  double cross = 0.0;
+  if (mode == linear_kl::kForward)
+    cross = at.c * (a.cross + a.st * (at.d - as.d)) + bt.c * (b.cross + b.st * (bt.d - bs.d));
+  else if (mode == linear_kl::kReverse)
+    cross = as.c * (a.cross + a.ss * (as.d - at.d)) + bs.c * (b.cross + b.ss * (bs.d - bt.d));
+  a = {ms, mt, as.c * a.ss + bs.c * b.ss, at.c * a.st + bt.c * b.st, cross};
+}
 
 // The two halves of the jsd: sum p^T (b - log m) and sum p^S (a - log m), M the mixture.
 struct JsdSums {
