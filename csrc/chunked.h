@@ -4,6 +4,9 @@
 // logits come from one ATen GEMM (MKL/oneDNN on CPU, cuBLAS on CUDA) and an op-specific epilogue
 // reduces them (forward) or overwrites them with t * dz (backward), after which two more GEMMs
 // give the chunk's share of dh and dW. Memory is O(N + rows * V) while the GEMMs stay large.
+// The CPU schedule of the per-token ops splits each chunk along the vocabulary too (cpu_blocks),
+// so that every block of logits is still in cache when its epilogue reads it; the ops that
+// compute their gradients in the forward need whole rows (dz needs the row's log-sum-exp).
 #pragma once
 
 #include <ATen/ATen.h>
