@@ -110,6 +110,16 @@ def liger_triton_unavailable(shape: Shape, device: str, dtype: str, smoke: bool)
     return only_interp_when_interpreted(shape, device, smoke)
 
 
+def trl_fused_head_unavailable(shape: Shape, device: str, dtype: str, smoke: bool) -> str | None:
+    """TRL's chunked log-prob kernel (the fused LM head of TRL >= 1.15): torch GEMM tiles folded by
+    Triton on CUDA, by torch ops on CPU."""
+    if importlib.util.find_spec("trl") is None:
+        return "trl is not installed (pip install -r requirements/test-clients.txt)"
+    if importlib.util.find_spec("trl.kernels.chunked_logprob") is None:
+        return "this TRL has no trl.kernels.chunked_logprob (the fused LM head of TRL >= 1.15)"
+    return None
+
+
 # --- pytest-benchmark -------------------------------------------------------------------------
 
 

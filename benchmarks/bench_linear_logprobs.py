@@ -18,6 +18,8 @@ fixed random upstream gradient through every output it has):
                  (its kernels are Triton: CUDA, or TRITON_INTERPRET=1 on the interp shapes)
   liger-flsce    Liger's fused linear scaled cross entropy, NLL + entropy (CuTe-DSL on sm_90,
                  Liger's own chunked PyTorch path elsewhere, CPU included)
+  trl            TRL's fused LM head kernel (trl.kernels.ChunkedLogProbFunction, TRL >= 1.15) as
+                 its trainers call it: log-probs + entropy, its 32768-wide vocabulary tiles
   erpd-<b>       erpd.linear_logprobs(backend=b) for each fused backend b this process can run
   matmul-floor   the GEMMs alone: fwd = logits; fwd+bwd = the 4 GEMMs of a recompute design
                  (8·N·H·V FLOPs), writing into preallocated buffers
@@ -52,6 +54,7 @@ PROVIDERS: list[Provider] = [
     Provider("compiled", _harness.compiled_unavailable),
     Provider("liger", _harness.liger_triton_unavailable),
     Provider("liger-flsce", lambda *_: _harness.liger_installed()),
+    Provider("trl", _harness.trl_fused_head_unavailable),
     *[Provider(f"erpd-{b}", _harness.erpd_unavailable(b, OP)) for b in FUSED],
     Provider("matmul-floor"),
 ]
@@ -115,6 +118,13 @@ def make_case(provider: str, shape: str, dtype: str, device: str, seed: int = 0)
         def forward():
             nll, ent = F.apply(h, w, y, return_entropy=True)
             return {"logprobs": -nll, "entropy": ent}
+    elif provider == "trl":
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+
+        def forward():
+            lp, ent, *_ = ChunkedLogProbFunction.apply(h, w, None, y, 1.0, chunk, None, 1.0, ("log_probs", "entropy"))
+            return {"logprobs": lp, "entropy": ent}
     elif provider.startswith("erpd-") and provider[5:] in FUSED:
         backend = provider[5:]
 
@@ -157,6 +167,13 @@ def _target_lines(rows, device: str, auto: str) -> list[str]:
         if me is None:
             continue
         fb = _harness.median_ms(me, "fwd+bwd")
+        trl = _harness.find(rows, shape, "trl")
+        if trl is not None:
+            t = fb / _harness.median_ms(trl, "fwd+bwd")
+            mem = me.result["peak_extra_bytes"] / max(trl.result["peak_extra_bytes"], 1)
+            ok = t < 1 and mem <= 1
+            out.append(f"{shape.name}: {fused} fwd+bwd takes {t:.2f}× TRL's fused-head time at {mem:.2f}× its peak "
+                       f"extra memory (target: faster at equal or lower memory): **{'PASS' if ok else 'FAIL'}**")
         if torch.device(device).type == "cpu" and naive is not None:
             t = fb / _harness.median_ms(naive, "fwd+bwd")
             if naive.result["peak_extra_bytes"] < 2**20:

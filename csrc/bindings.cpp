@@ -11,15 +11,18 @@
 
 TORCH_LIBRARY(erpd, m) {
   // linear_logprobs (DESIGN.md §3): per-row log p(target), entropy and log-sum-exp of
-  // softmax((hidden @ weight.T + bias) * inv_temperature), never materializing [N, V].
+  // softmax(y * inv_temperature), y = hidden @ weight.T + bias, or tanh(softcap_scale * y) when
+  // softcap_scale > 0 (chunked::Softcap), never materializing [N, V]. with_stats: also
+  // stats [3, N] = (log sum p^2, mean logit, is_top1), else stats is empty.
   m.def(
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-      "float inv_temperature, int ignore_index) -> (Tensor logprobs, Tensor entropy, Tensor lse)");
+      "float inv_temperature, float softcap_scale, int ignore_index, bool with_stats) "
+      "-> (Tensor logprobs, Tensor entropy, Tensor lse, Tensor stats)");
   // Recomputes the logits block by block; grad tensors that are not needed come back empty.
   m.def(
       "linear_logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, "
       "Tensor entropy, Tensor grad_logprobs, Tensor? grad_entropy, float inv_temperature, "
-      "int ignore_index, bool need_grad_hidden, bool need_grad_weight) "
+      "float softcap_scale, int ignore_index, bool need_grad_hidden, bool need_grad_weight) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
   // linear_kl (csrc/linear_kl_math.h): per-row divergence between the student's softmax and the
@@ -49,23 +52,24 @@ TORCH_LIBRARY(erpd, m) {
   // csrc/policy_loss_math.h). Integer codes: method ppo 0, sapo 1, cispo 2, gspo 3, reinforce 4;
   // agg token-mean 0, seq-mean-token-mean 1, seq-mean-token-sum 2, seq-mean-token-sum-norm 3;
   // kl_estimator k1 0, k2 1, k3 2. mask: bool [B, T]. dual_clip <= 0: none; num_items (tensor, else the float if
-  // > 0) replaces the local count of the normaliser. Each returns the loss, the stats vector
+  // > 0) replaces the local count of the normaliser; kl_ratio_weighted: the KL term times the ratio. Each returns the loss, the stats vector
   // (1/normaliser, then the metrics) and the gradients, so the autograd backward is a scale.
   // Gradients of policy_loss_fwd exclude the 1/normaliser factor; linear_policy_loss_fwd's
-  // include it.
+  // include it, and it also returns the per-token log-probs [N] it computed on the way.
   m.def(
       "policy_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
       "Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, Tensor? num_items, int method, int agg, "
       "float ratio_lo, float ratio_hi, float dual_clip, float tau_pos, float tau_neg, float kl_coef, "
-      "int kl_estimator, float entropy_coef, float num_items_value, float norm_scale, bool need_grad_entropy) "
+      "int kl_estimator, float entropy_coef, float num_items_value, float norm_scale, bool kl_ratio_weighted, "
+      "bool need_grad_entropy) "
       "-> (Tensor loss, Tensor stats, Tensor grad_logprobs, Tensor grad_entropy)");
   m.def(
       "linear_policy_loss_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float inv_temperature, "
-      "int ignore_index, Tensor? old_logprobs, Tensor advantages, Tensor mask, Tensor? ref_logprobs, "
+      "float softcap_scale, int ignore_index, Tensor? old_logprobs, Tensor advantages, Tensor mask, Tensor? ref_logprobs, "
       "Tensor? is_weights, Tensor? num_items, int method, int agg, float ratio_lo, float ratio_hi, "
       "float dual_clip, float tau_pos, float tau_neg, float kl_coef, int kl_estimator, float entropy_coef, "
-      "float num_items_value, float norm_scale, bool need_grad_hidden, bool need_grad_weight) "
-      "-> (Tensor loss, Tensor stats, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+      "float num_items_value, float norm_scale, bool kl_ratio_weighted, bool need_grad_hidden, bool need_grad_weight) "
+      "-> (Tensor loss, Tensor stats, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, Tensor logprobs)");
   // ---- end policy losses
 }
 

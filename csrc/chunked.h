@@ -186,5 +186,31 @@ struct Grads {
   }
 };
 
+// Softcapping (Gemma's final_logit_softcapping c, any logit scale s folded in): with
+// cap_scale a = s / c > 0, each chunk's logits y become tanh(a y) before the epilogue, whose
+// inverse temperature then carries c / temperature (erpd/ops/_validate.py logit_transform). So
+// the transform is a chunk-level pass and the epilogues see plain logits. Backward: the epilogue
+// writes t dz w.r.t. tanh(a y); the chain rule multiplies by a (1 - tanh^2), saved from the
+// transformed chunk into a second buffer before the epilogue overwrites it (so a softcapped call
+// budgets two logits buffers per chunk).
+struct Softcap {
+  double a;  // 0: no softcapping
+
+  bool on() const { return a > 0.0; }
+  int64_t buffers() const { return on() ? 2 : 1; }
+  void apply(at::Tensor& z) const {
+    if (on()) z.mul_(a).tanh_();
+  }
+  // f = a (1 - z^2) from the transformed chunk z.
+  void save_grad_factor(const at::Tensor& z, at::Tensor& f) const {
+    if (!on()) return;
+    at::mul_out(f, z, z);
+    f.sub_(1.0).mul_(-a);
+  }
+  void apply_grad_factor(at::Tensor& dz, const at::Tensor& f) const {
+    if (on()) dz.mul_(f);
+  }
+};
+
 }  // namespace chunked
 }  // namespace erpd

@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t r = threadIdx.x; r < rows; r += kThreads) acc.merge(load(partials + r * kNumParts));
   block_merge(acc, smem);
   if (threadIdx.x == 0) {
-    policy::finalize(p, acc, rows, num_items ? *num_items : num_items_value, norm_scale, loss, stats);
+    policy::finalize(p, acc, rows, num_items ? policy::tensor_items(*num_items) : num_items_value, norm_scale, loss, stats);
   }
 }
 
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t r = threadIdx.x; r < rows; r += kThreads) n += lengths[r];
   n = block_reduce(n, Sum{}, smem);
   if (threadIdx.x == 0) {
-    *inv = float(policy::inv_norm(p, n, rows, num_items ? *num_items : num_items_value, norm_scale));
+    *inv = float(policy::inv_norm(p, n, rows, num_items ? policy::tensor_items(*num_items) : num_items_value, norm_scale));
   }
 }
 

@@ -20,7 +20,8 @@ cudaError_t policy_loss_rows(const policy::Params& p, const policy::Batch& in, i
                              cudaStream_t stream);
 
 // Reduces partials over the rows and writes the loss (0-dim) and stats[policy::kNumStats], as
-// policy::finalize. num_items: a device scalar, or null to use num_items_value (<= 0: not given).
+// policy::finalize. num_items: a device scalar (through policy::tensor_items), or null to use
+// num_items_value (0: not given).
 cudaError_t policy_loss_finalize(const policy::Params& p, const double* partials, int64_t rows,
                                  const float* num_items, float num_items_value, float norm_scale, float* loss,
                                  float* stats, cudaStream_t stream);

@@ -12,6 +12,10 @@
 //   reinforce  (reinforce: lo = 0, hi = the truncation cap or +inf)
 //   KL(pi || pi_ref), d = x_ref - x:  k1 = -d (dk/dx = 1),  k2 = d^2 / 2 (dk/dx = -d),
 //              k3 = e^d - d - 1 with d clamped to +-20 (dk/dx = 1 - e^d, 0 where clamped)
+//   kl_ratio (DeepSeek-V3.2's importance-weighted KL, TRL's use_bias_correction_kl): the KL term
+//              is r k with the ratio r of the loss (token r, or gspo's s_b), differentiable:
+//              d(r k)/dx = r dk/dx + r k (r's own derivative; 0 outside the +-20 clamp). For gspo
+//              the second part reaches every token of the row through s_b, like its policy term.
 // The exp of a clamped log-ratio has gradient 0 outside +-20 (torch.clamp's convention: the
 // bounds themselves pass it).
 //
@@ -90,6 +94,7 @@ struct Params {
   float tau_pos = 1.f, tau_neg = 1.05f;
   float kl_coef = 0.f, entropy_coef = 0.f;
   bool has_ref = false, has_entropy = false;
+  bool kl_ratio = false;  // the KL term is r k (see the header)
 };
 
 struct Token {
@@ -98,6 +103,7 @@ struct Token {
   float ratio = 1.f;  // the ratio the loss used
   float approx_kl = 0.f;
   float kl = 0.f, dkl = 0.f;
+  float dkl_seq = 0.f;  // gspo with kl_ratio: d(s_b k)/dlog s_b = s_b k, added to the row's g_seq
   bool clip_low = false, clip_high = false;
 };
 
@@ -156,6 +162,12 @@ ERPD_HD Token token(const Params& p, float x, float x_old, float adv, float x_re
       const float dc = clampf(d, -kLogRatioClamp, kLogRatioClamp), e = expf(dc);
       o.kl = e - dc - 1.f;
       o.dkl = in_clamp(d) ? 1.f - e : 0.f;
+    }
+    if (p.kl_ratio) {
+      const float rk = passes ? r * o.kl : 0.f;  // r k times r's log-derivative (1, or 0 when clamped)
+      o.dkl = r * o.dkl + (gspo ? 0.f : rk);
+      o.dkl_seq = gspo ? rk : 0.f;
+      o.kl *= r;
     }
   }
   return o;
@@ -229,7 +241,7 @@ ERPD_HD void token_step(const Params& p, const Batch& in, int64_t i, float adv_r
   const float h = p.has_entropy ? in.entropy[i] : 0.f;
   acc.add(o, f, rho, h);
   if (p.method == kGSPO) {
-    g_seq += double(rho) * o.dpol;
+    g_seq += double(rho) * o.dpol + double(p.kl_coef) * o.dkl_seq;
     in.grad_logprobs[i] = f * p.kl_coef * o.dkl;  // the policy part is added after the row's pass
   } else {
     in.grad_logprobs[i] = f * (rho * o.dpol + p.kl_coef * o.dkl);
@@ -276,7 +288,7 @@ ERPD_HD void process_row(const Params& p, const Batch& in, int64_t b, Acc& out) 
   Acc acc;
   const float seq_log_ratio = float(sum_delta / maxd(length, 1.0));
   const float adv_row = in.adv_per_row ? in.advantages[b] : 0.f;
-  double g_seq = 0.0;  // sum_t m rho dl/dlog s
+  double g_seq = 0.0;  // sum_t m (rho dl/dlog s + kl_coef d(s k)/dlog s)
   for (int64_t t = 0; t < in.T; ++t) token_step(p, in, base + t, adv_row, f, seq_log_ratio, acc, g_seq);
   const float g_pol = gspo_token_grad(f, g_seq, length);
   for (int64_t t = 0; t < in.T; ++t) {
@@ -286,11 +298,22 @@ ERPD_HD void process_row(const Params& p, const Batch& in, int64_t b, Acc& out) 
   out.merge(acc);
 }
 
+// A tensor `num_items`' value as the count of the normaliser. Nothing may have checked it (the
+// CUDA kernels read it on the device, where a check would need a sync), so every float has one
+// meaning, the same as in erpd.reference.policy_agg_weights and kernels/policy_loss.py: below 1
+// it counts as 1 (as every count of the normaliser does), and NaN or +-inf gives NaN, so the loss
+// and its gradients are NaN instead of silently rescaled.
+ERPD_HD float tensor_items(float v) {
+  const float nan_unless_finite = v - v;  // 0 for a finite v, NaN for NaN and +-inf
+  return (v < 1.f ? 1.f : v) + nan_unless_finite;
+}
+
 // The batch normaliser D (see erpd.reference.policy_agg_weights): the count is `num_items` when
-// given (> 0), else the valid-token count (token-mean) or the number of rows B; clamped at 1;
+// given, i.e. != 0 (a Python number, checked > 0 in erpd/ops/_validate.py, or tensor_items() of a
+// tensor's value), else the valid-token count (token-mean) or the number of rows B; clamped at 1;
 // times `norm_scale` (seq-mean-token-sum-norm's length constant, 1 otherwise).
 ERPD_HD double inv_norm(const Params& p, double n_valid, int64_t rows, float num_items, float norm_scale) {
-  const double count = num_items > 0.f ? double(num_items) : (p.agg == kTokenMean ? n_valid : double(rows));
+  const double count = num_items != 0.f ? double(num_items) : (p.agg == kTokenMean ? n_valid : double(rows));
   return 1.0 / (maxd(count, 1.0) * double(norm_scale));
 }
 

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-COMMANDS = ("demo", "sample", "stage1", "stage2", "eval")
+COMMANDS = ("demo", "sample", "stage1", "stage2", "control", "eval", "study")  # and `export` (its own arguments)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true", help="continue a stopped run in the same directory")
     ap.add_argument("--models", default="base,teacher,student",
                     help="eval: comma-separated base|teacher|student|<policy dir> (default all three)")
+    ap.add_argument("--seeds", type=int, default=3, help="study: stage-2 students and controls per teacher (default 3)")
+    ap.add_argument("--weak", default="mse,ce", help="study: weak stage-1 objectives, comma-separated ('' for none)")
     ap.add_argument("--fsdp", action="store_true",
                     help="under torchrun: shard the decoder layers with FSDP2 (same as model.fsdp=true)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -59,16 +61,28 @@ def _passive_omp(argv: list[str] | None) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "erpd.cli", *sys.argv[1:]], env)
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="erpd export", description="write a run's policy as a Hugging Face model "
+                                 "directory that AutoModelForCausalLM.from_pretrained loads without erpd")
+    ap.add_argument("run", help="the run directory")
+    ap.add_argument("--policy", required=True, choices=("base", "teacher", "student", "control"))
+    ap.add_argument("--out", required=True, help="the directory to write (save_pretrained + tokenizer)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["export"]:
+        return _export(_export_parser().parse_args(args_list[1:]))
     args, rest = _parser().parse_known_args(argv)
     _passive_omp(argv)
     from erpd.train import config as C
 
     base = None
     out = Path(args.out) if args.out else None
-    if args.resume and not args.config and out is not None and (out / "config.json").is_file():
-        base = C.from_dict(json.loads((out / "config.json").read_text()))
     try:
+        if args.resume and not args.config and out is not None and (out / "config.json").is_file():
+            base = C.from_dict(C.load_file(out / "config.json"))
         cfg = C.build(args.config, rest, base=base)
     except C.ConfigError as e:
         print(f"erpd: {e}", file=sys.stderr)
@@ -82,21 +96,50 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from erpd.train import dist
+    from erpd.train.checked_io import IntegrityError
 
     try:
-        if dist.init_from_env(cfg.model.dist_timeout_minutes) and args.command == "eval":
-            print("erpd: `erpd eval` runs in one process; launch it without torchrun", file=sys.stderr)
+        if dist.init_from_env(cfg.model.dist_timeout_minutes) and args.command in ("eval", "study"):
+            print(f"erpd: `erpd {args.command}` runs in one process; launch it without torchrun", file=sys.stderr)
             return 2
         return _run(args, cfg)
+    except IntegrityError as e:  # corrupt or non-finite state, a full disk: the message says what and where
+        print(f"erpd: {e}", file=sys.stderr)
+        return 1
     finally:
         dist.shutdown()  # under torchrun: the group's threads must end before the interpreter does
+
+
+def _export(args) -> int:
+    from erpd.train import config as C
+    from erpd.train.checked_io import IntegrityError
+    from erpd.train.export import export_policy
+    from erpd.train.pipeline import Run, say
+
+    run_dir = Path(args.run)
+    if not (run_dir / "config.json").is_file():
+        print(f"erpd: {run_dir} is not an erpd run directory (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        cfg = C.from_dict(C.load_file(run_dir / "config.json"))
+        cfg.out_dir = str(run_dir)
+        out = export_policy(Run(cfg, resume=True, write_config=False), args.policy, args.out)
+    except C.ConfigError as e:
+        print(f"erpd: {e}", file=sys.stderr)
+        return 2
+    except (IntegrityError, FileNotFoundError) as e:
+        print(f"erpd: {e}", file=sys.stderr)
+        return 1
+    say(f"[erpd] {args.policy} of {run_dir} -> {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
 
 
 def _run(args, cfg) -> int:
     import torch
 
     from erpd.train import dist
-    from erpd.train.pipeline import Run, format_table, say, write_summary
+    from erpd.train import report
+    from erpd.train.pipeline import COMPARISONS, Run, say, write_summary
 
     torch.manual_seed(cfg.seed)
     if cfg.model.threads:
@@ -109,15 +152,29 @@ def _run(args, cfg) -> int:
         run.run_stage1()
     elif args.command == "stage2":
         run.run_stage2()
+    elif args.command == "control":
+        run.run_control()
     elif args.command == "eval":
         rows = run.run_eval([m.strip() for m in args.models.split(",") if m.strip()])
-        print(format_table(rows))
+        print(report.markdown(rows, COMPARISONS))
+        return 0
+    elif args.command == "study":
+        from erpd.train.study import run_study
+
+        table = run_study(run, seeds=args.seeds, weak=tuple(w.strip() for w in args.weak.split(",") if w.strip()))
+        print(table)
+        say(f"[erpd] study finished in {(time.time() - t0) / 60:.1f} min; {run.out}/study.md, study.json, study.png")
         return 0
     else:
         run.ensure_data()
         run.run_stage1()
         run.run_stage2()
-    if args.command in ("demo", "stage1", "stage2") and dist.is_main():
+        if dist.is_main() and not dist.lockstep():  # FSDP shards the model: `erpd export` it afterwards
+            from erpd.train.export import export_policy
+
+            for name in ("base", "teacher", "student"):
+                export_policy(run, name, run.out / name / "hf")
+    if args.command in ("demo", "stage1", "stage2", "control") and dist.is_main():
         wall = time.time() - t0
         table = write_summary(run, wall)
         print(table)

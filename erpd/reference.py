@@ -8,6 +8,7 @@ They are also the `backend="torch"` implementation of the public ops.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -18,6 +19,31 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w.T + b`` in the accumulation dtype of ``x``, also under ``torch.autocast`` (the public
+    ops have already cast their inputs as autocast would)."""
+    acc, device = _acc_dtype(x), x.device.type
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext():
+        return F.linear(x.to(acc), w.to(acc), None if b is None else b.to(acc))
+
+
+def logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    r"""The logits every op scores, in the accumulation dtype: with :math:`y = W h + b`, scale
+    :math:`s` and temperature :math:`\tau`, :math:`z = s y / \tau`, or with softcapping
+    :math:`c` (Gemma's ``final_logit_softcapping``) :math:`z = c \tanh(s y / c) / \tau`."""
+    y = _linear(hidden, weight, bias)
+    if softcap is not None:
+        return softcap * torch.tanh(y * (logit_scale / softcap)) / temperature
+    return y * (logit_scale / temperature)
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -26,8 +52,11 @@ def linear_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     with_entropy: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""Per-token log-probability of ``targets`` (and entropy) under ``softmax((hidden @ weight.T + bias) / temperature)``.
+    r"""Per-token log-probability of ``targets`` (and entropy) under ``softmax((hidden @ weight.T + bias) / temperature)``
+    (:func:`logits`: with ``logit_scale`` and ``softcap`` applied before the temperature).
 
     For a row with logits :math:`z = (W h + b)/\tau \in \mathbb{R}^V` and target :math:`y`:
 
@@ -40,9 +69,7 @@ def linear_logprobs(
 
     Shapes: ``hidden [..., H]``, ``weight [V, H]``, ``bias [V]``, ``targets [...]``; outputs ``[...]``.
     """
-    acc = _acc_dtype(hidden)
-    logits = F.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
-    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    logp_all = torch.log_softmax(logits(hidden, weight, bias, temperature, logit_scale, softcap), dim=-1)
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     logp = logp_all.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
@@ -53,6 +80,35 @@ def linear_logprobs(
         entropy = -expect(logp_all, logp_all)
         entropy = torch.where(valid, entropy, zero)
     return logp, entropy
+
+
+def linear_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> dict[str, torch.Tensor]:
+    r"""The per-token fields of TRL's fused LM head (``FusedCausalLMOutput``) from the :func:`logits`
+    :math:`z` of each row: ``logprobs`` and ``entropy`` (differentiable), and, without gradient,
+    ``log_sum_sq_probs`` :math:`= \log \sum_k p_k^2`, ``mean_logits`` :math:`= \frac{1}{V}\sum_k z_k`
+    and ``is_top1`` (bool: the target is ``argmax z``, the first maximal index, so a tie with an
+    earlier token does not count). Rows whose target is ``ignore_index`` give 0 / False."""
+    z = logits(hidden, weight, bias, temperature, logit_scale, softcap)
+    logq = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    zero = logq.new_zeros(())
+    logp = torch.where(valid, logq.gather(-1, safe.unsqueeze(-1)).squeeze(-1), zero)
+    entropy = torch.where(valid, -expect(logq, logq), zero)
+    with torch.no_grad():
+        log_sum_sq = torch.where(valid, torch.logsumexp(2 * logq, dim=-1), zero)
+        mean = torch.where(valid, z.mean(-1), zero)
+        top1 = valid & (z.argmax(-1) == safe)
+    return dict(logprobs=logp, entropy=entropy, log_sum_sq_probs=log_sum_sq, mean_logits=mean, is_top1=top1)
 
 
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
@@ -151,12 +207,9 @@ def linear_kl(
     Rows whose ``targets`` equal ``ignore_index`` give 0; ``targets`` is only a mask here (None:
     every row counts). The teacher gets no gradient.
     """
-    acc = _acc_dtype(hidden)
-    logits = F.linear(hidden.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    logits = _linear(hidden, weight, bias)
     if teacher_topk is None and teacher_logits is None:
-        teacher_logits = F.linear(
-            teacher_hidden.to(acc), teacher_weight.to(acc), None if teacher_bias is None else teacher_bias.to(acc)
-        )
+        teacher_logits = _linear(teacher_hidden.to(logits.dtype), teacher_weight, teacher_bias)
     kl = kl_from_logits(logits, teacher_logits, teacher_topk, direction=direction, beta=beta, temperature=temperature)
     # A divergence is >= 0, but rounding leaves ~-1e-10 where the distributions coincide: clamp the
     # value as the fused kernels do, keeping the unclamped gradient (theirs too); NaN stays NaN
@@ -205,14 +258,19 @@ def policy_agg_weights(
     micro-batches, all ranks), so that the micro-batch losses sum to the one-batch loss. ``T_n``
     is ``norm_length`` (Dr. GRPO's constant, e.g. the maximum completion length), by default the
     padded length T. Counts (N, B', L_b) are clamped below at 1: an all-masked batch or sequence
-    gives weight 0, not NaN.
+    gives weight 0, not NaN. So is ``num_items`` (the ops refuse a number <= 0, and a tensor <= 0
+    where their value checks run), except that a NaN or infinite ``num_items`` gives NaN weights:
+    the one rule every backend follows for a value nothing checked.
     """
     m = (mask != 0).to(dtype)
     B, T = m.shape
+    if num_items is None:
+        count = (m.sum() if agg == "token-mean" else torch.tensor(float(B), dtype=dtype, device=m.device)).clamp_min(1.0)
+    else:
+        count = torch.as_tensor(num_items, dtype=dtype, device=m.device)
+        count = torch.where(count.isfinite(), count.clamp_min(1.0), torch.nan)
     if agg == "token-mean":
-        count = m.sum() if num_items is None else torch.as_tensor(num_items, dtype=dtype, device=m.device)
-        return m / count.clamp_min(1.0)
-    count = torch.as_tensor(float(B) if num_items is None else num_items, dtype=dtype, device=m.device).clamp_min(1.0)
+        return m / count
     if agg == "seq-mean-token-mean":
         return m / (count * m.sum(1, keepdim=True).clamp_min(1.0))
     if agg == "seq-mean-token-sum":
@@ -245,6 +303,7 @@ def policy_loss(
     entropy_coef: float = 0.0,
     num_items: float | torch.Tensor | None = None,
     norm_length: int | None = None,
+    kl_ratio_weighted: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Token-level policy-gradient losses on ``[B, T]`` log-probs; returns ``(loss, metrics)``.
 
@@ -284,7 +343,11 @@ def policy_loss(
     with :math:`\beta` = ``kl_coef``, :math:`\gamma` = ``entropy_coef``, :math:`H` = ``entropy``
     (differentiable, if given), and the ``kl_estimator`` of KL(π‖π_ref) from ``ref_logprobs``
     :math:`x_{ref}`, with :math:`d = x_{ref} - x`: ``k1`` :math:`= -d`, ``k2`` :math:`= d^2/2`,
-    ``k3`` :math:`= e^{d} - d - 1` (d clamped to ±20).
+    ``k3`` :math:`= e^{d} - d - 1` (d clamped to ±20). With ``kl_ratio_weighted`` the KL term is
+    :math:`r\,k` with the ratio of the loss (token :math:`r`, or :math:`s_b` for gspo),
+    differentiable: the importance-weighted KL of DeepSeek-V3.2, whose gradient is the unbiased
+    gradient of KL(π‖π_ref) on samples from π_old (TRL's and Liger's ``use_bias_correction_kl``);
+    ``kl_ref`` then reports the mean of :math:`r\,k`.
 
     Tokens with mask 0 contribute nothing and get zero gradient, whatever their values (NaN
     included). ``metrics`` (detached 0-dim tensors; means over valid tokens of this batch):
@@ -293,7 +356,10 @@ def policy_loss(
     and r above the upper bound: ppo/gspo 1+ε_hi, cispo/reinforce the cap), ``clipfrac``
     (their sum), ``ratio_mean/min/max`` (of the ratio the loss uses: r, or s_b for gspo;
     1 when no token is valid), ``approx_kl`` (mean of :math:`(r-1) - \log r`, the k3 estimate of
-    KL(π_old‖π) with token ratios), and when given ``kl_ref`` (mean of k) and ``entropy``.
+    KL(π_old‖π) with token ratios), ``num_valid`` (the count of valid tokens those means are
+    over, so that a caller can sum metrics over micro-batches), and when given ``kl_ref`` (mean
+    of k) and ``entropy``. ``clip_low = 1`` puts the ratio floor at 0 (no floor) and
+    ``clip_high = inf`` removes the ceiling.
     """
     acc = _acc_dtype(logprobs)
     valid = mask != 0
@@ -360,6 +426,7 @@ def policy_loss(
         ratio_min=torch.where(any_valid, torch.cat([torch.where(valid, ratio_v, math.inf).flatten(), one.view(1) * math.inf]).amin(), one),
         ratio_max=torch.where(any_valid, torch.cat([torch.where(valid, ratio_v, -math.inf).flatten(), one.view(1) * -math.inf]).amax(), one),
         approx_kl=token_mean((r_tok - 1.0 - log_r_tok).detach()),
+        num_valid=n_valid,
     )
 
     if ref_logprobs is not None:
@@ -374,6 +441,8 @@ def policy_loss(
             kl = d.exp() - d - 1.0
         else:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+        if kl_ratio_weighted:
+            kl = kl * ratio
         if kl_coef != 0.0:
             loss = loss + kl_coef * (w * kl).sum()
         metrics["kl_ref"] = token_mean(kl.detach())

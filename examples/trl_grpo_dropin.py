@@ -1,13 +1,19 @@
 """erpd as a drop-in for Liger's fused GRPO loss, called the way TRL's GRPOTrainer calls it.
 
-With ``use_liger_kernel=True`` TRL builds a ``LigerFusedLinearGRPOLoss`` from its config and, in
+With ``use_liger_kernel=True`` TRL's GRPOTrainer up to 1.13 builds a ``LigerFusedLinearGRPOLoss``
+(TRL 1.13: its own ``trl.losses.FusedLinearGRPOLoss``, same call) from its config and, in
 ``compute_loss``, runs the backbone only and calls it with the completion hidden states, the LM
 head, the completion ids and mask, the advantages and the old / reference log-probs. The erpd
-module has the same constructor and call, so swapping it in is one line::
+module has the same constructor and call, so swapping it in is one line (the attribute is
+``liger_loss`` in TRL 1.8-1.13, ``liger_grpo_loss`` up to 1.7)::
 
     from erpd.adapters.trl import FusedLinearGRPOLoss
-    trainer.liger_grpo_loss = FusedLinearGRPOLoss(beta=args.beta, epsilon_low=args.epsilon,
-        epsilon_high=args.epsilon_high, loss_type=args.loss_type, temperature=args.temperature, ...)
+    trainer.liger_loss = FusedLinearGRPOLoss(beta=args.beta, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon_high, loss_type=args.loss_type, temperature=args.temperature,
+        use_bias_correction_kl=args.use_bias_correction_kl, ...)
+
+TRL 1.15 and later compute per-token log-probs with a fused LM head instead: there, call
+``erpd.adapters.trl.use_erpd()`` before building the trainer (README, *Drop-ins*).
 
 This script does the same steps by hand on a tiny random Llama (CPU, a few seconds): sample a
 group of completions per prompt, score them, then take a few GRPO steps on the batch (so the

@@ -20,6 +20,13 @@ Backward, with upstream g_lp (log-prob) and g_H (entropy), p_k = e^{z_k - lse}:
     dz_k = g_lp (delta_{k y} - p_k) - g_H p_k (log p_k + H)
     dh   = t * dz @ W,      dW = t * dz^T @ h,      db = t * sum_rows dz.
 
+Softcapping (SOFTCAP, cap_scale a > 0): h . W_k + b_k above becomes tanh(a (h . W_k + b_k)) and
+t carries softcap / temperature (erpd/ops/_validate.py logit_transform); dz picks up the factor
+a (1 - tanh^2). Statistics (STATS, erpd.linear_token_stats): also s2 = sum_k e^{2 (z_k - m)}
+(log sum p^2 = log s2 - 2 log s), the sum of the logits (their mean) and the maximum over the
+columns before the target (the target is top-1 when z_y >= m and z_y > that maximum: argmax's
+first-index rule), merged across tiles and splits like (m, s, u).
+
 Layout. The forward grid is (row blocks, vocabulary splits). Each program walks its slice of the
 vocabulary in BLOCK_N-wide tiles, computing each [BLOCK_M, BLOCK_N] logit tile with a K-loop of
 `tl.dot` in registers, and folds it into (m, s, u) and the target logit. With one split it writes
@@ -118,6 +125,39 @@ def _merge_stats(m, s, u, m_blk, s_blk, u_blk):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh to a few ulp from exp alone (the interpreter has no libdevice): (1 - e)/(1 + e) with
+    e = exp(-2|x|), whose subtraction would cancel near 0, where the odd Taylor series to x^9
+    takes over (its truncation error at |x| = 0.25 is ~1e-8 relative)."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    t = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(ax < 0.25, series, t)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _merge_sq(m, s2, m_blk, s2_blk):
+    """Merges two partial sums of e^{2 (z - m)} around their maxima (as _merge_stats does s)."""
+    m_safe = _no_inf_shift(tl.maximum(m, m_blk))
+    return tl.exp(2.0 * (m - m_safe)) * s2 + tl.exp(2.0 * (m_blk - m_safe)) * s2_blk
+
+
+@triton.jit
+def _store_stats(stats_ptr, rows, row_mask, N, V, m, s, z_tgt, s2, z_sum, m_before, valid):
+    """stats[3, N]: log sum p^2, the mean logit, is_top1 (0/1); 0 on ignored rows."""
+    # s2 >= 1 on any row with a finite logit; 0 only on padding rows past N and dead rows.
+    dead = s == 0
+    log_sq = tl.log(tl.where(dead, 1.0, s2)) - 2.0 * tl.log(tl.where(dead, 1.0, s))
+    top1 = (z_tgt >= m) & (z_tgt > m_before)
+    tl.store(stats_ptr + rows, tl.where(valid, log_sq, 0.0), mask=row_mask)
+    tl.store(stats_ptr + N + rows, tl.where(valid, z_sum / V, 0.0), mask=row_mask)
+    tl.store(stats_ptr + 2 * N + rows, tl.where(valid & top1, 1.0, 0.0), mask=row_mask)
+
+
+@triton.jit
 def _finalize(m, s, u, z_tgt, valid):
     """(log p_y, entropy, lse) from merged statistics; ignored rows give 0, 0 and their lse."""
     # s == 0 on padding rows past N (never stored) and on rows whose logits are all -inf, which
@@ -134,10 +174,10 @@ def _finalize(m, s, u, z_tgt, valid):
 @triton.jit
 def _linear_logprobs_fwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr,
-    logp_ptr, ent_ptr, lse_ptr,  # [N] outputs, written when FINALIZE
-    part_ptr,  # [4, n_split, N] partials (m, s, u, z_target), written otherwise
-    N, H, V, inv_t, ignore_index, v_per_split, plane,  # plane = n_split * N
-    HAS_BIAS: tl.constexpr, FINALIZE: tl.constexpr,
+    logp_ptr, ent_ptr, lse_ptr, stats_ptr,  # [N] outputs and [3, N] stats, written when FINALIZE
+    part_ptr,  # [4 (7 with STATS), n_split, N] partials (m, s, u, z_target[, s2, z_sum, m_before]) otherwise
+    N, H, V, tile_scale, inv_t, cap_scale, ignore_index, v_per_split, plane,  # plane = n_split * N
+    HAS_BIAS: tl.constexpr, FINALIZE: tl.constexpr, SOFTCAP: tl.constexpr, STATS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -157,13 +197,19 @@ def _linear_logprobs_fwd_kernel(
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     u = tl.zeros((BLOCK_M,), dtype=tl.float32)
     z_tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    z_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_before = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_N):
         cols = v0 + tl.arange(0, BLOCK_N)
         col_mask = cols < v_hi
+        # tile_scale is inv_t, or cap_scale with SOFTCAP (the temperature comes after the tanh).
         z = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, inv_t,
+            h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, tile_scale,
             HAS_BIAS, UPCAST, DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
         )
+        if SOFTCAP:
+            z = _tanh(z) * inv_t
         z = tl.where(col_mask[None, :], z, float("-inf"))
         # m_blk is -inf only where the tile's real columns all have -inf logits (masked tokens).
         m_blk = tl.max(z, axis=1)
@@ -172,6 +218,11 @@ def _linear_logprobs_fwd_kernel(
         s_blk = tl.sum(e, axis=1)
         # Padding columns and -inf logits have e == 0 but zc == -inf: keep 0 * inf out of the sum.
         u_blk = tl.sum(_p_times(e, zc), axis=1)
+        if STATS:
+            s2 = _merge_sq(m, s2, m_blk, tl.sum(e * e, axis=1))
+            z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+            before = cols[None, :] < tgt32[:, None]
+            m_before = tl.maximum(m_before, tl.max(tl.where(before, z, float("-inf")), axis=1))
         m, s, u = _merge_stats(m, s, u, m_blk, s_blk, u_blk)
         z_tgt += tl.sum(tl.where(cols[None, :] == tgt32[:, None], z, 0.0), axis=1)
 
@@ -180,19 +231,25 @@ def _linear_logprobs_fwd_kernel(
         tl.store(logp_ptr + rows, logp, mask=row_mask)
         tl.store(ent_ptr + rows, entropy, mask=row_mask)
         tl.store(lse_ptr + rows, lse, mask=row_mask)
+        if STATS:
+            _store_stats(stats_ptr, rows, row_mask, N, V, m, s, z_tgt, s2, z_sum, m_before, valid)
     else:
         off = split.to(tl.int64) * N + rows
         tl.store(part_ptr + off, m, mask=row_mask)
         tl.store(part_ptr + plane + off, s, mask=row_mask)
         tl.store(part_ptr + 2 * plane + off, u, mask=row_mask)
         tl.store(part_ptr + 3 * plane + off, z_tgt, mask=row_mask)
+        if STATS:
+            tl.store(part_ptr + 4 * plane + off, s2, mask=row_mask)
+            tl.store(part_ptr + 5 * plane + off, z_sum, mask=row_mask)
+            tl.store(part_ptr + 6 * plane + off, m_before, mask=row_mask)
 
 
 @triton.jit
 def _linear_logprobs_combine_kernel(
-    part_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr,
-    N, ignore_index, n_split, plane,  # plane = n_split * N
-    BLOCK: tl.constexpr,
+    part_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, stats_ptr,
+    N, V, ignore_index, n_split, plane,  # plane = n_split * N
+    STATS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < N
@@ -201,11 +258,18 @@ def _linear_logprobs_combine_kernel(
     s = tl.zeros((BLOCK,), dtype=tl.float32)
     u = tl.zeros((BLOCK,), dtype=tl.float32)
     z_tgt = tl.zeros((BLOCK,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    z_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    m_before = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     off = rows.to(tl.int64)
     for _ in range(0, n_split):
         m_i = tl.load(part_ptr + off, mask=row_mask, other=float("-inf"))
         s_i = tl.load(part_ptr + plane + off, mask=row_mask, other=0.0)
         u_i = tl.load(part_ptr + 2 * plane + off, mask=row_mask, other=0.0)
+        if STATS:
+            s2 = _merge_sq(m, s2, m_i, tl.load(part_ptr + 4 * plane + off, mask=row_mask, other=0.0))
+            z_sum += tl.load(part_ptr + 5 * plane + off, mask=row_mask, other=0.0)
+            m_before = tl.maximum(m_before, tl.load(part_ptr + 6 * plane + off, mask=row_mask, other=float("-inf")))
         m, s, u = _merge_stats(m, s, u, m_i, s_i, u_i)
         # Only the split holding the target column saw it; the others contributed 0.
         z_tgt += tl.load(part_ptr + 3 * plane + off, mask=row_mask, other=0.0)
@@ -215,6 +279,8 @@ def _linear_logprobs_combine_kernel(
     tl.store(logp_ptr + rows, logp, mask=row_mask)
     tl.store(ent_ptr + rows, entropy, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
+    if STATS:
+        _store_stats(stats_ptr, rows, row_mask, N, V, m, s, z_tgt, s2, z_sum, m_before, valid)
 
 
 @triton.jit
@@ -265,8 +331,8 @@ def _add_tile_grads(
 def _linear_logprobs_bwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
     dh_ptr, dw_ptr, db_ptr,  # fp32 workspaces, accumulated with atomics
-    N, H, V, inv_t, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    N, H, V, tile_scale, inv_t, cap_scale, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -293,9 +359,12 @@ def _linear_logprobs_bwd_kernel(
     # A block of only ignored (or padding) rows has dz == 0: skip the recompute and the atomics.
     if tl.max(valid.to(tl.int32), axis=0) > 0:
         z = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, valid, cols, col_mask, H, inv_t,
+            h_ptr, w_ptr, b_ptr, rows, valid, cols, col_mask, H, tile_scale,
             HAS_BIAS, UPCAST, DOT_PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
         )
+        if SOFTCAP:
+            th = _tanh(z)
+            z = th * inv_t
         lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
         g_lp = tl.load(glp_ptr + rows, mask=valid, other=0.0)
         logp = z - lse[:, None]
@@ -307,6 +376,8 @@ def _linear_logprobs_bwd_kernel(
             dz -= g_h[:, None] * _p_times(p, logp + ent[:, None])
         # The temperature's chain-rule factor is folded into dz once, before the GEMMs.
         dz = tl.where(valid[:, None] & col_mask[None, :], dz, 0.0) * inv_t
+        if SOFTCAP:
+            dz = dz * (cap_scale * (1.0 - th * th))
 
         _add_tile_grads(
             dz, rows, cols, valid, col_mask, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, H,
@@ -396,8 +467,10 @@ def _on_device(device: torch.device):
 # ----------------------------------------------------------------------------------------------
 
 
-def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temperature: float, ignore_index: int):
-    """(logprobs[N], entropy[N], lse[N]), all float32; see the module docstring for the math."""
+def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temperature: float, softcap_scale: float,
+                        ignore_index: int, with_stats: bool):
+    """(logprobs[N], entropy[N], lse[N], stats[3, N] or empty), all float32; see the module
+    docstring for the math."""
     n, h = hidden.shape
     v = weight.shape[0]
     interp = _interpreting()
@@ -405,6 +478,8 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temperature: float, i
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     ent = torch.empty(n, dtype=torch.float32, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
+    stats = torch.empty((3, n) if with_stats else (0,), dtype=torch.float32, device=dev)
+    softcap = softcap_scale > 0.0
 
     cfg = fwd_config(n, hidden.dtype, interp)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -415,30 +490,31 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temperature: float, i
     v_per_split = triton.cdiv(n_vocab_blocks, split) * bn
     split = triton.cdiv(v, v_per_split)
     finalize = split == 1
-    part = logp if finalize else torch.empty(4, split, n, dtype=torch.float32, device=dev)
+    part = logp if finalize else torch.empty(7 if with_stats else 4, split, n, dtype=torch.float32, device=dev)
 
     with _on_device(dev):
         _linear_logprobs_fwd_kernel[(n_row_blocks, split)](
             hidden, weight, hidden if bias is None else bias, targets,
-            logp, ent, lse, part,
-            n, h, v, float(inv_temperature), int(ignore_index), v_per_split, split * n,
-            HAS_BIAS=bias is not None, FINALIZE=finalize,
+            logp, ent, lse, stats if with_stats else logp, part,
+            n, h, v, float(softcap_scale if softcap else inv_temperature), float(inv_temperature),
+            float(softcap_scale), int(ignore_index), v_per_split, split * n,
+            HAS_BIAS=bias is not None, FINALIZE=finalize, SOFTCAP=softcap, STATS=bool(with_stats),
             UPCAST=interp, DOT_PRECISION=_dot_precision(interp), EVEN_K=h % bk == 0,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if not finalize:
             _linear_logprobs_combine_kernel[(triton.cdiv(n, COMBINE_BLOCK),)](
-                part, targets, logp, ent, lse,
-                n, int(ignore_index), split, split * n,
-                BLOCK=COMBINE_BLOCK, num_warps=4,
+                part, targets, logp, ent, lse, stats if with_stats else logp,
+                n, v, int(ignore_index), split, split * n,
+                STATS=bool(with_stats), BLOCK=COMBINE_BLOCK, num_warps=4,
             )
-    return logp, ent, lse
+    return logp, ent, lse, stats
 
 
 def linear_logprobs_bwd(
     hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
-    inv_temperature: float, ignore_index: int, need_grad_hidden: bool, need_grad_weight: bool,
+    inv_temperature: float, softcap_scale: float, ignore_index: int, need_grad_hidden: bool, need_grad_weight: bool,
 ):
     """(grad_hidden, grad_weight, grad_bias); each is torch.empty(0) when not requested.
 
@@ -465,8 +541,9 @@ def linear_logprobs_bwd(
                 grad_logprobs, grad_logprobs if grad_entropy is None else grad_entropy,
                 # Unused outputs get a harmless real fp32 pointer; their constexpr flag is off.
                 lse if dh is None else dh, lse if dw is None else dw, lse if db is None else db,
-                n, h, v, float(inv_temperature), int(ignore_index),
-                HAS_BIAS=need_b, HAS_GRAD_ENTROPY=grad_entropy is not None,
+                n, h, v, float(softcap_scale if softcap_scale > 0.0 else inv_temperature), float(inv_temperature),
+                float(softcap_scale), int(ignore_index),
+                HAS_BIAS=need_b, HAS_GRAD_ENTROPY=grad_entropy is not None, SOFTCAP=softcap_scale > 0.0,
                 NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
                 UPCAST=interp, DOT_PRECISION=_dot_precision(interp), EVEN_K=h % bk == 0,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],

@@ -10,6 +10,8 @@ valid token with log-prob x, old log-prob x_old, advantage A and delta = x - x_o
     cispo /    l = -sg(clip(r, lo, hi)) A x,  dl/dx = -clip(r, lo, hi) A
     reinforce
     KL, d = x_ref - x: k1 = -d (dk/dx = 1), k2 = d^2/2 (-d), k3 = e^d - d - 1 (1 - e^d; d clamped to +-20)
+    KL_RATIO: the KL term is r k (r the loss's ratio, differentiable): d(r k)/dx = r dk/dx + r k,
+               the second part through gspo's s_b for gspo (into the row's sequence gradient)
 
 The loss is sum_t m_t f_b / D [rho_t l_t + kl_coef k_t - entropy_coef H_t], with f_b = 1/L_b
 for seq-mean-token-mean (L_b = valid tokens of row b) and 1 otherwise, and D the batch
@@ -51,9 +53,10 @@ LOG_RATIO_CLAMP = 20.0
 def _token_terms(
     x, x_old, adv, x_ref, seq_log_r, lo, hi, dual_clip, tau_pos, tau_neg,
     METHOD: tl.constexpr, KL_EST: tl.constexpr, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr,
-    CLAMP: tl.constexpr,
+    KL_RATIO: tl.constexpr, CLAMP: tl.constexpr,
 ):
-    """(l, dl, ratio, approx_kl, clip_low, clip_high, k, dk) of a block of tokens (see the module docstring)."""
+    """(l, dl, ratio, approx_kl, clip_low, clip_high, k, dk, dk_seq) of a block of tokens (see the
+    module docstring); dk_seq is gspo's d(s k)/dlog s with KL_RATIO, else 0."""
     delta = x - x_old
     log_rt = tl.minimum(tl.maximum(delta, -CLAMP), CLAMP)
     rt = tl.exp(log_rt)
@@ -105,7 +108,16 @@ def _token_terms(
     else:
         kl = tl.zeros_like(delta)
         dkl = kl
-    return pol, d, r, approx_kl, clip_lo, clip_hi, kl, dkl
+    dkl_seq = tl.zeros_like(delta)
+    if KL_RATIO:
+        rk = tl.where(passes, r * kl, 0.0)
+        if METHOD == 3:
+            dkl = r * dkl
+            dkl_seq = rk
+        else:
+            dkl = r * dkl + rk
+        kl = r * kl
+    return pol, d, r, approx_kl, clip_lo, clip_hi, kl, dkl, dkl_seq
 
 
 @triton.jit
@@ -115,7 +127,7 @@ def _policy_loss_fwd_kernel(
     T, lo, hi, dual_clip, tau_pos, tau_neg, kl_coef, ent_coef,
     METHOD: tl.constexpr, AGG: tl.constexpr, KL_EST: tl.constexpr,
     HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_DUAL: tl.constexpr,
-    NEED_GENT: tl.constexpr, ADV_PER_ROW: tl.constexpr, BLOCK_T: tl.constexpr,
+    KL_RATIO: tl.constexpr, NEED_GENT: tl.constexpr, ADV_PER_ROW: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     CLAMP: tl.constexpr = 20.0
     GSPO_: tl.constexpr = METHOD == 3
@@ -174,9 +186,9 @@ def _policy_loss_fwd_kernel(
             x_ref = tl.where(valid, tl.load(ref_ptr + base + offs, mask=inb, other=0.0), 0.0)
         else:
             x_ref = zero
-        pol, d, r, akl, clo, chi, kl, dkl = _token_terms(
+        pol, d, r, akl, clo, chi, kl, dkl, dkl_seq = _token_terms(
             x, x_old, adv, x_ref, seq_log_r, lo, hi, dual_clip, tau_pos, tau_neg,
-            METHOD, KL_EST, HAS_REF, HAS_DUAL, CLAMP,
+            METHOD, KL_EST, HAS_REF, HAS_DUAL, KL_RATIO, CLAMP,
         )
         if HAS_ISW:
             rho = tl.where(valid, tl.load(isw_ptr + base + offs, mask=inb, other=0.0), 0.0)
@@ -201,7 +213,7 @@ def _policy_loss_fwd_kernel(
         a_h += h
         g = kl_coef * dkl
         if GSPO_:
-            a_gseq += tl.where(valid, rho * d, 0.0)
+            a_gseq += tl.where(valid, rho * d + kl_coef * dkl_seq, 0.0)
         else:
             g += rho * d
         tl.store(glp_ptr + base + offs, tl.where(valid, f * g, 0.0), mask=inb)
@@ -264,15 +276,18 @@ def _policy_loss_finalize_kernel(
     ksum = tl.sum(tl.where(cols == 10, s, 0.0), axis=0)
     hsum = tl.sum(tl.where(cols == 11, s, 0.0), axis=0)
 
-    # The count of the normaliser: num_items when given, else tokens (token-mean) or rows.
+    # The count of the normaliser: num_items when given, else tokens (token-mean) or rows; at least 1.
     if AGG == 0:
         count = n
     else:
         count = B + 0.0 * n
-    count = tl.where(num_items_value > 0, num_items_value, count)
+    count = tl.maximum(tl.where(num_items_value > 0, num_items_value, count), 1.0)
     if NUM_ITEMS_FROM_PTR:
-        count = tl.load(num_items_ptr).to(tl.float32)
-    inv = 1.0 / (tl.maximum(count, 1.0) * norm_scale)
+        # A tensor's value, unchecked: csrc/policy_loss_math.h tensor_items' rule (below 1 counts
+        # as 1; NaN or +-inf gives NaN: v - v is 0 for finite v, NaN otherwise).
+        v = tl.load(num_items_ptr).to(tl.float32)
+        count = tl.where(v < 1.0, 1.0, v) + (v - v)
+    inv = 1.0 / (count * norm_scale)
     inv_n = 1.0 / tl.maximum(n, 1.0)
     tl.store(loss_ptr, (pol + kl_coef * kl - ent_coef * ent) * inv)
     tl.store(stats_ptr + 0, inv)
@@ -298,7 +313,7 @@ def policy_loss_fwd(
     logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, num_items,
     method: int, agg: int, ratio_lo: float, ratio_hi: float, dual_clip: float, tau_pos: float, tau_neg: float,
     kl_coef: float, kl_estimator: int, entropy_coef: float, num_items_value: float, norm_scale: float,
-    need_grad_entropy: bool,
+    kl_ratio_weighted: bool, need_grad_entropy: bool,
 ):
     """(loss [] f32, stats [NUM_STATS] f32, grad_logprobs [B, T] f32, grad_entropy [B, T] f32 | empty).
 
@@ -328,7 +343,8 @@ def policy_loss_fwd(
                 float(kl_coef), float(entropy_coef),
                 METHOD=int(method), AGG=int(agg), KL_EST=int(kl_estimator),
                 HAS_REF=ref_logprobs is not None, HAS_ENT=entropy is not None, HAS_ISW=is_weights is not None,
-                HAS_DUAL=dual_clip > 0, NEED_GENT=bool(need_grad_entropy), ADV_PER_ROW=advantages.dim() == 1,
+                HAS_DUAL=dual_clip > 0, KL_RATIO=bool(kl_ratio_weighted) and ref_logprobs is not None,
+                NEED_GENT=bool(need_grad_entropy), ADV_PER_ROW=advantages.dim() == 1,
                 BLOCK_T=block_t, num_warps=4 if block_t <= 512 else 8,
             )
         _policy_loss_finalize_kernel[(1,)](

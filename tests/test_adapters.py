@@ -1,5 +1,6 @@
 """Adapters: the TRL/Liger GRPO drop-in against Liger's own LigerFusedLinearGRPOLoss (run on CPU:
-its chunked loss is plain PyTorch), the verl log-prob/entropy contract, and the examples."""
+its chunked loss is plain PyTorch), use_bias_correction_kl included, the verl log-prob/entropy
+contract, and the examples."""
 
 import importlib.util
 import os
@@ -30,6 +31,7 @@ CASES = [
     dict(loss_type="dapo", epsilon_high=0.28),
     dict(loss_type="dapo", delta=2.0),
     dict(loss_type="dapo", num_items_in_batch=50),
+    dict(loss_type="dapo", num_items_in_batch=0),  # a step without tokens: Liger clamps the count at 1
     dict(loss_type="cispo", epsilon_high=1.2),
     dict(loss_type="sapo", sapo_temperature_neg=2.0),
     dict(loss_type="grpo", importance_sampling_level="sequence", epsilon_low=0.05, epsilon_high=0.05),
@@ -39,6 +41,12 @@ CASES = [
     dict(loss_type="dapo", vllm_is_ratio="BT"),
     dict(loss_type="grpo", vllm_is_ratio="B"),
     dict(loss_type="dapo", ref_input=True),
+    # TRL 1.12's default: the KL term times the importance ratio (DeepSeek-V3.2)
+    dict(loss_type="dapo", use_bias_correction_kl=True),
+    dict(loss_type="grpo", importance_sampling_level="sequence", use_bias_correction_kl=True),
+    dict(loss_type="cispo", epsilon_high=1.2, use_bias_correction_kl=True, vllm_is_ratio="BT"),
+    dict(loss_type="sapo", use_bias_correction_kl=True, on_policy=True),
+    dict(loss_type="dapo", beta=0.0, use_bias_correction_kl=True),
 ]
 
 
@@ -95,8 +103,8 @@ def test_drop_in_matches_liger(backend, case):
 def test_drop_in_rejects_what_it_cannot_match():
     with pytest.raises(NotImplementedError, match="luspo"):
         FusedLinearGRPOLoss(loss_type="luspo")
-    with pytest.raises(NotImplementedError, match="use_bias_correction_kl"):
-        FusedLinearGRPOLoss(use_bias_correction_kl=True)
+    with pytest.raises(NotImplementedError, match="vespo"):
+        FusedLinearGRPOLoss(loss_type="vespo")
     with pytest.raises(ValueError, match="max_completion_length"):
         FusedLinearGRPOLoss(loss_type="dr_grpo")
     with pytest.raises(ValueError, match="delta"):

@@ -10,21 +10,21 @@
 namespace erpd {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double inv_temperature, int64_t ignore_index) {
-  return linear_logprobs::forward_blocked(hidden, weight, bias, targets, inv_temperature, ignore_index,
-                                         cpu::CpuEpilogue{});
+    const at::Tensor& targets, double inv_temperature, double softcap_scale, int64_t ignore_index, bool with_stats) {
+  return linear_logprobs::forward_blocked(hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index,
+                                          with_stats, cpu::CpuEpilogue{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
     const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
-    double inv_temperature, int64_t ignore_index, bool need_grad_hidden, bool need_grad_weight) {
+    double inv_temperature, double softcap_scale, int64_t ignore_index, bool need_grad_hidden, bool need_grad_weight) {
   return linear_logprobs::backward_blocked(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
-                                           inv_temperature, ignore_index, need_grad_hidden, need_grad_weight,
-                                           cpu::CpuEpilogue{});
+                                           inv_temperature, softcap_scale, ignore_index, need_grad_hidden,
+                                           need_grad_weight, cpu::CpuEpilogue{});
 }
 
 }  // namespace

@@ -22,17 +22,17 @@
 namespace erpd {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double inv_temperature, int64_t ignore_index,
+    const at::Tensor& targets, double inv_temperature, double softcap_scale, int64_t ignore_index,
     const c10::optional<at::Tensor>& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
     const c10::optional<at::Tensor>& ref_logprobs, const c10::optional<at::Tensor>& is_weights,
     const c10::optional<at::Tensor>& num_items, int64_t method, int64_t agg, double ratio_lo, double ratio_hi,
     double dual_clip, double tau_pos, double tau_neg, double kl_coef, int64_t kl_estimator, double entropy_coef,
-    double num_items_value, double norm_scale, bool need_grad_hidden, bool need_grad_weight) {
+    double num_items_value, double norm_scale, bool kl_ratio_weighted, bool need_grad_hidden, bool need_grad_weight) {
   const policy::Params p = policy_cpu::fused_params(hidden, targets, old_logprobs, advantages, mask, ref_logprobs,
                                                     is_weights, method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos,
-                                                    tau_neg, kl_coef, kl_estimator, entropy_coef);
+                                                    tau_neg, kl_coef, kl_estimator, entropy_coef, kl_ratio_weighted);
   const int64_t B = mask.size(0), T = mask.size(1), n = hidden.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
   const float items = policy_cpu::num_items(num_items, num_items_value);
@@ -56,11 +56,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
   at::Tensor* g_ent_ptr = grad_ent ? &*grad_ent : nullptr;
   const cpu::CpuEpilogue ep;
   policy::Acc total;
-  at::Tensor gh, gw, gb;
+  at::Tensor gh, gw, gb, logprobs;
 
   if (method == policy::kGSPO) {
-    auto [logp, ent, lse] =
-        linear_logprobs::forward_blocked(hidden, weight, bias, targets, inv_temperature, ignore_index, ep);
+    auto [logp, ent, lse, unused] = linear_logprobs::forward_blocked(
+        hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index, /*with_stats=*/false, ep);
+    logprobs = logp;
     const at::Tensor lp2 = logp.view({B, T});
     const c10::optional<at::Tensor> ent2 = ent.view({B, T});
     const policy::Batch in = policy_cpu::batch(lp2, old, advantages, mask, ref_logprobs, ent2, is_weights, grad_lp,
@@ -75,8 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     if (grad_ent) grad_ent->mul_(inv);
     std::tie(gh, gw, gb) = linear_logprobs::backward_blocked(
         hidden, weight, bias, targets, lse, ent, grad_lp.view({n}),
-        grad_ent ? c10::optional<at::Tensor>(grad_ent->view({n})) : c10::nullopt, inv_temperature, ignore_index,
-        need_grad_hidden, need_grad_weight, ep);
+        grad_ent ? c10::optional<at::Tensor>(grad_ent->view({n})) : c10::nullopt, inv_temperature, softcap_scale,
+        ignore_index, need_grad_hidden, need_grad_weight, ep);
   } else {
     float* glp = grad_lp.data_ptr<float>();
     float* gen = grad_ent ? grad_ent->data_ptr<float>() : nullptr;
@@ -99,13 +100,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     };
     at::Tensor logp, ent;
     std::tie(logp, ent, gh, gw, gb) = linear_logprobs::forward_with_grads(
-        hidden, weight, bias, targets, inv_temperature, ignore_index, grad_lp.view({n}),
+        hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index, grad_lp.view({n}),
         grad_ent ? c10::optional<at::Tensor>(grad_ent->view({n})) : c10::nullopt, need_grad_hidden, need_grad_weight,
         ep, step);
+    logprobs = logp;
   }
   at::Tensor loss = at::empty({}, f32), stats = at::empty({policy::kNumStats}, f32);
   policy::finalize(p, total, B, items, float(norm_scale), loss.data_ptr<float>(), stats.data_ptr<float>());
-  return {loss, stats, gh, gw, gb};
+  return {loss, stats, gh, gw, gb, logprobs};
 }
 
 }  // namespace

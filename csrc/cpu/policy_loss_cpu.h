@@ -47,7 +47,7 @@ inline void check_batch(const at::Tensor& logprobs, const c10::optional<at::Tens
 
 inline policy::Params make_params(int64_t method, int64_t agg, double lo, double hi, double dual_clip, double tau_pos,
                                   double tau_neg, double kl_coef, int64_t kl_estimator, double entropy_coef,
-                                  bool has_ref, bool has_entropy) {
+                                  bool kl_ratio_weighted, bool has_ref, bool has_entropy) {
   TORCH_CHECK(method >= policy::kPPO && method <= policy::kReinforce, "unknown policy-loss method code ", method);
   TORCH_CHECK(agg >= policy::kTokenMean && agg <= policy::kSeqMeanTokenSumNorm, "unknown aggregation code ", agg);
   TORCH_CHECK(kl_estimator >= policy::kK1 && kl_estimator <= policy::kK3, "unknown KL estimator code ", kl_estimator);
@@ -64,6 +64,7 @@ inline policy::Params make_params(int64_t method, int64_t agg, double lo, double
   p.entropy_coef = float(entropy_coef);
   p.has_ref = has_ref;
   p.has_entropy = has_entropy;
+  p.kl_ratio = kl_ratio_weighted;
   return p;
 }
 
@@ -97,14 +98,14 @@ inline policy::Params fused_params(const at::Tensor& hidden, const at::Tensor& t
                                    const at::Tensor& mask, const c10::optional<at::Tensor>& ref_logprobs,
                                    const c10::optional<at::Tensor>& is_weights, int64_t method, int64_t agg,
                                    double lo, double hi, double dual_clip, double tau_pos, double tau_neg,
-                                   double kl_coef, int64_t kl_estimator, double entropy_coef) {
+                                   double kl_coef, int64_t kl_estimator, double entropy_coef, bool kl_ratio_weighted) {
   TORCH_CHECK(mask.dim() == 2, "mask must be [B, T]");
   const int64_t n = mask.numel();
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == n, "hidden must be [B * T, H] for a [B, T] mask");
   TORCH_CHECK(targets.numel() == n, "targets must have B * T entries");
   check_per_token(mask.sizes(), old_logprobs, advantages, mask, ref_logprobs, c10::nullopt, is_weights);
   return make_params(method, agg, lo, hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
-                     ref_logprobs.has_value(), /*has_entropy=*/true);
+                     kl_ratio_weighted, ref_logprobs.has_value(), /*has_entropy=*/true);
 }
 
 // Every given tensor is on `device` (the raw-pointer code would otherwise read another device's
@@ -123,10 +124,11 @@ inline void check_devices(const at::Device& device, std::initializer_list<Named>
   TORCH_CHECK(!num_items || num_items->numel() == 1, "num_items must have one element");
 }
 
-// A tensor `num_items` (a CPU scalar here: this reads it on the host) wins over the float; <= 0
-// means "not given". The CUDA ops pass it to their kernels instead.
+// num_items as policy::inv_norm takes it: a tensor's value (a CPU scalar here: this reads it on
+// the host) through policy::tensor_items, else the float (0: not given). The CUDA ops pass the
+// tensor to their kernels instead.
 inline float num_items(const c10::optional<at::Tensor>& t, double value) {
-  return t ? t->to(at::kFloat).item<float>() : float(value);
+  return t ? policy::tensor_items(t->to(at::kFloat).item<float>()) : float(value);
 }
 
 }  // namespace policy_cpu

@@ -11,21 +11,22 @@
 namespace erpd {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double inv_temperature, int64_t ignore_index) {
+    const at::Tensor& targets, double inv_temperature, double softcap_scale, int64_t ignore_index, bool with_stats) {
   const c10::cuda::CUDAGuard guard(hidden.device());
-  return linear_logprobs::forward(hidden, weight, bias, targets, inv_temperature, ignore_index, cuda::CudaEpilogue{});
+  return linear_logprobs::forward(hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index,
+                                  with_stats, cuda::CudaEpilogue{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
     const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
-    double inv_temperature, int64_t ignore_index, bool need_grad_hidden, bool need_grad_weight) {
+    double inv_temperature, double softcap_scale, int64_t ignore_index, bool need_grad_hidden, bool need_grad_weight) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   return linear_logprobs::backward(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
-                                   inv_temperature, ignore_index, need_grad_hidden, need_grad_weight,
+                                   inv_temperature, softcap_scale, ignore_index, need_grad_hidden, need_grad_weight,
                                    cuda::CudaEpilogue{});
 }
 

@@ -25,17 +25,17 @@
 namespace erpd {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double inv_temperature, int64_t ignore_index,
+    const at::Tensor& targets, double inv_temperature, double softcap_scale, int64_t ignore_index,
     const c10::optional<at::Tensor>& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
     const c10::optional<at::Tensor>& ref_logprobs, const c10::optional<at::Tensor>& is_weights,
     const c10::optional<at::Tensor>& num_items, int64_t method, int64_t agg, double ratio_lo, double ratio_hi,
     double dual_clip, double tau_pos, double tau_neg, double kl_coef, int64_t kl_estimator, double entropy_coef,
-    double num_items_value, double norm_scale, bool need_grad_hidden, bool need_grad_weight) {
+    double num_items_value, double norm_scale, bool kl_ratio_weighted, bool need_grad_hidden, bool need_grad_weight) {
   const policy::Params p = policy_cpu::fused_params(hidden, targets, old_logprobs, advantages, mask, ref_logprobs,
                                                     is_weights, method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos,
-                                                    tau_neg, kl_coef, kl_estimator, entropy_coef);
+                                                    tau_neg, kl_coef, kl_estimator, entropy_coef, kl_ratio_weighted);
   const int64_t B = mask.size(0), T = mask.size(1), n = hidden.size(0);
   const at::Device dev = hidden.device();
   TORCH_CHECK(dev.is_cuda(), "hidden must be a CUDA tensor");
@@ -58,10 +58,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
   const cuda::CudaEpilogue ep;
   at::Tensor partials = at::empty({B, policy::kNumParts}, f32.dtype(at::kDouble));
   at::Tensor loss = at::empty({}, f32), stats = at::empty({policy::kNumStats}, f32);
-  at::Tensor gh, gw, gb;
+  at::Tensor gh, gw, gb, logprobs;
 
   if (method == policy::kGSPO) {
-    auto [logp, ent, lse] = linear_logprobs::forward(hidden, weight, bias, targets, inv_temperature, ignore_index, ep);
+    auto [logp, ent, lse, unused] = linear_logprobs::forward(hidden, weight, bias, targets, inv_temperature,
+                                                             softcap_scale, ignore_index, /*with_stats=*/false, ep);
+    logprobs = logp;
     const at::Tensor lp2 = logp.view({B, T});
     const c10::optional<at::Tensor> ent2 = ent.view({B, T});
     const policy::Batch in = policy_cpu::batch(lp2, old, advantages, mask, ref_logprobs, ent2, is_weights, grad_lp,
@@ -76,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     if (grad_ent) grad_ent->mul_(inv);
     std::tie(gh, gw, gb) = linear_logprobs::backward(
         hidden, weight, bias, targets, lse, ent, grad_lp.view({n}),
-        grad_ent ? c10::optional<at::Tensor>(grad_ent->view({n})) : c10::nullopt, inv_temperature, ignore_index,
-        need_grad_hidden, need_grad_weight, ep);
+        grad_ent ? c10::optional<at::Tensor>(grad_ent->view({n})) : c10::nullopt, inv_temperature, softcap_scale,
+        ignore_index, need_grad_hidden, need_grad_weight, ep);
   } else {
     // Row factors and 1/D from the mask, before any gradient is written.
     at::Tensor row_f = at::empty({B}, f32), lengths = at::empty({B}, f32), inv = at::empty({}, f32);
@@ -94,14 +96,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     };
     at::Tensor logp, ent;
     std::tie(logp, ent, gh, gw, gb) = linear_logprobs::forward_with_grads(
-        hidden, weight, bias, targets, inv_temperature, ignore_index, grad_lp.view({n}),
+        hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index, grad_lp.view({n}),
         grad_ent ? c10::optional<at::Tensor>(grad_ent->view({n})) : c10::nullopt, need_grad_hidden, need_grad_weight,
         ep, step);
+    logprobs = logp;
     C10_CUDA_CHECK(cuda::policy_loss_finalize(p, partials.data_ptr<double>(), B, items_ptr, float(num_items_value),
                                               float(norm_scale), loss.data_ptr<float>(), stats.data_ptr<float>(),
                                               stream));
   }
-  return {loss, stats, gh, gw, gb};
+  return {loss, stats, gh, gw, gb, logprobs};
 }
 
 }  // namespace

@@ -19,7 +19,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     const c10::optional<at::Tensor>& ref_logprobs, const c10::optional<at::Tensor>& entropy,
     const c10::optional<at::Tensor>& is_weights, const c10::optional<at::Tensor>& num_items, int64_t method,
     int64_t agg, double ratio_lo, double ratio_hi, double dual_clip, double tau_pos, double tau_neg, double kl_coef,
-    int64_t kl_estimator, double entropy_coef, double num_items_value, double norm_scale, bool need_grad_entropy) {
+    int64_t kl_estimator, double entropy_coef, double num_items_value, double norm_scale, bool kl_ratio_weighted,
+    bool need_grad_entropy) {
   policy_cpu::check_batch(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights);
   const at::Device dev = logprobs.device();
   TORCH_CHECK(dev.is_cuda(), "logprobs must be a CUDA tensor");
@@ -29,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
                             num_items);
   const c10::cuda::CUDAGuard guard(dev);
   const policy::Params p = policy_cpu::make_params(method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef,
-                                                   kl_estimator, entropy_coef, ref_logprobs.has_value(),
+                                                   kl_estimator, entropy_coef, kl_ratio_weighted, ref_logprobs.has_value(),
                                                    entropy.has_value());
   const int64_t B = logprobs.size(0), T = logprobs.size(1);
   const auto f32 = logprobs.options();

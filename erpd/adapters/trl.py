@@ -1,12 +1,39 @@
-"""A drop-in for Liger-Kernel's ``LigerFusedLinearGRPOLoss``, on :func:`erpd.linear_policy_loss`.
+"""erpd inside TRL's trainers. Which entry point serves which TRL version:
 
-TRL's GRPOTrainer (``use_liger_kernel=True``) builds a ``LigerFusedLinearGRPOLoss`` from its
-config and calls it with the completion hidden states, the LM head and the batch; this module
-has the same constructor arguments, the same call signature and the same return convention
-``(loss, metrics)`` with ``metrics = (mean KL,)`` when ``beta != 0`` followed by
-``(clip ratio,)``. Swap it in with, e.g.::
+=====================  =====================================================================
+TRL 1.15, 1.16         :func:`use_erpd`: one call before building the trainer, after which
+(tested: 1.16.0)       every model that TRL gives a fused LM head (``add_fused_lm_head``:
+                       GRPO, RLOO, SFT, DPO, KTO) computes all of its per-token fields with
+                       erpd's kernels (:func:`erpd.linear_token_stats`), softcapped and
+                       scaled heads included.
+TRL 1.8 to 1.13        :class:`FusedLinearGRPOLoss` as ``trainer.liger_loss`` of a GRPOTrainer
+                       built with ``use_liger_kernel=True`` (Liger's module up to 1.12, TRL's
+                       own ``trl.losses.FusedLinearGRPOLoss`` in 1.13: same call).
+TRL up to 1.7          :class:`FusedLinearGRPOLoss` as ``trainer.liger_grpo_loss``.
+TRL 1.14               neither: ``liger_loss`` is gone and the per-token head has another
+                       contract (a two-output kernel the trainers import by name).
+=====================  =====================================================================
 
-    trainer.liger_grpo_loss = erpd.adapters.trl.FusedLinearGRPOLoss(beta=args.beta, ...)
+GKD (TRL's experimental ``GKDTrainer``) is :mod:`erpd.adapters.trl_gkd`.
+
+:func:`use_erpd` replaces the kernel behind TRL's ``add_fused_lm_head``
+(``trl.trainer.utils._ChunkedLogProbFunction``, looked up on every forward), not the function:
+TRL keeps doing what its fused forward does around the kernel (label shifting, masking, PEFT,
+FSDP2 gathering, MoE auxiliary loss), and models patched before the call switch too. The
+kernel's contract is ``apply(hidden [N, H], weight [V, H], bias, targets [N], temperature,
+chunk_size, final_logit_softcapping, logit_scale, outputs) -> (log_probs, entropy,
+log_sum_sq_probs, mean_logits, is_top1)``, each None unless named in ``outputs``; log_probs and
+entropy are differentiable, the other three are metrics (SFT, KTO and DPO read them; GRPO and
+RLOO ask for log_probs and entropy only, so they cost nothing there). ``chunk_size`` is TRL's
+vocabulary tile and is ignored: erpd's backends block the vocabulary their own way.
+Not supported: DeepSpeed ZeRO-3 (TRL gathers the partitioned head again in its own backward;
+erpd's backward would see the partition), which raises.
+
+:class:`FusedLinearGRPOLoss` has the constructor, call signature and return convention
+``(loss, metrics)`` of Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (0.8.5), with ``metrics =
+(mean KL,)`` when ``beta != 0`` followed by ``(clip ratio,)``::
+
+    trainer.liger_loss = erpd.adapters.trl.FusedLinearGRPOLoss(beta=args.beta, ...)   # TRL 1.8-1.13
 
 How TRL's ``loss_type`` maps onto erpd (Liger 0.8.5 semantics):
 
@@ -25,8 +52,10 @@ How TRL's ``loss_type`` maps onto erpd (Liger 0.8.5 semantics):
 Liger); ``delta`` is erpd's ``dual_clip`` (identical to Liger's ``delta`` when
 ``delta >= 1 + epsilon_high``, which is required); ``beta`` the k3 ``kl_coef`` against
 ``ref_per_token_logps`` (or against log-probs computed here from ``ref_input`` / ``ref_weight``);
-``vllm_is_ratio`` the ``is_weights``. ``compiled`` and ``chunk_size`` are accepted and unused.
-Not supported (they raise): ``loss_type`` ``luspo`` / ``vespo`` and ``use_bias_correction_kl``.
+``use_bias_correction_kl`` (on by default in TRL 1.12 and 1.13) erpd's ``kl_ratio_weighted`` (the KL term times
+the importance ratio; no effect when ``beta == 0``); ``vllm_is_ratio`` the ``is_weights``.
+``compiled`` and ``chunk_size`` are accepted and unused. Not supported (they raise):
+``loss_type`` ``luspo`` / ``vespo``.
 
 Differences from Liger that remain: erpd clamps log-ratios at ±20 before exponentiating (Liger
 does not; it matters only for ratios beyond e^20), and it returns gradients computed by its own
@@ -35,9 +64,121 @@ kernels rather than by autograd over chunks.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from erpd.ops import linear_logprobs, linear_policy_loss
+from erpd.ops import linear_logprobs, linear_policy_loss, linear_token_stats
+
+# ---------------------------------------------------------------------------------------------
+# TRL 1.15+: the kernel behind add_fused_lm_head
+# ---------------------------------------------------------------------------------------------
+
+# The per-token fields of TRL's FusedCausalLMOutput, in the order the kernel returns them.
+FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+# The first TRL release whose add_fused_lm_head calls its kernel with this contract.
+FIRST_FUSED_HEAD_VERSION = "1.15.0"
+
+
+def head_transform(config) -> tuple[float, float | None]:
+    """(logit_scale, softcap) of a transformers model's LM head from its config, the factors its
+    forward applies to ``lm_head(h)`` before the softmax: ``final_logit_softcapping`` (Gemma 2/3),
+    a multiplier ``logit_scale`` (Cohere), ``output_multiplier`` or ``lm_head_multiplier``
+    (Falcon-H1), or ``logits_scaling``, which Granite and MiniCPM3 divide by and HyperCLOVA X
+    multiplies by. These are the attributes TRL's ``add_fused_lm_head`` reads (TRL 1.16)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(text, name, None)
+        if scale is not None:
+            break
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / text.logits_scaling
+    return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
+
+
+class FusedLMHeadKernel:
+    """TRL's fused-LM-head kernel contract (``_ChunkedLogProbFunction.apply``) computed by erpd;
+    ``backend`` picks erpd's backend. ``calls`` counts the calls (for tests and logs)."""
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+        self.calls = 0
+
+    def apply(self, hidden, weight, bias, targets, temperature, chunk_size=None, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("log_probs",)):
+        unknown = set(outputs) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"outputs {sorted(unknown)} are not fields of TRL's fused LM head {FIELDS}")
+        if hasattr(weight, "ds_id"):
+            raise NotImplementedError(
+                "erpd's TRL fused head does not support DeepSpeed ZeRO-3 (the head is partitioned again before the "
+                "backward); use ZeRO-2 or FSDP2"
+            )
+        self.calls += 1
+        kw = dict(bias=bias, temperature=float(temperature), logit_scale=float(logit_scale),
+                  softcap=None if final_logit_softcapping is None else float(final_logit_softcapping),
+                  backend=self.backend)
+        if set(outputs) <= {"log_probs", "entropy"}:
+            logp, entropy = linear_logprobs(hidden, weight, targets, with_entropy="entropy" in outputs, **kw)
+            return logp, entropy, None, None, None
+        s = linear_token_stats(hidden, weight, targets, **kw)
+        values = dict(log_probs=s.logprobs, entropy=s.entropy, log_sum_sq_probs=s.log_sum_sq_probs,
+                      mean_logits=s.mean_logits, is_top1=s.is_top1)
+        return tuple(values[f] if f == "log_probs" or f in outputs else None for f in FIELDS)
+
+
+class _Installed(contextlib.AbstractContextManager):
+    """What :func:`use_erpd` returns: ``.kernel`` (with its call count), ``.restore()``, or use it
+    as a context manager to restore TRL's own kernel on exit."""
+
+    def __init__(self, module, previous, kernel):
+        self.kernel, self._module, self._previous = kernel, module, previous
+
+    def restore(self) -> None:
+        self._module._ChunkedLogProbFunction = self._previous
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+def use_erpd(backend: str = "auto") -> _Installed:
+    """Make TRL's fused LM head (``add_fused_lm_head``, TRL >= 1.15) run erpd's kernels.
+
+    Call once, e.g. before building a ``GRPOTrainer`` or ``RLOOTrainer``; from then on every
+    ``model(..., labels=..., fused_lm_head=True)`` of a model with TRL's fused head computes its
+    log-probs, entropy and the other per-token fields with erpd (``backend`` as in
+    :func:`erpd.linear_logprobs`). Returns a handle whose ``restore()`` (or ``with`` exit) puts
+    TRL's kernel back. Raises RuntimeError on a TRL without the fused head.
+    """
+    import trl
+    from packaging.version import Version
+
+    version = Version(trl.__version__)
+    if version < Version(FIRST_FUSED_HEAD_VERSION):
+        raise RuntimeError(
+            f"erpd.adapters.trl.use_erpd needs TRL >= {FIRST_FUSED_HEAD_VERSION} (its fused LM head); TRL "
+            f"{trl.__version__} is installed. For TRL <= 1.13 use erpd.adapters.trl.FusedLinearGRPOLoss as the "
+            "GRPOTrainer's liger_loss (1.8-1.13) or liger_grpo_loss (<= 1.7); TRL 1.14 is not served."
+        )
+    from trl.trainer import utils
+
+    if not hasattr(utils, "add_fused_lm_head") or not hasattr(utils, "_ChunkedLogProbFunction"):
+        raise RuntimeError(
+            f"TRL {trl.__version__} has no trl.trainer.utils.add_fused_lm_head / _ChunkedLogProbFunction: its fused "
+            "LM head changed; erpd.adapters.trl.use_erpd was written for TRL 1.15-1.16"
+        )
+    kernel = FusedLMHeadKernel(backend)
+    installed = _Installed(utils, utils._ChunkedLogProbFunction, kernel)
+    utils._ChunkedLogProbFunction = kernel
+    return installed
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL <= 1.13: the Liger-signature GRPO loss
+# ---------------------------------------------------------------------------------------------
 
 _AGG = {
     "grpo": "seq-mean-token-mean",
@@ -86,8 +227,6 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             raise NotImplementedError(
                 f"loss_type={loss_type!r} is not supported by erpd's GRPO drop-in; supported: {tuple(_AGG)}"
             )
-        if use_bias_correction_kl:
-            raise NotImplementedError("use_bias_correction_kl=True (IS-corrected k3) is not supported by erpd")
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
         if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo"):
@@ -112,6 +251,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.sapo_temperature_neg = sapo_temperature_neg
         self.temperature = temperature
         self.delta = delta
+        self.use_bias_correction_kl = bool(use_bias_correction_kl)
         self.backend = backend
 
     def _options(self) -> dict:
@@ -133,12 +273,16 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     def _dapo_normalizer(self, attention_mask, num_items_in_batch):
         world = _world_size()
         if num_items_in_batch is not None:
-            return num_items_in_batch / world
-        if world == 1:
+            count = num_items_in_batch
+        elif world == 1:
             return None  # this call's token count
-        count = (attention_mask != 0).sum().to(torch.float32)
-        torch.distributed.all_reduce(count)
-        return count / world
+        else:
+            count = (attention_mask != 0).sum().to(torch.float32)
+            torch.distributed.all_reduce(count)
+        # Liger clamps the normaliser at 1 (a step without tokens gives loss 0); erpd refuses a
+        # count <= 0 where it checks values, so the clamp is done here, as Liger does it.
+        count = count / world
+        return count.clamp_min(1.0) if torch.is_tensor(count) else max(float(count), 1.0)
 
     def forward(
         self,
@@ -177,7 +321,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         loss, metrics = linear_policy_loss(
             _input, lin_weight, selected_token_ids.long(), old_per_token_logps, advantages, attention_mask,
             bias=bias, temperature=self.temperature, ref_logprobs=ref, kl_coef=self.beta if ref is not None else 0.0,
-            kl_estimator="k3", is_weights=is_weights, num_items=num_items, backend=self.backend, **self._options(),
+            kl_estimator="k3", kl_ratio_weighted=self.use_bias_correction_kl and ref is not None,
+            is_weights=is_weights, num_items=num_items, backend=self.backend, **self._options(),
         )
         out = []
         if self.beta != 0.0:
@@ -192,4 +337,4 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                 f"temperature={self.temperature}, backend={self.backend!r}")
 
 
-__all__ = ["FusedLinearGRPOLoss"]
+__all__ = ["FIELDS", "FusedLMHeadKernel", "FusedLinearGRPOLoss", "head_transform", "use_erpd"]

@@ -24,17 +24,19 @@ class LinearLogprobs(torch.nn.Module):
     with tied embeddings and sharded heads alike.
     """
 
-    def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, with_entropy: bool = False, backend: str = "auto"):
+    def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, with_entropy: bool = False,
+                 backend: str = "auto", logit_scale: float = 1.0, softcap: float | None = None):
         super().__init__()
         self.temperature = temperature
+        self.logit_scale, self.softcap = logit_scale, softcap
         self.ignore_index = ignore_index
         self.with_entropy = with_entropy
         self.backend = backend
 
     def forward(self, hidden, weight, targets, bias=None):
         return linear_logprobs(
-            hidden, weight, targets, bias=bias, temperature=self.temperature,
-            ignore_index=self.ignore_index, with_entropy=self.with_entropy, backend=self.backend,
+            hidden, weight, targets, bias=bias, temperature=self.temperature, logit_scale=self.logit_scale,
+            softcap=self.softcap, ignore_index=self.ignore_index, with_entropy=self.with_entropy, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -53,12 +53,13 @@ def _grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need_h: bool,
     return gh, gw, gb
 
 
-def _linear_logprobs_fwd_fake(hidden, weight, bias, targets, inv_temperature, ignore_index):
-    return _row_stats(hidden, 3)
+def _linear_logprobs_fwd_fake(hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index, with_stats):
+    stats = hidden.new_empty((3, hidden.shape[0]) if with_stats else (0,), dtype=torch.float32)
+    return (*_row_stats(hidden, 3), stats)
 
 
 def _linear_logprobs_bwd_fake(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
-                              inv_temperature, ignore_index, need_grad_hidden, need_grad_weight):
+                              inv_temperature, softcap_scale, ignore_index, need_grad_hidden, need_grad_weight):
     return _grads(hidden, weight, bias, need_grad_hidden, need_grad_weight)
 
 
@@ -81,7 +82,7 @@ def _linear_kl_fwd_with_grads_fake(hidden, weight, bias, teacher_hidden, teacher
 
 def _policy_loss_fwd_fake(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, num_items,
                           method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator,
-                          entropy_coef, num_items_value, norm_scale, need_grad_entropy):
+                          entropy_coef, num_items_value, norm_scale, kl_ratio_weighted, need_grad_entropy):
     f32 = dict(dtype=torch.float32)
     return (
         logprobs.new_empty((), **f32),
@@ -91,15 +92,16 @@ def _policy_loss_fwd_fake(logprobs, old_logprobs, advantages, mask, ref_logprobs
     )
 
 
-def _linear_policy_loss_fwd_fake(hidden, weight, bias, targets, inv_temperature, ignore_index, old_logprobs,
-                                 advantages, mask, ref_logprobs, is_weights, num_items, method, agg, ratio_lo,
-                                 ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
-                                 num_items_value, norm_scale, need_grad_hidden, need_grad_weight):
+def _linear_policy_loss_fwd_fake(hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index,
+                                 old_logprobs, advantages, mask, ref_logprobs, is_weights, num_items, method, agg,
+                                 ratio_lo, ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
+                                 num_items_value, norm_scale, kl_ratio_weighted, need_grad_hidden, need_grad_weight):
     f32 = dict(dtype=torch.float32)
     return (
         hidden.new_empty((), **f32),
         hidden.new_empty(NUM_POLICY_STATS, **f32),
         *_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight),
+        hidden.new_empty(hidden.shape[0], **f32),
     )
 
 
@@ -134,23 +136,24 @@ _NO_MUTATION = ()
 
 @torch.library.custom_op("erpd_triton::linear_logprobs_fwd", mutates_args=_NO_MUTATION)
 def linear_logprobs_fwd(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, inv_temperature: float, ignore_index: int
-) -> tuple[Tensor, Tensor, Tensor]:
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, inv_temperature: float,
+    softcap_scale: float, ignore_index: int, with_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from erpd.kernels import linear_logprobs as k
 
-    return k.linear_logprobs_fwd(hidden, weight, bias, targets, inv_temperature, ignore_index)
+    return k.linear_logprobs_fwd(hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index, with_stats)
 
 
 @torch.library.custom_op("erpd_triton::linear_logprobs_bwd", mutates_args=_NO_MUTATION)
 def linear_logprobs_bwd(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, entropy: Tensor,
-    grad_logprobs: Tensor, grad_entropy: Optional[Tensor], inv_temperature: float, ignore_index: int,
-    need_grad_hidden: bool, need_grad_weight: bool,
+    grad_logprobs: Tensor, grad_entropy: Optional[Tensor], inv_temperature: float, softcap_scale: float,
+    ignore_index: int, need_grad_hidden: bool, need_grad_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from erpd.kernels import linear_logprobs as k
 
     return k.linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
-                                 inv_temperature, ignore_index, need_grad_hidden, need_grad_weight)
+                                 inv_temperature, softcap_scale, ignore_index, need_grad_hidden, need_grad_weight)
 
 
 @torch.library.custom_op("erpd_triton::linear_kl_fwd", mutates_args=_NO_MUTATION)
@@ -184,13 +187,15 @@ def policy_loss_fwd(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, ref_logprobs: Optional[Tensor],
     entropy: Optional[Tensor], is_weights: Optional[Tensor], num_items: Optional[Tensor], method: int, agg: int,
     ratio_lo: float, ratio_hi: float, dual_clip: float, tau_pos: float, tau_neg: float, kl_coef: float,
-    kl_estimator: int, entropy_coef: float, num_items_value: float, norm_scale: float, need_grad_entropy: bool,
+    kl_estimator: int, entropy_coef: float, num_items_value: float, norm_scale: float, kl_ratio_weighted: bool,
+    need_grad_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from erpd.kernels import policy_loss as k
 
     return k.policy_loss_fwd(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights,
                              num_items, method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef,
-                             kl_estimator, entropy_coef, num_items_value, norm_scale, need_grad_entropy)
+                             kl_estimator, entropy_coef, num_items_value, norm_scale, kl_ratio_weighted,
+                             need_grad_entropy)
 
 
 for _name in TRITON_OPS:

@@ -53,6 +53,7 @@ the shard sizes per call (an int64 per rank, read on the host: with NCCL that is
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -60,6 +61,7 @@ import torch.distributed as dist
 
 from erpd import backends
 from erpd.ops import _validate
+from erpd.ops._autograd import first_order_only
 
 _CHUNK_BYTES = 32 << 20  # logits of one row chunk in the PyTorch passes (student, teacher and temporaries)
 
@@ -88,11 +90,25 @@ def _rows_per_chunk(n: int, v: int, buffers: int) -> int:
     return max(1, min(n, _CHUNK_BYTES // max(1, buffers * 8 * v)))
 
 
+def _autocast_off(fn):
+    """Runs a PyTorch pass (first argument: hidden) with torch.autocast off: its GEMMs must stay
+    in the accumulation dtype (the public ops cast the inputs as autocast would beforehand)."""
+
+    @functools.wraps(fn)
+    def run(hidden, *args):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fn(hidden, *args)
+
+    return run
+
+
 # The `torch` backend's shard kernels: the fused backends' (fwd, bwd) interface in plain PyTorch,
 # chunked over rows (only [rows, V_r] logits at a time), in float64 for float64 inputs.
 
 
-def _torch_logprobs_fwd(hidden, weight, bias, targets, inv_t, ignore_index):
+@_autocast_off
+def _torch_logprobs_fwd(hidden, weight, bias, targets, inv_t, softcap_scale, ignore_index, with_stats):
+    assert softcap_scale == 0.0 and not with_stats, "not with tp_group (erpd.linear_logprobs refuses it)"
     acc = _acc(hidden)
     n = hidden.shape[0]
     w, b = weight.to(acc), (None if bias is None else bias.to(acc))
@@ -109,7 +125,7 @@ def _torch_logprobs_fwd(hidden, weight, bias, targets, inv_t, ignore_index):
         logp[sl] = logq.gather(1, safe[sl, None]).squeeze(1)
         ent[sl] = -(logq.exp() * logq).sum(1)
     zero = logp.new_zeros(())
-    return torch.where(valid, logp, zero), torch.where(valid, ent, zero), torch.where(valid, lse, zero)
+    return torch.where(valid, logp, zero), torch.where(valid, ent, zero), torch.where(valid, lse, zero), None
 
 
 class _ShardGrads:
@@ -140,7 +156,9 @@ class _ShardGrads:
         )
 
 
-def _torch_logprobs_bwd(hidden, weight, bias, targets, lse, ent, g_lp, g_ent, inv_t, ignore_index, need_h, need_w):
+@_autocast_off
+def _torch_logprobs_bwd(hidden, weight, bias, targets, lse, ent, g_lp, g_ent, inv_t, softcap_scale, ignore_index,
+                        need_h, need_w):
     acc = _acc(hidden)
     n, v = hidden.shape[0], weight.shape[0]
     w, b = weight.to(acc), (None if bias is None else bias.to(acc))
@@ -169,6 +187,7 @@ def _torch_teacher(th, tw, tb, tl, sl, acc, inv_t):
     return torch.nn.functional.linear(th[sl].to(acc), tw.to(acc), None if tb is None else tb.to(acc)) * inv_t
 
 
+@_autocast_off
 def _torch_kl_fwd(hidden, weight, bias, th, tw, tb, tl, targets, inv_t, ignore_index, mode, beta):
     """Shard-normalized (kl, lse_s, lse_t, aux) for mode 0 (forward) and 1 (reverse)."""
     assert mode in (0, 1)
@@ -189,6 +208,7 @@ def _torch_kl_fwd(hidden, weight, bias, th, tw, tb, tl, targets, inv_t, ignore_i
     return kl, ls, lt, kl
 
 
+@_autocast_off
 def _torch_kl_bwd(hidden, weight, bias, th, tw, tb, tl, targets, lse_s, lse_t, aux, g_kl, inv_t, ignore_index, mode,
                   beta, need_h, need_w):
     acc = _acc(hidden)
@@ -252,7 +272,8 @@ def _check_cover(found: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, v0, inv_t, ignore_index, backend, group, check_values):
+    def forward(ctx, hidden, weight, bias, targets, v0, inv_t, ignore_index, backend, group, check_values,
+                reduce_grad_hidden):
         fwd, _ = _kernels(backend, "linear_logprobs")
         n, v_r = targets.shape[0], weight.shape[0]
         valid = targets != ignore_index
@@ -261,7 +282,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         # Rows whose target is on another rank get the anchor id 0 (its delta is undone in backward);
         # ignored rows keep ignore_index, so the kernels give them zeros and zero gradient.
         kt = torch.where(mine, local, torch.where(valid, torch.zeros_like(local), torch.full_like(local, ignore_index)))
-        logp_r, ent_r, lse_r = fwd(hidden, weight, bias, kt, inv_t, ignore_index)
+        logp_r, ent_r, lse_r, _ = fwd(hidden, weight, bias, kt, inv_t, 0.0, ignore_index, False)
         zero = lse_r.new_zeros(())
         lse_r = torch.where(valid, lse_r, zero)
         ent_r = torch.where(valid, ent_r, zero)
@@ -279,18 +300,19 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         entropy = torch.where(valid, entropy, zero)
         anchored = valid & ~mine
         ctx.save_for_backward(hidden, weight, bias, kt, lse, entropy, anchored)
-        ctx.args = (inv_t, ignore_index, backend, group)
+        ctx.args = (inv_t, ignore_index, backend, group, reduce_grad_hidden)
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
+    @first_order_only("linear_logprobs")
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, kt, lse, entropy, anchored = ctx.saved_tensors
-        inv_t, ignore_index, backend, group = ctx.args
+        inv_t, ignore_index, backend, group, reduce_grad_hidden = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_entropy is None:
             # Every rank sees the same graph, so every rank skips the all-reduce together.
-            return (None,) * 10
+            return (None,) * 11
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         acc = lse.dtype
@@ -299,29 +321,32 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         gh, gw, gb = bwd(
             hidden, weight, bias, kt, lse, entropy, g_lp,
             None if grad_entropy is None else grad_entropy.to(acc).contiguous(),
-            inv_t, ignore_index, need_h, need_w,
+            inv_t, 0.0, ignore_index, need_h, need_w,
         )
         # Undo the anchor's delta: dz_0 -= g_lp on rows whose target is elsewhere (times t, as the
         # kernels fold the temperature into dz).
         c = torch.where(anchored, g_lp, g_lp.new_zeros(())) * inv_t
         if need_h:
             gh.sub_((c.unsqueeze(1) * weight[0].to(acc)).to(gh.dtype))
-            _all_reduce(gh, dist.ReduceOp.SUM, group)
+            if reduce_grad_hidden:
+                _all_reduce(gh, dist.ReduceOp.SUM, group)
         if need_w:
-            gw[0].sub_((c @ hidden.to(acc)).to(gw.dtype))
+            with torch.autocast(hidden.device.type, enabled=False):
+                gw[0].sub_((c @ hidden.to(acc)).to(gw.dtype))
         if need_b and bias is not None:
             gb = gb.to(acc)
             gb[0] -= c.sum()
             gb = gb.to(bias.dtype)
         else:
             gb = None
-        return (gh if need_h else None), (gw if need_w else None), gb, *([None] * 7)
+        return (gh if need_h else None), (gw if need_w else None), gb, *([None] * 8)
 
 
 def linear_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index, with_entropy, backend, check_values,
-                    tp_group, vocab_start):
+                    tp_group, vocab_start, reduce_grad_hidden=True):
     """The vocab-parallel `erpd.linear_logprobs`; the caller has validated all but `targets`, whose
-    range only the ranks together can check (`_check_cover`)."""
+    range only the ranks together can check (`_check_cover`). reduce_grad_hidden=False leaves the
+    SUM of the ranks' dhidden to the caller."""
     vocab_start = _validate.vocab_shard(tp_group, weight, vocab_start)
     targets = _validate.targets(targets, hidden, 0, ignore_index, False)
     name = _resolve(backend, hidden, "linear_logprobs")
@@ -333,7 +358,7 @@ def linear_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index,
         return empty.reshape(lead), (empty.reshape(lead) if with_entropy else None)
     logp, entropy = _VocabParallelLogprobs.apply(
         h2, weight.contiguous(), None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(),
-        v0, 1.0 / temperature, ignore_index, name, tp_group, check_values,
+        v0, 1.0 / temperature, ignore_index, name, tp_group, check_values, reduce_grad_hidden,
     )
     return logp.reshape(lead), (entropy.reshape(lead) if with_entropy else None)
 
@@ -343,6 +368,7 @@ def linear_logprobs(hidden, weight, bias, targets, *, temperature, ignore_index,
 # --------------------------------------------------------------------------------------------
 
 
+@_autocast_off
 def _jsd_partials(hidden, weight, bias, th, tw, tb, tl, lse_s, lse_t, inv_t, beta):
     """This shard's part of the JSD and of KL(S||M) with the global normalizers, [2, N] f32,
     chunked over rows so that only [rows, V_r] fp32 logits exist at a time."""
@@ -395,6 +421,7 @@ class _VocabParallelKL(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @first_order_only("linear_kl")
     def backward(ctx, grad_kl):
         hidden, weight, bias, th, tw, tb, tl, mask, lse_s, lse_t, aux = ctx.saved_tensors
         inv_t, mode, beta, backend, group = ctx.args
@@ -454,7 +481,8 @@ def linear_kl(hidden, weight, bias, targets, form, teacher, *, mode, beta, tempe
 def linear_policy_loss(hidden, weight, bias, targets, old_logprobs, advantages, mask, *, temperature, ignore_index,
                        backend, validate, tp_group, vocab_start, **policy_kwargs):
     """The vocab-parallel `erpd.linear_policy_loss`: vocab-parallel log-probs and entropy, then
-    `erpd.policy_loss` on them (the same on every rank), which validates the policy arguments."""
+    `erpd.policy_loss` on them (the same on every rank), which validates the policy arguments.
+    Returns (loss, metrics, log-probs)."""
     from erpd.ops.policy_loss import policy_loss
 
     check_values = _validate.want_value_checks(hidden.device, validate)
@@ -465,12 +493,14 @@ def linear_policy_loss(hidden, weight, bias, targets, old_logprobs, advantages, 
         targets.shape, hidden.device, old_logprobs, advantages, mask, policy_kwargs.pop("ref_logprobs"), None,
         policy_kwargs.pop("is_weights"), check_values, old_optional=True,
     )
+    _validate.num_items(policy_kwargs["num_items"], hidden.device, check_values)
     logp, entropy = linear_logprobs(
         hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index, with_entropy=True,
         backend=backend, check_values=check_values, tp_group=tp_group, vocab_start=vocab_start,
     )
     valid = (mask != 0) & (targets != ignore_index)
-    return policy_loss(
+    loss, metrics = policy_loss(
         logp, logp.detach() if old_logprobs is None else old_logprobs, advantages, valid, entropy=entropy,
         ref_logprobs=ref_logprobs, is_weights=is_weights, backend=backend, validate=False, **policy_kwargs,
     )
+    return loss, metrics, logp

@@ -51,16 +51,68 @@ def temperature(t) -> float:
     return t
 
 
+def logit_transform(temperature_, logit_scale, softcap) -> tuple[float, float]:
+    """(inv_temperature, softcap_scale) of the kernels for logits ``softcap * tanh(logit_scale * y
+    / softcap) / temperature`` (``logit_scale * y / temperature`` without ``softcap``), y = W h + b.
+
+    The kernels compute ``tanh(softcap_scale * y) * inv_temperature`` when softcap_scale > 0, else
+    ``y * inv_temperature``: a logit scale folds into the inverse temperature, and with
+    softcapping the cap's outer factor does too. Models: Gemma 2/3 ``final_logit_softcapping``,
+    Cohere ``logit_scale``, Granite ``1 / logits_scaling``, Falcon-H1 ``lm_head_multiplier``.
+    """
+    t = temperature(temperature_)
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, Real):
+        raise TypeError(f"logit_scale must be a real number, got {type(logit_scale).__name__}")
+    logit_scale = float(logit_scale)
+    if not math.isfinite(logit_scale) or logit_scale <= 0.0:
+        raise ValueError(f"logit_scale must be finite and > 0, got {logit_scale}")
+    if softcap is None:
+        return logit_scale / t, 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, Real):
+        raise TypeError(f"softcap must be None or a real number, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap <= 0.0:
+        raise ValueError(f"softcap must be None or finite and > 0, got {softcap}")
+    return softcap / t, logit_scale / softcap
+
+
 def index(i, name: str) -> int:
     if isinstance(i, bool) or not isinstance(i, int):
         raise TypeError(f"{name} must be an int, got {type(i).__name__}")
     return i
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _as_autocast(hidden, weight, bias):
+    """The tensors in the dtype ``F.linear(hidden, weight, bias)`` would compute in: under
+    ``torch.autocast`` on hidden's device type, the autocast dtype (float64 is left alone, as
+    autocast does); outside it, an fp32 weight (and bias) meeting fp16/bf16 hidden states (an fp32
+    master weight and the activations of an autocast backbone) is cast to hidden's dtype. The casts
+    are differentiable, so the gradient of an fp32 weight comes back in fp32."""
+    def cast(t, dtype):
+        return t if t is None or t.dtype == dtype or t.dtype not in (torch.float32, *_HALF) else t.to(dtype)
+
+    device_type = hidden.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return cast(hidden, dtype), cast(weight, dtype), cast(bias, dtype)
+    if hidden.dtype in _HALF and weight.dtype == torch.float32:
+        return hidden, cast(weight, hidden.dtype), cast(bias, hidden.dtype)
+    return hidden, weight, bias
+
+
 def linear_head(hidden, weight, bias, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Checks one `hidden [..., H]` / `weight [V, H]` / `bias [V]` triple; returns them."""
+    """Checks one `hidden [..., H]` / `weight [V, H]` / `bias [V]` triple; returns them in the dtype
+    they compute in (`_as_autocast`: an fp32 head with fp16/bf16 hidden states, or any inputs under
+    torch.autocast, run as autocast runs F.linear)."""
     h_name, w_name, b_name = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
     hidden, weight = tensor(hidden, h_name), tensor(weight, w_name)
+    if bias is not None:
+        bias = tensor(bias, b_name)
+    if hidden.dtype in FLOAT_DTYPES:
+        hidden, weight, bias = _as_autocast(hidden, weight, bias)
     if hidden.dim() < 1:
         raise ValueError(f"{h_name} must have shape [..., H], got a 0-dim tensor")
     if weight.dim() != 2:
@@ -68,7 +120,10 @@ def linear_head(hidden, weight, bias, prefix: str = "") -> tuple[torch.Tensor, t
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{h_name} must be a floating tensor (fp16/bf16/fp32/fp64), got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"{w_name} dtype {weight.dtype} does not match {h_name} dtype {hidden.dtype}")
+        raise TypeError(
+            f"{w_name} dtype {weight.dtype} does not match {h_name} dtype {hidden.dtype} (an fp32 {w_name} with "
+            f"fp16/bf16 {h_name} is accepted and runs as autocast would; other mixes are not)"
+        )
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"{h_name} has hidden size {hidden.shape[-1]} but {w_name} has shape {tuple(weight.shape)} "
@@ -83,7 +138,6 @@ def linear_head(hidden, weight, bias, prefix: str = "") -> tuple[torch.Tensor, t
     if weight.device != hidden.device:
         raise ValueError(f"{w_name} is on {weight.device} but {h_name} is on {hidden.device}")
     if bias is not None:
-        bias = tensor(bias, b_name)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"{b_name} must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
@@ -234,7 +288,8 @@ def _name(value, name: str, allowed: dict) -> str:
     return value
 
 
-def real(x, name: str, *, gt: float | None = None, ge: float | None = None, lt: float | None = None) -> float:
+def real(x, name: str, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+         le: float | None = None) -> float:
     """A finite real number within the given bounds."""
     if isinstance(x, bool) or not isinstance(x, Real):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
@@ -247,6 +302,8 @@ def real(x, name: str, *, gt: float | None = None, ge: float | None = None, lt: 
         raise ValueError(f"{name} must be >= {ge}, got {x}")
     if lt is not None and not x < lt:
         raise ValueError(f"{name} must be < {lt}, got {x}")
+    if le is not None and not x <= le:
+        raise ValueError(f"{name} must be <= {le}, got {x}")
     return x
 
 
@@ -268,6 +325,7 @@ class PolicyOptions:
     kl_coef: float
     entropy_coef: float
     norm_length: int | None
+    kl_ratio_weighted: bool
 
     def ratio_bounds(self) -> tuple[float, float]:
         """(lo, hi) of the ratio clip in the kernels' terms (unused by sapo)."""
@@ -280,13 +338,15 @@ class PolicyOptions:
         return 0.0, math.inf
 
     def kernel_args(self, seq_len: int, num_items_value: float) -> tuple:
-        """The scalar arguments of erpd::policy_loss_fwd / linear_policy_loss_fwd, from `method` to `norm_scale`."""
+        """The scalar arguments of erpd::policy_loss_fwd / linear_policy_loss_fwd, from `method` to
+        `kl_ratio_weighted`."""
         lo, hi = self.ratio_bounds()
         norm_scale = float(seq_len if self.norm_length is None else self.norm_length) if self.agg == "seq-mean-token-sum-norm" else 1.0
         return (
             POLICY_METHODS[self.method], POLICY_AGGS[self.agg], lo, hi,
             0.0 if self.dual_clip is None else self.dual_clip, self.tau_pos, self.tau_neg,
             self.kl_coef, KL_ESTIMATORS[self.kl_estimator], self.entropy_coef, num_items_value, max(norm_scale, 1.0),
+            self.kl_ratio_weighted,
         )
 
     def reference_kwargs(self) -> dict:
@@ -295,6 +355,7 @@ class PolicyOptions:
             dual_clip=self.dual_clip, tau_pos=self.tau_pos, tau_neg=self.tau_neg, cispo_cap=self.cispo_cap,
             cispo_floor=self.cispo_floor, reinforce_cap=self.reinforce_cap, kl_coef=self.kl_coef,
             kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef, norm_length=self.norm_length,
+            kl_ratio_weighted=self.kl_ratio_weighted,
         )
 
 
@@ -315,15 +376,19 @@ def policy_options(**options) -> "PolicyOptions":
 
 def _policy_options(
     *, method, agg, clip_low, clip_high, dual_clip, tau_pos, tau_neg, cispo_cap, cispo_floor, reinforce_cap,
-    kl_coef, kl_estimator, entropy_coef, norm_length, has_ref: bool, has_entropy: bool | None,
+    kl_coef, kl_estimator, entropy_coef, norm_length, kl_ratio_weighted, has_ref: bool, has_entropy: bool | None,
 ) -> PolicyOptions:
     """Checks the options of policy_loss / linear_policy_loss (`has_entropy` None: the op
     computes the entropy itself)."""
     method = _name(method, "method", POLICY_METHODS)
     agg = _name(agg, "agg", POLICY_AGGS)
     kl_estimator = _name(kl_estimator, "kl_estimator", KL_ESTIMATORS)
-    clip_low = real(clip_low, "clip_low", ge=0.0, lt=1.0)
-    clip_high = clip_low if clip_high is None else real(clip_high, "clip_high", ge=0.0)
+    # clip_low = 1 puts the ratio floor at 0 (no floor); clip_high = inf: no ceiling.
+    clip_low = real(clip_low, "clip_low", ge=0.0, le=1.0)
+    if clip_high is None:
+        clip_high = clip_low
+    elif clip_high != math.inf:
+        clip_high = real(clip_high, "clip_high", ge=0.0)
     if dual_clip is not None:
         if method not in ("ppo", "gspo"):
             raise ValueError(f"dual_clip applies to method='ppo' or 'gspo', not {method!r}")
@@ -339,6 +404,10 @@ def _policy_options(
     entropy_coef = real(entropy_coef, "entropy_coef")
     if kl_coef != 0.0 and not has_ref:
         raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs")
+    if not isinstance(kl_ratio_weighted, bool):
+        raise TypeError(f"kl_ratio_weighted must be a bool, got {type(kl_ratio_weighted).__name__}")
+    if kl_ratio_weighted and not has_ref:
+        raise ValueError("kl_ratio_weighted=True weights the KL term, which needs ref_logprobs")
     if entropy_coef != 0.0 and has_entropy is False:
         raise ValueError(f"entropy_coef={entropy_coef} needs entropy")
     if norm_length is not None:
@@ -348,16 +417,18 @@ def _policy_options(
             raise ValueError(f"norm_length must be a positive int, got {norm_length!r}")
     return PolicyOptions(
         method, agg, kl_estimator, clip_low, clip_high, dual_clip, tau_pos, tau_neg, cispo_cap, cispo_floor,
-        reinforce_cap, kl_coef, entropy_coef, norm_length,
+        reinforce_cap, kl_coef, entropy_coef, norm_length, kl_ratio_weighted,
     )
 
 
 _policy_options_cached = functools.lru_cache(maxsize=256)(_policy_options)
 
 
-def num_items(x, device: torch.device) -> tuple[torch.Tensor | None, float]:
+def num_items(x, device: torch.device, check_values: bool) -> tuple[torch.Tensor | None, float]:
     """(tensor or None, value): a tensor `num_items` is read by the kernel (no host sync); a
-    number must be > 0. value 0.0 means "not given"."""
+    number must be finite and > 0, and so must a tensor's value where the value checks run
+    (elsewhere every backend counts a value below 1 as 1 and makes the loss NaN for a NaN or
+    infinite one: csrc/policy_loss_math.h, tensor_items). value 0.0 means "not given"."""
     if x is None:
         return None, 0.0
     if isinstance(x, torch.Tensor):
@@ -367,7 +438,12 @@ def num_items(x, device: torch.device) -> tuple[torch.Tensor | None, float]:
             raise TypeError(f"num_items must be a real tensor, got {x.dtype}")
         if x.device != device:
             raise ValueError(f"num_items is on {x.device} but the batch is on {device}")
-        return x.detach().reshape(()).to(torch.float32), 0.0
+        x = x.detach().reshape(()).to(torch.float32)
+        if check_values:
+            v = float(x)
+            if not (math.isfinite(v) and v > 0.0):
+                raise ValueError(f"num_items must be finite and > 0 (the step's count of tokens or sequences), got tensor({v})")
+        return x, 0.0
     return None, real(x, "num_items", gt=0.0)
 
 

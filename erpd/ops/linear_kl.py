@@ -18,7 +18,7 @@ Teacher forms:
     divergence is the weight g_i, known before the forward (the targets' mask, optional
     ``token_weights``, 1/count or 1/num_items), so the gradients are computed during the forward,
     as `linear_policy_loss` does, and the autograd backward only scales them
-    (`erpd/ops/_grads_in_forward.py`):
+    (`erpd/ops/_autograd.py` GradsInForward):
         cpu, cuda  fwd_with_grads(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits,
                    targets, g[N], inv_t, ignore_index, mode, beta, need_grad_hidden,
                    need_grad_weight) -> (kl[N], grad_hidden, grad_weight, grad_bias): per row chunk
@@ -39,7 +39,7 @@ import torch
 
 from erpd import backends, reference
 from erpd.ops import _library, _tp, _validate
-from erpd.ops._grads_in_forward import GradsInForward
+from erpd.ops._autograd import GradsInForward, first_order_only
 from erpd.ops.linear_logprobs import _impl as _logprobs_impl
 
 OP = "linear_kl"
@@ -64,6 +64,7 @@ class _KLFunction(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @first_order_only(OP)
     def backward(ctx, grad_kl):
         hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits, targets, lse_s, lse_t, aux = ctx.saved_tensors
         inv_t, ignore_index, mode, beta, backend = ctx.args
@@ -112,7 +113,7 @@ class _TopkFunction(torch.autograd.Function):
         fwd, _ = _logprobs_impl(backend)
         valid = targets != ignore_index
         anchor = torch.where(valid, ids[:, 0], targets)  # any valid id: only lse is used here
-        _, _, lse = fwd(hidden, weight, bias, anchor, inv_t, ignore_index)
+        _, _, lse, _ = fwd(hidden, weight, bias, anchor, inv_t, 0.0, ignore_index, False)
         s_logp = _gather_logits(hidden, weight, bias, ids, inv_t) - lse.unsqueeze(1)
         q_t = t_logp.float().exp()
         q_s = s_logp.exp()
@@ -130,6 +131,7 @@ class _TopkFunction(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @first_order_only(OP)
     def backward(ctx, grad_kl):
         hidden, weight, bias, ids, anchor, lse, alpha, sparse, valid = ctx.saved_tensors
         inv_t, ignore_index, backend = ctx.args
@@ -137,7 +139,8 @@ class _TopkFunction(torch.autograd.Function):
         g = torch.where(valid, grad_kl.float(), 0.0)
         _, bwd = _logprobs_impl(backend)
         # Dense part: dz = g alpha (q^S - delta_anchor); the +g alpha at the anchor is sparse.
-        gh, gw, gb = bwd(hidden, weight, bias, anchor, lse, lse, (-g * alpha).contiguous(), None, inv_t, ignore_index, need_h, need_w)
+        gh, gw, gb = bwd(hidden, weight, bias, anchor, lse, lse, (-g * alpha).contiguous(), None, inv_t, 0.0, ignore_index,
+                         need_h, need_w)
         s = g.unsqueeze(1) * sparse
         s[:, 0] += g * alpha
         s = s * inv_t  # chain rule of the temperature for the gathered columns
@@ -166,7 +169,7 @@ def _fused_loss(backend, h2, w, b, th, tw, tb, tl, t1, g, inv_t, ignore_index, m
         else:
             kl, gh, gw, gb = torch.ops.erpd.linear_kl_fwd_with_grads(
                 h2, w, b, th, tw, tb, tl, t1, g, inv_t, ignore_index, mode, beta, need_h, need_w)
-        return torch.dot(kl, g), kl, gh, gw, gb
+        return torch.dot(kl, g), (gh, gw, gb), (kl,)
 
     return run
 
@@ -292,7 +295,7 @@ def linear_kl(
     if reduction != "none":
         valid = targets != ignore_index
         token_weights = _validate.token_weights(token_weights, valid, check_values)
-        g = _row_weights(valid, reduction, _validate.num_items(num_items, hidden.device), token_weights,
+        g = _row_weights(valid, reduction, _validate.num_items(num_items, hidden.device, check_values), token_weights,
                          torch.float64 if hidden.dtype == torch.float64 else torch.float32)
 
         def reduce(kl):  # the per-token forms, reduced through autograd
@@ -340,7 +343,7 @@ def linear_kl(
     if reduce is not None:
         run = _fused_loss(name, h2, w, b, th, tw, tb, tl, t1, g.reshape(-1).contiguous(), inv_t, ignore_index,
                           _MODE[direction], beta)
-        loss, _ = GradsInForward.apply(hidden, weight, bias, run)
+        loss, _ = GradsInForward.apply(hidden, weight, bias, run, OP)
         return loss
     kl = _KLFunction.apply(h2, w, b, th, tw, tb, tl, t1, inv_t, ignore_index, _MODE[direction], beta, name)
     return kl.reshape(lead)

@@ -11,7 +11,7 @@ The fused backends implement one function on float32 contiguous [B, T] inputs:
     fwd(logprobs, old_logprobs, advantages [B] | [B, T], mask (bool), ref_logprobs | None,
         entropy | None, is_weights | None, num_items (0-dim f32) | None, method, agg, ratio_lo,
         ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
-        num_items_value, norm_scale, need_grad_entropy)
+        num_items_value, norm_scale, kl_ratio_weighted, need_grad_entropy)
         -> (loss [], stats [12], grad_logprobs [B, T], grad_entropy [B, T] | empty)
 
 computing the loss, the metrics and dL/dlogprobs (and dL/dentropy) in one call; the gradients
@@ -25,6 +25,7 @@ import torch
 
 from erpd import backends, reference
 from erpd.ops import _library, _validate
+from erpd.ops._autograd import first_order_only
 
 OP = "policy_loss"
 
@@ -33,7 +34,7 @@ STAT_NAMES = (
     "inv_norm", "pg_loss", "clipfrac_low", "clipfrac_high", "clipfrac", "ratio_mean", "ratio_min",
     "ratio_max", "approx_kl", "kl_ref", "entropy", "num_valid",
 )
-_ALWAYS = tuple((i, n) for i, n in enumerate(STAT_NAMES) if n not in ("inv_norm", "kl_ref", "entropy", "num_valid"))
+_ALWAYS = tuple((i, n) for i, n in enumerate(STAT_NAMES) if n not in ("inv_norm", "kl_ref", "entropy"))
 _KL_REF, _ENTROPY = STAT_NAMES.index("kl_ref"), STAT_NAMES.index("entropy")
 
 
@@ -72,6 +73,7 @@ class _PolicyLossFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @first_order_only(OP)
     def backward(ctx, grad_loss, _grad_stats):
         g_lp, g_ent, stats = ctx.saved_tensors
         scale = grad_loss * stats[0]
@@ -98,6 +100,7 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    kl_ratio_weighted: bool = False,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     num_items: float | torch.Tensor | None = None,
@@ -122,7 +125,8 @@ def policy_loss(
         method: ``"ppo" | "sapo" | "cispo" | "gspo" | "reinforce"``.
         agg: ``"token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm"``.
         clip_low, clip_high: ppo/gspo clip range ``[1 - clip_low, 1 + clip_high]``
-            (``clip_high=None``: symmetric).
+            (``clip_high=None``: symmetric; ``clip_high=math.inf``: no ceiling; ``clip_low=1``:
+            no floor).
         dual_clip: ppo/gspo dual clip ``c > 1`` for negative advantages (None: off).
         tau_pos, tau_neg: sapo gate temperatures for positive / non-positive advantages.
         cispo_cap, cispo_floor: cispo's bounds on the detached ratio (absolute values).
@@ -130,11 +134,16 @@ def policy_loss(
         is_weights: ``[B, T]`` detached per-token weights of the policy term (rollout correction).
         ref_logprobs, kl_coef, kl_estimator: KL(π‖π_ref) penalty with estimator ``k1|k2|k3``
             (``ref_logprobs`` without ``kl_coef`` only adds the ``kl_ref`` metric).
+        kl_ratio_weighted: multiply each token's KL term by the importance ratio of the loss
+            (differentiable; DeepSeek-V3.2's unbiased KL gradient, TRL's and Liger's
+            ``use_bias_correction_kl``); needs ``ref_logprobs``.
         entropy, entropy_coef: ``[B, T]`` entropy (differentiable) and the bonus coefficient.
         num_items: the count of the whole optimizer step that the aggregation divides by
             (tokens for token-mean, sequences for seq-mean-*), so that gradient-accumulation
             micro-batches add up to the full-batch gradient; a number or a one-element tensor
-            (read on device, no sync).
+            (read on device, no sync). It must be finite and > 0 (checked for a tensor where the
+            value checks run); unchecked, a tensor below 1 counts as 1 and a NaN or infinite one
+            makes the loss and gradients NaN, on every backend.
         norm_length: seq-mean-token-sum-norm's constant (default T).
         backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"`` (see ``erpd.backends``).
         validate: force (True) or skip (False) the value checks (mask is 0/1, no NaN in
@@ -145,7 +154,8 @@ def policy_loss(
         ``loss``: float32 0-dim tensor (float64 for float64 inputs on ``backend="torch"``);
         ``metrics``: dict of detached 0-dim tensors, ``pg_loss``, ``clipfrac_low``,
         ``clipfrac_high``, ``clipfrac``, ``ratio_mean``, ``ratio_min``, ``ratio_max``,
-        ``approx_kl``, and ``kl_ref`` / ``entropy`` when those inputs are given.
+        ``approx_kl``, ``num_valid`` (the valid-token count the means are over), and ``kl_ref`` /
+        ``entropy`` when those inputs are given.
     """
     logprobs = _validate.tensor(logprobs, "logprobs")
     if logprobs.dim() != 2:
@@ -161,9 +171,9 @@ def policy_loss(
         method=method, agg=agg, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, tau_pos=tau_pos,
         tau_neg=tau_neg, cispo_cap=cispo_cap, cispo_floor=cispo_floor, reinforce_cap=reinforce_cap,
         kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, norm_length=norm_length,
-        has_ref=ref_logprobs is not None, has_entropy=entropy is not None,
+        kl_ratio_weighted=kl_ratio_weighted, has_ref=ref_logprobs is not None, has_entropy=entropy is not None,
     )
-    n_tensor, n_value = _validate.num_items(num_items, dev)
+    n_tensor, n_value = _validate.num_items(num_items, dev, check_values)
     name = backends.resolve(backend, dev, OP)
 
     if name == "torch":

@@ -8,19 +8,26 @@ A run's config is built in three layers, later ones winning:
    also accepted as ``--section.key value`` or ``--section.key=value``. Values are parsed as YAML
    scalars/lists and then checked against the field's type.
 
-Unknown keys raise with the list of valid ones, so a typo never silently does nothing.
+Unknown keys raise with the list of valid ones, so a typo never silently does nothing. Every
+number must be finite and in its range (`validate`); the knobs that the policy-loss op also takes
+(clip ranges, sapo's temperatures, cispo's cap, the KL estimator, the temperature) are checked by
+the op's own validation (`erpd.ops._validate`), so the trainer accepts exactly what the op does.
+A file that does not parse is reported with its name, line and column.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from erpd import backends
+from erpd.ops import _validate
+from erpd.train import checked_io
 from erpd.train.task import SYSTEM_PROMPT
 
 
@@ -53,44 +60,46 @@ class ModelConfig:
 class TaskConfig:
     difficulty: typing.Any = 1  # 1..4 or a list of them (see erpd.train.task)
     n_train: int = 16  # prompts in the fixed data
-    n_heldout: int = 48  # held-out prompts for evaluation
+    n_heldout: int = 256  # held-out prompts for evaluation (the task's own templates)
+    n_other: int = 256  # held-out prompts written with other templates, names and objects
     seed: int = 0
     verifier: str = "erpd.train.verifier.verify"  # dotted path to verify(response, answer) -> float
     system_prompt: str | None = SYSTEM_PROMPT  # null: the user message only
+    # Your own problems instead of the generated ones (erpd.train.task.load_problems): a .jsonl file
+    # of {"prompt": ..., "answer": ...} objects, or anything `datasets.load_dataset` opens (a local
+    # data directory, a Hub name), with its `source_split`. `difficulty` is then unused.
+    source: str | None = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    source_split: str = "train"
 
 
 @dataclass
 class SampleConfig:
     k: int = 8  # responses per prompt
-    max_new_tokens: int = 24
+    max_new_tokens: int = 128
     # Pure temperature sampling (no top-k/top-p), so π0's log-probs at this temperature are exact;
     # every log-prob of the run (both stages) uses the same temperature.
     temperature: float = 0.5
-    batch_size: int = 64  # sequences per generate() call
+    batch_size: int = 128  # sequences per generate() call
     # Group normalization of the rewards: "group" (R - mean_g) / (std_g + eps), "mean" (R - mean_g).
     advantage: str = "group"
     seed: int = 0
 
 
 @dataclass
-class Stage1Config:
-    objective: str = "ppo"  # ppo | sapo | cispo | ce | mse (DESIGN.md §1)
+class StageConfig:
+    """The training loop's knobs, shared by both stages (and the control)."""
+
     epochs: int = 8
     lr: float = 2e-4
     weight_decay: float = 0.0
     batch_size: int = 32  # sequences per optimizer step
     micro_batch_size: int = 32  # sequences per forward/backward (gradient accumulation)
     grad_clip: float | None = 1.0
-    agg: str = "token-mean"  # token-mean | seq-mean-token-mean (token-level objectives)
-    clip_low: float | None = 0.2  # ppo: ratio floor 1 - clip_low (None: no floor)
-    clip_high: float | None = None  # ppo: ratio ceiling 1 + clip_high (None: no ceiling, "loose")
-    tau_pos: float = 1.0  # sapo gate temperature for positive advantages
-    tau_neg: float = 1.05  # sapo gate temperature for negative advantages
-    cispo_cap: float = 5.0  # cispo: absolute cap on the detached ratio
-    beta: float = 0.1  # ce / mse: scale of the response log-ratio Δ
-    kl_coef: float = 0.0  # optional KL(π‖π0) penalty on the sampled tokens
-    kl_estimator: str = "k3"  # k1 | k2 | k3
-    seed: int = 0
+    agg: str = "token-mean"  # token-mean | seq-mean-token-mean (the token-level losses)
+    kl_coef: float = 0.0  # optional KL(π‖π0) penalty (see each stage)
+    seed: int = 0  # the data order of epoch e depends on (seed, e) only
     # Also checkpoint every N optimizer steps (0: only at epoch ends), so a crash mid-epoch loses
     # at most N steps; a checkpoint holds the weights, AdamW, RNG and the position in the epoch.
     checkpoint_every: int = 0
@@ -101,44 +110,51 @@ class Stage1Config:
 
 
 @dataclass
-class Stage2Config:
-    # logratio | opd | forward_kl | reverse_kl | combined (DESIGN.md §1)
+class Stage1Config(StageConfig):
+    objective: str = "ppo"  # ppo | sapo | cispo | ce | mse (docs/trainer.md)
+    # ppo: the ratio is clipped to [1 - clip_low, 1 + clip_high], as erpd.policy_loss takes them:
+    # clip_low = 1 is no floor, clip_high = .inf no ceiling (the default, "loose": the extreme
+    # region), null the same as clip_low.
+    clip_low: float = 0.2
+    clip_high: float | None = math.inf
+    tau_pos: float = 1.0  # sapo gate temperature for positive advantages
+    tau_neg: float = 1.05  # sapo gate temperature for negative advantages
+    cispo_cap: float = 5.0  # cispo: absolute cap on the detached ratio
+    beta: float = 0.1  # ce / mse: scale of the response log-ratio Δ
+    kl_estimator: str = "k3"  # the kl_coef term: k1 | k2 | k3 of KL(π‖π0) on the sampled tokens
+
+
+@dataclass
+class Stage2Config(StageConfig):
+    epochs: int = 6
+    lr: float = 1e-4
+    # logratio | response | advantage | opd | forward_kl | reverse_kl | combined (docs/trainer.md)
     signal: str = "logratio"
     teachers: list = field(default_factory=list)  # teacher dirs; empty: the run's stage-1 teacher
     teacher_weights: list = field(default_factory=list)  # combined: one weight per teacher (default equal)
-    epochs: int = 6
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    micro_batch_size: int = 32
-    grad_clip: float | None = 1.0
-    agg: str = "token-mean"
     clip: float = 0.2  # trust region: ρ = π/π_anchor kept in [1 - clip, 1 + clip]
     reanchor: bool = False  # anchor = the previous pass's policy instead of π0
     scale: float = 1.0  # signal post-processing: a ← scale · a
     signal_clip: float | None = None  # then clip a to [-c, c]
-    # then subtract each response's mean signal. On by default: on π0's own tokens the teacher's
-    # log-ratio is mostly one negative shift (mass moved off the sampled tokens); centering keeps
-    # which tokens of a response the teacher preferred. On the demo it took the student from
-    # 0.104 to 0.156 held-out accuracy and its KL(·‖π0) from 0.498 to 0.322 (docs/trainer.md).
-    center: bool = True
+    # then centering: none | response (subtract each response's mean) | group (subtract the mean
+    # of the prompt's responses' means: keeps the differences between a prompt's responses).
+    center: str = "response"
     gating: str = "none"  # then on reward-0 responses: none | drop | negate
-    kl_coef: float = 0.0  # optional β · KL(π‖π0) (full vocabulary) penalty
-    seed: int = 0
-    checkpoint_every: int = 0  # as stage1
-    pack: bool = False  # as stage1
-    pack_length: int = 0
+    # all | mixed: keep the signal only on prompts whose responses got different rewards.
+    groups: str = "all"
+    # kl_coef: β · KL(π‖π0) over the full vocabulary, per token. Full-vocabulary trust region:
+    # positions where that KL exceeds kl_trust get no distillation gradient (null: off).
+    kl_trust: float | None = None
+    # Stop the stage after the first epoch whose KL(π‖π0) on the fixed data exceeds this (null: off).
+    target_kl: float | None = None
 
 
 @dataclass
 class EvalConfig:
-    samples_per_prompt: int = 2  # held-out samples per prompt for the final summary
-    epoch_samples_per_prompt: int = 1  # ... and for the per-epoch held-out reward
-    every: int = 3  # per-epoch held-out reward every N epochs (and always after the last)
-    max_new_tokens: int = 24
-    temperature: float = 0.5
-    batch_size: int = 64
-    seed: int = 1234
+    # Greedy decoding on the held-out splits (task.n_heldout and task.n_other prompts); the same
+    # budget as sampling, so that a policy is evaluated as it was trained.
+    max_new_tokens: int = 128
+    batch_size: int = 128
 
 
 @dataclass
@@ -167,7 +183,9 @@ def _coerce(value, tp, where: str):
     if tp is typing.Any:
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
+        # "none" on the command line is null for a field that may be null (stage1.clip_high=none),
+        # and stays the string where it is a choice (stage2.center=none).
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
         errors = []
         for a in args:
@@ -177,6 +195,8 @@ def _coerce(value, tp, where: str):
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # X | None: X's own message
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {value!r} does not fit {tp}")
     if tp is bool:
         if isinstance(value, bool):
@@ -187,15 +207,20 @@ def _coerce(value, tp, where: str):
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads "5e-4" (no dot) as a string.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number) and not (number == math.inf and where in UNBOUNDED):  # .nan, .inf, 1e999
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -230,11 +255,33 @@ def merge(cfg, data: dict, where: str = ""):
 
 
 def load_file(path: str | Path) -> dict:
+    """A YAML or JSON config file as a dict; errors name the file (and line and column).
+
+    A JSON file with a ``"sha256"`` key (the ``config.json`` a run writes) is checked against it
+    and the key dropped: an edited copy is refused rather than half-trusted.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     text = p.read_text()
-    data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    if p.suffix == ".json":
+        try:
+            data = checked_io.parse_json(p, text, hint="")
+            if isinstance(data, dict) and "sha256" in data:
+                data = checked_io.verify_json(p, data, hint='; remove its "sha256" line to use an edited copy')
+        except checked_io.CorruptFileError as e:
+            raise ConfigError(str(e)) from e
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            what = ": ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+            raise ConfigError(f"{p}{at}: not valid YAML ({what})") from e
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p}: a config file holds a mapping of sections (model, task, sample, stage1, stage2, "
+                          f"eval), got {type(data).__name__}")
     return data or {}
 
 
@@ -255,8 +302,6 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         key, _, raw = item.partition("=")
         value = yaml.safe_load(raw) if raw.strip() else None
-        if isinstance(value, str) and value.lower() in ("none", "null"):
-            value = None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -283,7 +328,47 @@ def from_dict(data: dict) -> RunConfig:
 
 
 OBJECTIVES = ("ppo", "sapo", "cispo", "ce", "mse")
-SIGNALS = ("logratio", "opd", "forward_kl", "reverse_kl", "combined")
+SIGNALS = ("logratio", "response", "advantage", "opd", "forward_kl", "reverse_kl", "combined", "reward")
+
+
+# The keys where .inf means "no bound" (as in the op the value goes to).
+UNBOUNDED = frozenset({"stage1.clip_high"})
+
+
+def _numbers(obj, where: str = ""):
+    """(path, value) of every number in a (nested) config, list elements included."""
+    for f in dataclasses.fields(obj):
+        v, path = getattr(obj, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(v):
+            yield from _numbers(v, path + ".")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield path, v
+        elif isinstance(v, list):
+            yield from ((f"{path}[{i}]", x) for i, x in enumerate(v) if isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+def _op_check(check, names: dict[str, str], **kwargs):
+    """Run one of the ops' own checks; its error, which starts with the op's argument name, is
+    re-raised with the config key in its place (`names`: argument -> key)."""
+    try:
+        return check(**kwargs)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        for arg, key in names.items():
+            if msg.startswith(arg + " "):
+                msg = key + msg[len(arg):]
+                break
+        raise ConfigError(msg) from e
+
+
+_POLICY_DEFAULTS = dict(method="ppo", agg="token-mean", clip_low=0.2, clip_high=None, dual_clip=None, tau_pos=1.0,
+                        tau_neg=1.05, cispo_cap=5.0, cispo_floor=None, reinforce_cap=None, kl_coef=0.0,
+                        kl_estimator="k3", entropy_coef=0.0, norm_length=None, kl_ratio_weighted=False, has_ref=True,
+                        has_entropy=None)
+
+
+def _policy_check(names: dict[str, str], **options):
+    _op_check(_validate.policy_options, names, **{**_POLICY_DEFAULTS, **options})
 
 
 def validate(cfg: RunConfig) -> None:
@@ -291,22 +376,53 @@ def validate(cfg: RunConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
+    # Finite first (a config built in code never went through _coerce): NaN passes no range check.
+    for path, v in _numbers(cfg):
+        need(math.isfinite(v) or (v == math.inf and path in UNBOUNDED), f"{path} must be finite, got {v}")
     need(cfg.stage1.objective in OBJECTIVES, f"stage1.objective must be one of {OBJECTIVES}, got {cfg.stage1.objective!r}")
     need(cfg.stage2.signal in SIGNALS, f"stage2.signal must be one of {SIGNALS}, got {cfg.stage2.signal!r}")
     need(cfg.stage2.gating in ("none", "drop", "negate"), f"stage2.gating must be none|drop|negate, got {cfg.stage2.gating!r}")
+    need(cfg.stage2.center in ("none", "response", "group"), f"stage2.center must be none|response|group, got {cfg.stage2.center!r}")
+    need(cfg.stage2.groups in ("all", "mixed"), f"stage2.groups must be all|mixed, got {cfg.stage2.groups!r}")
+    need(not (cfg.stage2.signal == "response" and cfg.stage2.center == "response"),
+         "stage2.signal=response is one value per response: center=response would make it 0; use center=group or none")
     need(cfg.sample.advantage in ("group", "mean"), f"sample.advantage must be group|mean, got {cfg.sample.advantage!r}")
+    need(cfg.model.backend in backends.BACKENDS, f"model.backend must be one of {backends.BACKENDS}, got {cfg.model.backend!r}")
     for s in ("stage1", "stage2"):
         c = getattr(cfg, s)
         need(c.agg in ("token-mean", "seq-mean-token-mean"), f"{s}.agg must be token-mean|seq-mean-token-mean, got {c.agg!r}")
         need(c.epochs >= 0, f"{s}.epochs must be >= 0")
         need(c.batch_size > 0 and c.micro_batch_size > 0, f"{s}.batch_size and micro_batch_size must be > 0")
-        need(c.lr > 0, f"{s}.lr must be > 0")
+        need(c.lr > 0, f"{s}.lr must be > 0, got {c.lr}")
+        need(c.weight_decay >= 0, f"{s}.weight_decay must be >= 0, got {c.weight_decay}")
+        need(c.grad_clip is None or c.grad_clip >= 0, f"{s}.grad_clip must be >= 0 (0 or null: no clipping), got {c.grad_clip}")
+        need(c.kl_coef >= 0, f"{s}.kl_coef must be >= 0, got {c.kl_coef}")
         need(c.checkpoint_every >= 0, f"{s}.checkpoint_every must be >= 0 (0: epoch ends only)")
         need(c.pack_length >= 0, f"{s}.pack_length must be >= 0 (0: the micro-batch's longest sequence)")
-    need(cfg.stage1.kl_estimator in ("k1", "k2", "k3"), f"stage1.kl_estimator must be k1|k2|k3, got {cfg.stage1.kl_estimator!r}")
+    # The knobs that erpd.policy_loss also takes: its own checks (one validation for both).
+    s1 = cfg.stage1
+    _policy_check({k: f"stage1.{k}" for k in ("clip_low", "clip_high", "tau_pos", "tau_neg", "cispo_cap", "kl_coef",
+                                               "kl_estimator", "agg")},
+                  method=s1.objective if s1.objective in _validate.POLICY_METHODS else "ppo", agg=s1.agg,
+                  clip_low=s1.clip_low, clip_high=s1.clip_high, tau_pos=s1.tau_pos,
+                  tau_neg=s1.tau_neg, cispo_cap=s1.cispo_cap, kl_coef=s1.kl_coef, kl_estimator=s1.kl_estimator)
+    need(s1.beta > 0, f"stage1.beta must be > 0, got {s1.beta}")
+    s2 = cfg.stage2
+    need(s2.clip > 0, f"stage2.clip must be > 0, got {s2.clip}")
+    # the trust region [1 - clip, 1 + clip] is the ppo clip range
+    _policy_check({"clip_low": "stage2.clip", "clip_high": "stage2.clip"}, agg=s2.agg, clip_low=s2.clip,
+                  clip_high=s2.clip)
+    need(s2.signal_clip is None or s2.signal_clip > 0, f"stage2.signal_clip must be > 0 or null, got {s2.signal_clip}")
+    _op_check(_validate.temperature, {"temperature": "sample.temperature"}, t=cfg.sample.temperature)
     need(cfg.sample.k >= 2, f"sample.k must be >= 2 (group-normalized advantages need a group), got {cfg.sample.k}")
-    need(cfg.sample.temperature > 0 and cfg.eval.temperature > 0, "temperatures must be > 0")
-    need(cfg.stage2.clip > 0, "stage2.clip must be > 0")
+    for where, v in (("sample.max_new_tokens", cfg.sample.max_new_tokens), ("sample.batch_size", cfg.sample.batch_size),
+                     ("eval.max_new_tokens", cfg.eval.max_new_tokens), ("eval.batch_size", cfg.eval.batch_size),
+                     ("task.n_train", cfg.task.n_train), ("model.tiny_layers", cfg.model.tiny_layers)):
+        need(v >= 1, f"{where} must be >= 1, got {v}")
+    need(cfg.task.n_heldout >= 0, f"task.n_heldout must be >= 0, got {cfg.task.n_heldout}")
+    need(cfg.model.tiny_hidden > 0 and cfg.model.tiny_hidden % 4 == 0,
+         f"model.tiny_hidden must be a positive multiple of 4 (the tiny model's attention heads), got {cfg.model.tiny_hidden}")
+    need(cfg.model.threads is None or cfg.model.threads >= 1, f"model.threads must be >= 1 or null, got {cfg.model.threads}")
     need(cfg.model.train_layers is None or cfg.model.train_layers >= 1, "model.train_layers must be >= 1 or null")
     need(cfg.model.dist_timeout_minutes > 0, f"model.dist_timeout_minutes must be > 0, got {cfg.model.dist_timeout_minutes}")
     if cfg.stage2.teacher_weights:

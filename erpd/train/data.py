@@ -1,15 +1,12 @@
-"""Stage 0: the fixed data both stages train on.
-
-``sample_fixed_data`` draws ``k`` responses per prompt from π0 once (``generate`` with pure
-temperature sampling, batched), scores them with the verifier, computes π0's log-prob of every
-response token (teacher-forced, through the same fused path the trainer uses, so the stage-1
-ratio is exactly 1 before the first update) and the group-normalized advantages.
+"""The fixed data both stages train on (sampled by ``erpd.train.stage0``): its tensors, its
+format on disk, and the checks a loaded copy must pass.
 
 On-disk format (a directory; version ``FORMAT_VERSION``)::
 
-    manifest.json        written last; {"format": "erpd.fixed_data", "version": 1,
-                         "files": {name: {"sha256", "bytes"}}, "n_sequences", "n_prompts",
-                         "meta": {model, temperature, sample config, ...}}
+    manifest.json        written last (erpd.train.checked_io.write_manifest); {"format":
+                         "erpd.fixed_data", "version": 2, "files": {name: {"sha256", "bytes"}},
+                         "n_sequences", "n_prompts", "meta": {model, temperature, sample
+                         config, ...}, "sha256": the manifest's own checksum}
     tensors.safetensors  input_ids [N, L] int64 (prompt then response, right-padded with pad_id)
                          attention_mask [N, L] int64
                          prompt_len [N] int64, response_len [N] int64
@@ -22,12 +19,12 @@ Row ``i`` is the ``i % k``-th sample of prompt ``group[i]``; the response's ``r`
 ``input_ids[i, prompt_len[i] + r]`` and is predicted by the hidden state at position
 ``prompt_len[i] + r - 1``. A response that stopped includes its EOS token (a sampled action).
 ``load`` checks the manifest and every checksum and raises :class:`CorruptDataError` naming the
-file on any mismatch (truncated copy, edited file, interrupted write).
+file on any mismatch (truncated copy, edited file, interrupted write). Version 1 (before the
+manifest had a checksum of its own) is refused: re-run ``erpd sample``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -35,18 +32,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
+
+from erpd.train import checked_io
+from erpd.train.checked_io import MANIFEST
 
 FORMAT = "erpd.fixed_data"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TENSORS = "tensors.safetensors"
 TEXTS = "texts.json"
-MANIFEST = "manifest.json"
 _TENSOR_KEYS = ("input_ids", "attention_mask", "prompt_len", "response_len", "targets", "old_logprobs",
                 "rewards", "advantages", "group")
 
 
-class CorruptDataError(RuntimeError):
+class CorruptDataError(checked_io.CorruptFileError):
     pass
 
 
@@ -98,35 +97,15 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, mode: str = "gr
     return centered / (var.sqrt()[group] + eps)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save(data: FixedData, directory: str | os.PathLike) -> Path:
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    # The manifest is the commit point: remove a stale one first, write it last.
-    (d / MANIFEST).unlink(missing_ok=True)
-    save_file({k: getattr(data, k).contiguous().cpu() for k in _TENSOR_KEYS}, str(d / TENSORS))
+    d = checked_io.begin_directory(directory)
+    tensors = {k: getattr(data, k).contiguous().cpu() for k in _TENSOR_KEYS}
     texts = dict(questions=data.questions, answers=[str(a) for a in data.answers], prompts=data.prompts,
                  responses=data.responses)
-    (d / TEXTS).write_text(json.dumps(texts))
-    manifest = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "n_sequences": len(data),
-        "n_prompts": len(data.prompts),
-        "files": {name: {"sha256": _sha256(d / name), "bytes": (d / name).stat().st_size} for name in (TENSORS, TEXTS)},
-        "meta": data.meta,
-    }
-    tmp = d / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(d / MANIFEST)
+    files = {TENSORS: checked_io.write_bytes(d / TENSORS, safetensors_bytes(tensors)),
+             TEXTS: checked_io.write_bytes(d / TEXTS, json.dumps(texts).encode())}
+    checked_io.write_manifest(d, files, FORMAT, FORMAT_VERSION, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                              n_sequences=len(data), n_prompts=len(data.prompts), meta=data.meta)
     return d
 
 
@@ -136,35 +115,15 @@ def exists(directory: str | os.PathLike) -> bool:
 
 def load(directory: str | os.PathLike) -> FixedData:
     d = Path(directory)
-    mpath = d / MANIFEST
-    if not mpath.is_file():
-        raise CorruptDataError(f"{d}: no {MANIFEST} (not a fixed-data directory, or its writing was interrupted); "
-                               "re-run `erpd sample`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptDataError(f"{mpath}: not valid JSON ({e}); the file is truncated or edited") from e
-    if manifest.get("format") != FORMAT:
-        raise CorruptDataError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise CorruptDataError(f"{mpath}: format version {manifest.get('version')!r}; this erpd reads version {FORMAT_VERSION}")
+    manifest = checked_io.read_manifest(d, FORMAT, FORMAT_VERSION, "re-run `erpd sample`", error=CorruptDataError)
     for name in (TENSORS, TEXTS):
-        entry = manifest.get("files", {}).get(name)
-        path = d / name
-        if entry is None:
-            raise CorruptDataError(f"{mpath}: lists no checksum for {name}")
-        if not path.is_file():
-            raise CorruptDataError(f"{path}: missing")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise CorruptDataError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
-        if _sha256(path) != entry["sha256"]:
-            raise CorruptDataError(f"{path}: sha256 does not match the manifest (the file was modified or corrupted)")
-    tensors = load_file(str(d / TENSORS))
+        if name not in manifest["files"]:
+            raise CorruptDataError(f"{d / MANIFEST}: lists no checksum for {name}")
+    tensors = checked_io.load_safetensors(d / TENSORS)
     missing = [k for k in _TENSOR_KEYS if k not in tensors]
     if missing:
         raise CorruptDataError(f"{d / TENSORS}: missing tensors {missing}")
-    texts = json.loads((d / TEXTS).read_text())
+    texts = checked_io.parse_json(d / TEXTS, (d / TEXTS).read_text())
     data = FixedData(**{k: tensors[k] for k in _TENSOR_KEYS}, questions=texts["questions"], answers=texts["answers"],
                      prompts=texts["prompts"], responses=texts["responses"], meta=manifest.get("meta", {}))
     n = len(data)
@@ -234,38 +193,3 @@ def build(prompt_ids: list, response_ids: list, rewards: list, group: list, pad_
     return FixedData(input_ids=input_ids, attention_mask=attention, prompt_len=plen, response_len=rlen, targets=targets,
                      old_logprobs=torch.zeros((n, R), dtype=torch.float32), rewards=rewards_t,
                      advantages=group_advantages(rewards_t, group_t, advantage), group=group_t, **texts)
-
-
-def sample_fixed_data(policy, problems: list, cfg, verifier, system_prompt=None):
-    """Stage 0: sample ``cfg.sample.k`` responses per problem from ``policy`` (π0), score them,
-    and fill in π0's log-probs. Returns ``(data, cache)``; the cache (see ``engine.build_cache``)
-    is what the π0 pass computed on the way and saves stage 1 a second pass."""
-    from erpd.train import engine
-    from erpd.train.task import chat_prompt
-
-    sc = cfg.sample
-    if sc.max_new_tokens < 1:
-        raise ValueError("sample.max_new_tokens must be >= 1")
-    prompts = [chat_prompt(policy.tokenizer, p.question, system_prompt) for p in problems]
-    samples = engine.generate(policy, prompts, sc.k, sc.max_new_tokens, sc.temperature, sc.batch_size, sc.seed,
-                              desc="stage 0: sampling π0")
-    rewards, group = [], []
-    for i, (_, _, text) in enumerate(samples):
-        g = i // sc.k
-        rewards.append(float(verifier(text, problems[g].answer)))
-        group.append(g)
-    data = build([s[0] for s in samples], [s[1] for s in samples], rewards, group, policy.tokenizer.pad_token_id,
-                 sc.advantage, questions=[p.question for p in problems], answers=[str(p.answer) for p in problems],
-                 prompts=prompts, responses=[s[2] for s in samples])
-    cache, lp = engine.build_cache(policy, data, sc.temperature, cfg.stage1.micro_batch_size, desc="stage 0: π0 log-probs")
-    data.old_logprobs = lp
-    data.meta = {"model": policy.name, "train_layers": policy.cfg.train_layers, "temperature": sc.temperature,
-                 "sample": dataclass_dict(sc), "task": dataclass_dict(cfg.task),
-                 "mean_reward": float(data.rewards.mean()) if len(data) else 0.0}
-    return data, cache
-
-
-def dataclass_dict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)

@@ -2,7 +2,7 @@
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) every rank holds the whole fixed data; each optimizer
 step's mini-batch is split across ranks (rank r takes rows r, r + W, ...). Every loss is already
-normalized by the *mini-batch's* token or sequence count (see ``engine.aggregate``), so summing
+normalized by the *mini-batch's* token or sequence count (see ``loop.aggregate``), so summing
 the ranks' gradients gives exactly the single-process gradient, and every rank then takes the
 same AdamW step. Per-step metrics are the ranks' shares of those global sums, summed over ranks,
 so rank 0 logs the global numbers.
@@ -172,6 +172,23 @@ def is_sharded(t) -> bool:
 def micro_batch_count(mini_batch: int, micro_batch_size: int) -> int:
     """Micro-batches every rank runs per step in lockstep: those of the largest shard."""
     return math.ceil(math.ceil(mini_batch / world()) / micro_batch_size)
+
+
+def micro_batch_plan(mini_batch: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor | None]:
+    """This rank's micro-batches of an optimizer step's rows (rank r takes rows r, r + W, ...).
+
+    ``None`` is a zero-weight micro-batch that keeps the ranks' collectives matched: in lockstep
+    (FSDP: every forward is a collective) a rank short of rows runs as many as the others; otherwise
+    a rank left without rows (a last mini-batch smaller than the world, or batch_size < world) runs
+    one, so that it reduces the same stats as the others.
+    """
+    local = shard(mini_batch)
+    chunks: list[torch.Tensor | None] = [local[s : s + micro_batch_size] for s in range(0, len(local), micro_batch_size)]
+    if lockstep():
+        chunks += [None] * (micro_batch_count(len(mini_batch), micro_batch_size) - len(chunks))
+    elif not chunks:
+        chunks = [None]
+    return chunks
 
 
 def shard_model(policy) -> None:

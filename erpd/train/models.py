@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from erpd.train import checked_io
 from erpd.train.config import ModelConfig
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -128,8 +129,14 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype):
     path = Path(cfg.name)
     if not path.is_dir():
         raise ValueError(f"model.name must be {SMOLLM2!r}, {TINY!r} or a local model directory; {cfg.name!r} is none of them")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from safetensors import SafetensorError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, SafetensorError) as e:  # e.g. a truncated model.safetensors: no file named
+        raise checked_io.CorruptFileError(f"model.name={cfg.name!r}: could not load the model directory "
+                                          f"({type(e).__name__}: {e})") from e
     return model, tok
 
 
@@ -286,6 +293,7 @@ def load_policy(cfg: ModelConfig, seed: int = 0) -> Policy:
     else:
         model, tok = _load_hf(cfg, dtype)
     policy = Policy(model, tok, cfg, device, dtype)
+    checked_io.check_finite(dict(policy.model.named_parameters()), f"model.name={cfg.name!r}")
     if cfg.fsdp:
         from erpd.train import dist
 
@@ -294,43 +302,50 @@ def load_policy(cfg: ModelConfig, seed: int = 0) -> Policy:
 
 
 POLICY_FORMAT = "erpd.policy_state"
+POLICY_VERSION = 2  # 2: manifest.json with checksums (version 1 had none and is refused)
 
 
 def save_policy_state(policy: Policy, directory, meta: dict | None = None, state: dict | None = None):
     """Save the trainable parameters (all of them when every layer trains) and what they apply to.
 
     ``model.safetensors`` holds the tensors; ``policy.json`` the base model, ``train_layers`` and
-    ``meta`` (e.g. the stage-1 config and final metrics). Load with :func:`load_policy_state` onto
-    a policy built from the same base model and ``train_layers``. ``state``: the tensors, when
-    the caller already gathered them (``trainable_state()`` is a collective under FSDP).
+    ``meta`` (e.g. the stage-1 config and final metrics); ``manifest.json``, written last, their
+    checksums (``erpd.train.checked_io``). Load with :func:`load_policy_state` onto a policy built
+    from the same base model and ``train_layers``. ``state``: the tensors, when the caller already
+    gathered them (``trainable_state()`` is a collective under FSDP). Non-finite tensors are
+    refused, so a saved policy is always usable.
     """
     import json
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    tensors = {n: t.detach().contiguous().cpu() for n, t in (state or policy.trainable_state()).items()}
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.detach().contiguous().cpu() for n, t in (state or policy.trainable_state()).items()},
-              str(d / "model.safetensors"))
-    info = {"format": POLICY_FORMAT, "version": 1, "base": policy.name, "train_layers": policy.cfg.train_layers,
-            "meta": meta or {}}
-    (d / "policy.json").write_text(json.dumps(info, indent=1, default=str))
+    checked_io.check_finite(tensors, f"saving the policy to {d}")
+    checked_io.begin_directory(d)
+    info = {"format": POLICY_FORMAT, "version": POLICY_VERSION, "base": policy.name,
+            "train_layers": policy.cfg.train_layers, "meta": meta or {}}
+    files = {"model.safetensors": checked_io.write_bytes(d / "model.safetensors", save(tensors)),
+             "policy.json": checked_io.write_bytes(d / "policy.json", json.dumps(info, indent=1, default=str).encode())}
+    checked_io.write_manifest(d, files, POLICY_FORMAT, POLICY_VERSION)
     return d
 
 
 def load_policy_state(policy: Policy, directory) -> dict:
-    import json
-
-    from safetensors.torch import load_file
-
+    """Load a :func:`save_policy_state` directory into `policy`, after checking every checksum
+    (:class:`~erpd.train.checked_io.CorruptFileError` naming the file) and that every tensor is
+    finite (:class:`~erpd.train.checked_io.NonFiniteError` naming the tensor)."""
     d = Path(directory)
-    if not (d / "policy.json").is_file() or not (d / "model.safetensors").is_file():
-        raise ValueError(f"{d} is not a saved erpd policy (needs policy.json and model.safetensors)")
-    info = json.loads((d / "policy.json").read_text())
+    if not d.is_dir():
+        raise ValueError(f"{d} is not a saved erpd policy (no such directory)")
+    checked_io.read_manifest(d, POLICY_FORMAT, POLICY_VERSION, "re-run the stage that wrote it")
+    info = checked_io.parse_json(d / "policy.json", (d / "policy.json").read_text())
     if info.get("format") != POLICY_FORMAT:
         raise ValueError(f"{d / 'policy.json'}: format {info.get('format')!r}, expected {POLICY_FORMAT!r}")
     if info["base"] != policy.name or info["train_layers"] != policy.cfg.train_layers:
         raise ValueError(f"{d} was trained from base {info['base']!r} with train_layers={info['train_layers']}, "
                          f"but the current policy is {policy.name!r} with train_layers={policy.cfg.train_layers}")
-    policy.load_trainable_state(load_file(str(d / "model.safetensors")))
+    tensors = checked_io.load_safetensors(d / "model.safetensors")
+    checked_io.check_finite(tensors, str(d / "model.safetensors"))
+    policy.load_trainable_state(tensors)
     return info

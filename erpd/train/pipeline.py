@@ -2,13 +2,17 @@
 
 Run directory layout (``run.out_dir``)::
 
-    config.json               the resolved config of the last command
+    config.json               the resolved config of the last command (with its sha256)
     data/                     the fixed data (see erpd.train.data)
-    base_eval.json            π0's held-out reward (shared by both stages' epoch 0)
+    eval/<policy>.json        greedy answers of base, teacher, student, control on both evaluation
+                              splits (per prompt: correct, truncated, text; with its sha256)
     stage1/metrics.jsonl      per-step and per-epoch records; stage1/checkpoint.pt; stage1/done.json
     teacher/                  the stage-1 policy (erpd.train.models.save_policy_state)
     stage2/...                the same for stage 2; student/
-    summary.json, erpd.png    the final table and plot
+    control/...               the control (PPO on the rewards, stage 2's trust region and budget)
+    summary.md, summary.json, erpd.png    the final table (CIs) and plot
+
+Every file read back is checksummed and every write atomic (erpd.train.checked_io).
 """
 
 from __future__ import annotations
@@ -17,28 +21,25 @@ import json
 import time
 from pathlib import Path
 
+from erpd.train import checked_io, dist, measure, report, stage0, stage1, stage2
 from erpd.train import data as fixed_data
-from erpd.train import dist, engine, stage1, stage2
 from erpd.train.config import RunConfig
+from erpd.train.evaluate import SplitResult, greedy_split
 from erpd.train.models import load_policy, load_policy_state
-from erpd.train.task import chat_prompt, make_splits
+from erpd.train.progress import say
+from erpd.train.task import problems
 from erpd.train.verifier import load_verifier
 
 
-def say(msg: str) -> None:
-    engine.tqdm.write(msg, file=engine.sys.stderr)
-
-
 class Run:
-    def __init__(self, cfg: RunConfig, resume: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool = False, write_config: bool = True):
         self.cfg, self.resume = cfg, resume
         self.out = Path(cfg.out_dir)
-        if dist.is_main():
+        if dist.is_main() and write_config:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            checked_io.write_json(self.out / "config.json", cfg.to_dict())
         self.verifier = load_verifier(cfg.task.verifier)
-        self.train_problems, self.heldout = make_splits(cfg.task.seed, cfg.task.n_train, cfg.task.n_heldout,
-                                                        cfg.task.difficulty)
+        self.train_problems, self.heldout, self.other = problems(cfg.task)
         self._policy = None
         self.base_state = None
         self.data = None
@@ -62,9 +63,6 @@ class Run:
     def reset_to_base(self):
         self.policy.load_trainable_state(self.base_state)
 
-    def heldout_prompts(self):
-        return [chat_prompt(self.policy.tokenizer, p.question, self.cfg.task.system_prompt) for p in self.heldout]
-
     def ensure_data(self):
         if self.data is not None:
             return self.data
@@ -81,7 +79,7 @@ class Run:
             dist.barrier()
             return self.data
         self.reset_to_base()
-        self.data, self.cache = fixed_data.sample_fixed_data(self.policy, self.train_problems, self.cfg, self.verifier,
+        self.data, self.cache = stage0.sample_fixed_data(self.policy, self.train_problems, self.cfg, self.verifier,
                                                              self.cfg.task.system_prompt)
         if dist.is_main():
             fixed_data.save(self.data, ddir)
@@ -107,7 +105,7 @@ class Run:
             if data.meta.get("model") not in (None, self.cfg.model.name):
                 raise ValueError(f"the fixed data was sampled from {data.meta['model']!r}, the config's model is {self.cfg.model.name!r}")
             self.reset_to_base()
-            self.cache, lp = engine.build_cache(self.policy, data, self.cfg.sample.temperature,
+            self.cache, lp = measure.build_cache(self.policy, data, self.cfg.sample.temperature,
                                                 self.cfg.stage1.micro_batch_size)
             diff = (lp - data.old_logprobs)[data.mask].abs().max().item() if data.mask.any() else 0.0
             if diff > 1e-2:
@@ -115,33 +113,40 @@ class Run:
         return self.cache
 
     # -- evaluation --------------------------------------------------------------------------
-    def base_eval(self) -> dict:
-        return dist.on_main(self._base_eval)
+    def splits(self) -> dict:
+        return {"task": self.heldout, "other": self.other}
 
-    def _base_eval(self) -> dict:
-        path = self.out / "base_eval.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        self.reset_to_base()
-        res = engine.heldout_reward(self.policy, self.heldout_prompts(), [p.answer for p in self.heldout], self.verifier,
-                                    self.cfg.eval.samples_per_prompt, self.cfg.eval, desc="held-out eval π0")
-        if dist.is_main():
-            path.write_text(json.dumps(res))
+    def eval_path(self, name: str) -> Path:
+        return self.out / "eval" / f"{name}.json"
+
+    def evaluate(self, name: str) -> dict[str, SplitResult]:
+        """Greedy answers of the policy now loaded, on both evaluation splits; saved as
+        ``eval/<name>.json`` (rank 0 decodes, the others wait)."""
+        return dist.on_main(self._evaluate, name)
+
+    def _evaluate(self, name: str) -> dict[str, SplitResult]:
+        ev = self.cfg.eval
+        res = {split: greedy_split(self.policy, problems, self.verifier, self.cfg.task.system_prompt, ev.max_new_tokens,
+                                   ev.batch_size, desc=f"greedy eval {name} ({split})")
+               for split, problems in self.splits().items() if problems}
+        if dist.is_main():  # in lockstep every rank decodes; rank 0 writes
+            checked_io.write_json(self.eval_path(name), {"max_new_tokens": ev.max_new_tokens,
+                                                         "splits": {k: v.to_dict() for k, v in res.items()}})
+        say(f"[erpd] {name}: greedy accuracy " + ", ".join(f"{k} {v.accuracy:.3f} (truncated {v.truncation:.2f})"
+                                                          for k, v in res.items()))
         return res
 
-    def evaluator(self, n_epochs: int, stage: str):
-        ev = self.cfg.eval
+    def load_eval(self, name: str) -> dict[str, SplitResult] | None:
+        path = self.eval_path(name)
+        if not path.is_file():
+            return None
+        return {k: SplitResult.from_dict(v) for k, v in checked_io.read_json(path)["splits"].items()}
 
-        def evaluate(epoch: int, last: bool) -> dict:
-            if epoch == 0:
-                return self.base_eval()
-            if not last and (ev.every <= 0 or epoch % ev.every):
-                return {}
-            n = ev.samples_per_prompt if last else ev.epoch_samples_per_prompt
-            return engine.heldout_reward(self.policy, self.heldout_prompts(), [p.answer for p in self.heldout],
-                                         self.verifier, n, ev, desc=f"held-out eval {stage} epoch {epoch}")
-
-        return evaluate
+    def ensure_base_eval(self) -> None:
+        # Rank 0 decides (it alone writes the file): every rank must take the same branch.
+        if not dist.broadcast_object(self.eval_path("base").is_file() if dist.is_main() else None):
+            self.reset_to_base()
+            self.evaluate("base")
 
     # -- stages --------------------------------------------------------------------------------
     def stage_done(self, stage: str) -> bool:
@@ -153,12 +158,17 @@ class Run:
             return
         data = self.ensure_data() if self.data is None and not fixed_data.exists(self.out / "data") else self.load_data()
         cache = self.ensure_cache()
+        self.ensure_base_eval()
         self.reset_to_base()
         t = time.time()
-        hist = stage1.run(self.policy, data, cache, self.cfg, self.out, self.evaluator(self.cfg.stage1.epochs, "stage1"),
-                          resume=self.resume)
+        hist = stage1.run(self.policy, data, cache, self.cfg, self.out, _no_eval, resume=self.resume)
+        self.evaluate("teacher")
         if dist.is_main():
             (self.out / "stage1" / "done.json").write_text(json.dumps({"seconds": time.time() - t, "final": hist[-1]}))
+
+    def policy_dir(self, name: str) -> Path:
+        """Where the run saved policy ``name`` (teacher, student, control)."""
+        return self.out / "control" / "policy" if name == "control" else self.out / name
 
     def teacher_dirs(self):
         return [Path(p) for p in self.cfg.stage2.teachers] or [self.out / "teacher"]
@@ -171,112 +181,86 @@ class Run:
         cache = self.ensure_cache()
         self.reset_to_base()
         t = time.time()
-        hist, tmetrics = stage2.run(self.policy, data, cache, self.cfg, self.out, self.evaluator(self.cfg.stage2.epochs, "stage2"),
-                                    self.teacher_dirs(), resume=self.resume)
+        hist, tmetrics = stage2.run(self.policy, data, cache, self.cfg, self.out, _no_eval, self.teacher_dirs(),
+                                    resume=self.resume)
+        self.evaluate("student")
         if dist.is_main():
             (self.out / "stage2" / "done.json").write_text(json.dumps({"seconds": time.time() - t, "final": hist[-1],
                                                                        "teachers": tmetrics}))
 
-    def run_eval(self, which=("base", "teacher", "student")) -> list[dict]:
-        """Re-measure each saved policy: held-out reward (``eval.samples_per_prompt``) and drift."""
+    def run_control(self):
+        """The control: π0 trained on the rewards alone (group advantages, no teacher) with stage 2's
+        surrogate, trust region and budget, so a student above it can be credited to the teacher."""
+        if self.resume and self.stage_done("control"):
+            say("[erpd] control already done; skipping")
+            return
+        data = self.load_data()
+        cache = self.ensure_cache()
+        self.ensure_base_eval()
+        self.reset_to_base()
+        t = time.time()
+        hist, _ = stage2.run(self.policy, data, cache, self.cfg, self.out, _no_eval, [], resume=self.resume, control=True)
+        self.evaluate("control")
+        if dist.is_main():
+            (self.out / "control" / "done.json").write_text(json.dumps({"seconds": time.time() - t, "final": hist[-1]}))
+
+    def run_eval(self, which=("base", "teacher", "student")) -> list[report.PolicyRow]:
+        """Re-measure saved policies: greedy accuracy on both splits and drift on the fixed data."""
         data = self.load_data()
         cache = self.ensure_cache()
         rows = []
         for name in which:
             self.reset_to_base()
             if name != "base":
-                d = Path(name) if Path(name).is_dir() and name not in ("teacher", "student") else self.out / name
+                d = self.policy_dir(name) if name in POLICIES else Path(name)
                 if not d.is_dir():
                     say(f"[erpd] no {d}; skipping")
                     continue
                 load_policy_state(self.policy, d)
-            out = engine.policy_outputs(self.policy, data, cache, self.cfg.sample.temperature,
+            out = measure.policy_outputs(self.policy, data, cache, self.cfg.sample.temperature,
                                         self.cfg.stage1.micro_batch_size, desc=f"measure {name}")
-            res = engine.heldout_reward(self.policy, self.heldout_prompts(), [p.answer for p in self.heldout],
-                                        self.verifier, self.cfg.eval.samples_per_prompt, self.cfg.eval, desc=f"held-out eval {name}")
-            rows.append({"model": Path(name).name, **res, **engine.drift_metrics(out, data)})
+            label = Path(name).name
+            rows.append(report.PolicyRow(label, self.evaluate(label), measure.drift_metrics(out, data)))
         self.reset_to_base()
-        (self.out / "eval.json").write_text(json.dumps(rows, indent=1))
         return rows
 
     # -- report ------------------------------------------------------------------------------
-    def summary_rows(self) -> list[dict]:
+    def summary_rows(self) -> list[report.PolicyRow]:
+        """base, teacher, student, control: those evaluated, with the drift of their stage's last epoch."""
         rows = []
-        for stage, label in (("stage1", "teacher"), ("stage2", "student")):
-            path = self.out / stage / "metrics.jsonl"
-            if not path.is_file():
+        for name, stage, epoch in (("base", "stage1", 0), ("teacher", "stage1", -1), ("student", "stage2", -1),
+                                   ("control", "control", -1)):
+            res = self.load_eval(name)
+            if res is None:
                 continue
-            epochs = [r for r in engine.read_jsonl(path) if r["kind"] == "epoch"]
-            if not rows and epochs:
-                rows.append({"model": "base (π0)", **_pick(epochs[0])})
-            if epochs and epochs[-1]["epoch"] > 0:
-                rows.append({"model": f"{label} ({stage})", **_pick(epochs[-1])})
+            path = self.out / stage / "metrics.jsonl"
+            epochs = [r for r in checked_io.read_jsonl(path) if r["kind"] == "epoch"] if path.is_file() else []
+            drift = epochs[epoch] if epochs else ({"kl_full": 0.0, "kl_k3": 0.0} if name == "base" else {})
+            rows.append(report.PolicyRow(name, res, drift))
         return rows
 
 
-_COLS = ("heldout_reward", "heldout_n", "kl_full", "kl_k3", "logratio", "entropy", "epoch")
+POLICIES = ("base", "teacher", "student", "control")
+COMPARISONS = [("teacher", "base"), ("student", "base"), ("student", "teacher"), ("control", "base"),
+               ("student", "control")]
 
 
-def _pick(rec: dict) -> dict:
-    return {k: rec.get(k) for k in _COLS}
-
-
-def format_table(rows: list[dict]) -> str:
-    head = f"{'model':<18} {'held-out acc':>12} {'n':>5} {'KL(·‖π0) full':>14} {'KL k3':>8} {'log-ratio':>10} {'entropy':>8}"
-    lines = [head, "-" * len(head)]
-    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
-    for r in rows:
-        lines.append(f"{r['model']:<18} {fmt(r.get('heldout_reward'), '12.3f')} {fmt(r.get('heldout_n'), '5d')} "
-                     f"{fmt(r.get('kl_full'), '14.4f')} {fmt(r.get('kl_k3'), '8.4f')} {fmt(r.get('logratio'), '10.4f')} "
-                     f"{fmt(r.get('entropy'), '8.3f')}")
-    return "\n".join(lines)
-
-
-def plot(out_dir: Path, path: Path) -> Path | None:
-    """Held-out reward vs KL(·‖π0) for both stages, and entropy per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    any_data = False
-    for stage, color, label in (("stage1", "tab:red", "stage 1 (teacher)"), ("stage2", "tab:blue", "stage 2 (student)")):
-        p = Path(out_dir) / stage / "metrics.jsonl"
-        if not p.is_file():
-            continue
-        ep = [r for r in engine.read_jsonl(p) if r["kind"] == "epoch"]
-        pts = [(r["kl_full"], r["heldout_reward"], r["epoch"]) for r in ep if r.get("heldout_reward") is not None]
-        if pts:
-            any_data = True
-            ax1.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "o-", color=color, label=label)
-            for x, y, e in pts:
-                ax1.annotate(str(e), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=color)
-        ax2.plot([r["epoch"] for r in ep], [r["entropy"] for r in ep], "o-", color=color, label=label)
-    ax1.set_xscale("symlog", linthresh=1e-2)
-    ax1.set_xlabel("KL(π‖π0), full vocabulary, on the fixed data (nats/token)")
-    ax1.set_ylabel("held-out reward (sampled)")
-    ax1.set_title("reward vs drift (numbers: epochs)")
-    ax1.legend()
-    ax2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("mean entropy on the fixed data (nats)")
-    ax2.set_title("entropy per epoch")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path if any_data else None
+def _no_eval(epoch: int, last: bool) -> dict:
+    return {}
 
 
 def write_summary(run: Run, wall_seconds: float | None = None) -> str:
+    """summary.md (the table with CIs), summary.json and the plot erpd.png; returns the table."""
     rows = run.summary_rows()
-    table = format_table(rows)
-    info = {"rows": rows, "wall_seconds": wall_seconds, "config": run.cfg.to_dict()}
+    table = report.markdown(rows, COMPARISONS)
+    info = {"rows": [{"name": r.name, "drift": r.drift, **{f"acc_{s}": r.accuracy(s) for s in r.splits}} for r in rows],
+            "comparisons": report.comparisons(rows, COMPARISONS), "wall_seconds": wall_seconds,
+            "config": run.cfg.to_dict()}
     if run.data is not None or fixed_data.exists(run.out / "data"):
         d = run.load_data()
         info["fixed_data"] = {"responses": len(d), "prompts": len(d.prompts), "mean_reward": float(d.rewards.mean())}
     (run.out / "summary.json").write_text(json.dumps(info, indent=1, default=str))
-    plot(run.out, run.out / "erpd.png")
+    (run.out / "summary.md").write_text(table + "\n")
+    if rows:
+        report.plot(rows, run.out / "erpd.png")
     return table

@@ -1,8 +1,11 @@
 """Exact-answer verification for tasks whose answer is a number.
 
 A verifier is any plain function ``verify(response: str, answer) -> float`` (reward in [0, 1]);
-the trainer's config names one by dotted path (``task.verifier = "my_pkg.my_module.my_verify"``),
-so a user can plug in e.g. a ``math-verify``-based checker without touching erpd.
+the trainer's config names one by dotted path (``task.verifier = "my_pkg.my_module.my_verify"``).
+Two ship here: :func:`verify` (below, numbers only, no dependency) and :func:`math_verify`
+(``task.verifier=erpd.train.verifier.math_verify``), HF's ``math-verify`` package (erpd's
+``math`` extra): LaTeX and plain answers, fractions, radicals, sets and intervals compared
+symbolically.
 
 The built-in one parses the *final* number of a free-form response, in this order of trust:
 
@@ -19,7 +22,9 @@ decimal part (``12.0`` equals ``12``) or be a simple fraction (``3/4``). Compari
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import re
 from fractions import Fraction
 from typing import Callable
@@ -96,8 +101,35 @@ def verify(response: str, answer) -> float:
     return 1.0 if got is not None and got == truth else 0.0
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(answer: str):
+    import math_verify as mv
+
+    gold = mv.parse(answer)
+    if not gold:
+        raise ValueError(f"answer {answer!r} is not an expression math-verify can parse")
+    return gold
+
+
+def math_verify(response: str, answer) -> float:
+    """1.0 if ``math-verify`` finds the final answer of ``response`` (the last ``\\boxed{}``, else
+    the last LaTeX or plain expression) equal to ``answer``, symbolically; else 0.0. Malformed
+    responses score 0.0; a ground truth math-verify cannot parse raises ``ValueError``."""
+    import math_verify as mv
+
+    gold = _parse_gold(str(answer))
+    if not isinstance(response, str) or not response.strip():
+        return 0.0
+    return 1.0 if mv.verify(gold, mv.parse(response)) else 0.0
+
+
+# The packages a shipped verifier needs, checked when a run loads it (before any sampling).
+math_verify.needs = ("math_verify", "pip install math-verify (or pip install -e .[math])")
+
+
 def load_verifier(path: str) -> Verifier:
-    """Import ``"package.module.function"`` and check that it is callable."""
+    """Import ``"package.module.function"`` and check that it is callable (and that the packages
+    a shipped verifier needs are installed)."""
     if not isinstance(path, str) or "." not in path:
         raise ValueError(f"verifier must be a dotted path 'module.function', got {path!r}")
     module, _, name = path.rpartition(".")
@@ -107,4 +139,7 @@ def load_verifier(path: str) -> Verifier:
         raise ValueError(f"cannot import verifier {path!r}: {e}") from e
     if not callable(fn):
         raise TypeError(f"verifier {path!r} is not callable")
+    needs = getattr(fn, "needs", None)
+    if needs is not None and importlib.util.find_spec(needs[0]) is None:
+        raise ImportError(f"verifier {path!r} needs the {needs[0]} package: {needs[1]}")
     return fn

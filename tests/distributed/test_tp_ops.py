@@ -253,6 +253,23 @@ def _check_errors(rank, world):
                        tp_group=dist.group.WORLD)
 
 
+def _check_double_backward(rank, world):
+    """The vocab-parallel backwards are shard kernels on every backend, torch included: a gradient
+    taken with create_graph=True is refused on every rank (each raises before any collective)."""
+    hidden, weight, b, targets = _inputs(0)
+    for backend in ("cpu", "torch"):
+        h, w, bias = _leaf(hidden), _leaf(_shard(weight, rank, world)), _leaf(_shard(b, rank, world))
+        t_w = _shard(weight, rank, world).flip(0)
+        for op, out in (
+            ("linear_logprobs", erpd.linear_logprobs(h, w, targets, bias=bias, with_entropy=True, backend=backend,
+                                                     tp_group=dist.group.WORLD)[1]),
+            ("linear_kl", erpd.linear_kl(h, w, targets, bias=bias, teacher_hidden=hidden, teacher_weight=t_w,
+                                         backend=backend, tp_group=dist.group.WORLD)),
+        ):
+            with pytest.raises(RuntimeError, match=rf"erpd\.{op}: double backward"):
+                torch.autograd.grad(out.sum(), (h, w), create_graph=True)
+
+
 def _worker(rank, world, init_file):
     torch.set_num_threads(1)
     with gloo_rank(init_file, rank, world):
@@ -260,6 +277,7 @@ def _worker(rank, world, init_file):
         _check_kl(rank, world)
         _check_policy(rank, world)
         _check_errors(rank, world)
+        _check_double_backward(rank, world)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -375,7 +375,7 @@ def policy_side_cases(b_t):
         Case("agg-name", put(agg="mean"), raises("agg must be one of")),
         Case("kl_estimator-name", put(kl_estimator="k4"), raises("kl_estimator must be one of")),
         Case("method-not-str", put(method=0), raises("method must be one of")),
-        Case("clip_low-1", put(clip_low=1.0), raises("clip_low")),
+        Case("clip_low-above-1", put(clip_low=1.5), raises("clip_low")),
         Case("clip_high-nan", put(clip_high=NAN), raises("clip_high")),
         Case("dual_clip-le-1", put(dual_clip=0.5), raises("dual_clip")),
         Case("tau_pos-0", put(method="sapo", tau_pos=0.0), raises("tau_pos")),

@@ -56,12 +56,16 @@ def _samples_linear_logprobs(op_fwd):
     out = {}
     for bias in (True, False):
         h, w, b, t = _lin(bias=bias)
-        out[f"fwd-bias{bias}"] = ("linear_logprobs_fwd", (h, w, b, t, 0.7, IGNORE))
-        logp, ent, lse = op_fwd(h, w, b, t, 0.7, IGNORE)
+        out[f"fwd-bias{bias}"] = ("linear_logprobs_fwd", (h, w, b, t, 0.7, 0.0, IGNORE, False))
+        # softcapped, with the statistics
+        out[f"fwd-bias{bias}-softcap-stats"] = ("linear_logprobs_fwd", (h, w, b, t, 0.7, 0.3, IGNORE, True))
+        logp, ent, lse, _ = op_fwd(h, w, b, t, 0.7, 0.0, IGNORE, False)
         g = torch.randn_like(lse)
         for need_h, need_w, g_ent in ((True, True, torch.randn_like(lse)), (True, False, None), (False, True, None)):
             out[f"bwd-bias{bias}-h{need_h}-w{need_w}"] = (
-                "linear_logprobs_bwd", (h, w, b, t, lse, ent, g, g_ent, 0.7, IGNORE, need_h, need_w))
+                "linear_logprobs_bwd", (h, w, b, t, lse, ent, g, g_ent, 0.7, 0.0, IGNORE, need_h, need_w))
+        out[f"bwd-bias{bias}-softcap"] = (
+            "linear_logprobs_bwd", (h, w, b, t, lse, ent, g, None, 0.7, 0.3, IGNORE, True, True))
     return out
 
 
@@ -106,9 +110,9 @@ def _samples_policy_loss():
     ent = torch.rand(B, T) * 2
     ref = lp - 0.1
     # method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
-    # num_items_value, norm_scale, need_grad_entropy
-    ppo = (0, 0, 0.8, 1.2, 3.0, 1.0, 1.05, 0.1, 2, 0.01, 0.0, 1.0, True)
-    gspo = (3, 1, 0.8, 1.2, 0.0, 1.0, 1.05, 0.0, 2, 0.0, 0.0, 1.0, False)
+    # num_items_value, norm_scale, kl_ratio_weighted, need_grad_entropy
+    ppo = (0, 0, 0.8, 1.2, 3.0, 1.0, 1.05, 0.1, 2, 0.01, 0.0, 1.0, True, True)
+    gspo = (3, 1, 0.8, 1.2, 0.0, 1.0, 1.05, 0.0, 2, 0.0, 0.0, 1.0, False, False)
     return {
         "ppo": ("policy_loss_fwd", (lp, old, adv, mask, ref, ent, None, None, *ppo)),
         "gspo-num_items": ("policy_loss_fwd", (lp, old, adv.unsqueeze(1).expand(B, T).contiguous(), mask, None, None,
@@ -119,14 +123,16 @@ def _samples_policy_loss():
 def _samples_linear_policy_loss():
     h, w, b, t = _lin(n=B * T, v=13)
     _, old, adv, mask = _policy_batch()
-    scal = (0, 0, 0.8, 1.2, 0.0, 1.0, 1.05, 0.0, 2, 0.01, 0.0, 1.0)
+    scal = (0, 0, 0.8, 1.2, 0.0, 1.0, 1.05, 0.0, 2, 0.01, 0.0, 1.0, False)
     out = {}
     for need_h, need_w in ((True, True), (False, True)):
         out[f"ppo-h{need_h}-w{need_w}"] = (
-            "linear_policy_loss_fwd", (h, w, b, t, 0.9, IGNORE, old, adv, mask, None, None, None, *scal, need_h, need_w))
-    gspo = (3, 1, 0.8, 1.2, 0.0, 1.0, 1.05, 0.0, 2, 0.0, 0.0, 1.0)
-    out["gspo-on-policy"] = (
-        "linear_policy_loss_fwd", (h, w, None, t, 1.0, IGNORE, None, adv, mask, None, None, None, *gspo, True, True))
+            "linear_policy_loss_fwd",
+            (h, w, b, t, 0.9, 0.0, IGNORE, old, adv, mask, None, None, None, *scal, need_h, need_w))
+    gspo = (3, 1, 0.8, 1.2, 0.0, 1.0, 1.05, 0.0, 2, 0.0, 0.0, 1.0, False)
+    out["gspo-on-policy-softcap"] = (
+        "linear_policy_loss_fwd",
+        (h, w, None, t, 1.0, 0.2, IGNORE, None, adv, mask, None, None, None, *gspo, True, True))
     return out
 
 

@@ -41,7 +41,7 @@ TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 # input dtype, targets are int64, every other pointer is an fp32 buffer unless `ptr_types` says
 # otherwise; the scalars below are floats, all others ints.
 INPUT_PTRS = ("h_ptr", "w_ptr", "b_ptr", "th_ptr", "tw_ptr", "tb_ptr")
-FLOAT_SCALARS = ("inv_t", "beta", "log_b", "log_1mb")
+FLOAT_SCALARS = ("inv_t", "tile_scale", "cap_scale", "beta", "log_b", "log_1mb")
 
 
 def signature(fn, dtype, constexprs, ptr_types=None):
@@ -92,23 +92,23 @@ out = []
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     # Forward: a large batch with bias and vocabulary splits, and a small unsplit one with a
     # ragged hidden size.
-    for n, extra in ((4096, dict(HAS_BIAS=True, FINALIZE=False, EVEN_K=True)),
-                     (100, dict(HAS_BIAS=False, FINALIZE=True, EVEN_K=False))):
+    for n, extra in ((4096, dict(HAS_BIAS=True, FINALIZE=False, SOFTCAP=False, STATS=False, EVEN_K=True)),
+                     (100, dict(HAS_BIAS=False, FINALIZE=True, SOFTCAP=True, STATS=True, EVEN_K=False))):
         tiles, opts = split(K.fwd_config(n, dtype, False))
         out.append(build(f"fwd n={n} {extra}", K._linear_logprobs_fwd_kernel, dtype,
                          dict(common, **extra, **tiles), opts,
                          aligned_ints=("H",) if extra["EVEN_K"] else ()))
     tiles, opts = split(K.bwd_config(dtype, False))
     # Backward: every gradient, and the hidden-only, no-entropy, ragged-H variant.
-    for extra in (dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True, NEED_DH=True, NEED_DW=True, NEED_DB=True,
-                       EVEN_K=True),
-                  dict(HAS_BIAS=False, HAS_GRAD_ENTROPY=False, NEED_DH=True, NEED_DW=False, NEED_DB=False,
-                       EVEN_K=False)):
+    for extra in (dict(HAS_BIAS=True, HAS_GRAD_ENTROPY=True, SOFTCAP=False, NEED_DH=True, NEED_DW=True,
+                       NEED_DB=True, EVEN_K=True),
+                  dict(HAS_BIAS=False, HAS_GRAD_ENTROPY=False, SOFTCAP=True, NEED_DH=True, NEED_DW=False,
+                       NEED_DB=False, EVEN_K=False)):
         out.append(build(f"bwd {extra}", K._linear_logprobs_bwd_kernel, dtype,
                          dict(common, **extra, **tiles), opts,
                          aligned_ints=("H",) if extra["EVEN_K"] else ()))
 out.append(build("combine", K._linear_logprobs_combine_kernel, torch.float32,
-                 dict(BLOCK=K.COMBINE_BLOCK), dict(num_warps=4, num_stages=1), aligned_ints=()))
+                 dict(STATS=True, BLOCK=K.COMBINE_BLOCK), dict(num_warps=4, num_stages=1), aligned_ints=()))
 print(json.dumps(out))
 """
 

@@ -75,6 +75,59 @@ def test_bias_temperature_ignored_rows_and_side_inputs(cpu_backend, method):
                   **(dict(dual_clip=2.0) if method != "cispo" else dict(cispo_cap=1.3)))
 
 
+@pytest.mark.parametrize("clips", [dict(clip_high=float("inf")), dict(clip_low=1.0, clip_high=float("inf")),
+                                   dict(clip_low=1.0, clip_high=0.1)])
+def test_no_ceiling_and_no_floor(cpu_backend, clips):
+    """clip_high=inf removes the ceiling and clip_low=1 the floor; drift=1.5 puts ratios far outside
+    [0.8, 1.2] both ways, so a clip that still acted would change the loss and the gradients."""
+    x = make_linear_policy_inputs(**TINY, seed=17, drift=1.5, per_token_advantages=True)
+    got = check_backend(x, cpu_backend, method="ppo", **clips)
+    if clips["clip_high"] == float("inf"):
+        assert got[1]["clipfrac_high"] == 0
+    if clips.get("clip_low") == 1.0:
+        assert got[1]["clipfrac_low"] == 0
+
+
+def test_unbounded_ppo_is_the_plain_ratio_objective():
+    """With neither floor nor ceiling, ppo is -r A summed as the aggregation says, whatever the drift."""
+    x = make_linear_policy_inputs(**TINY, seed=18, drift=2.0, per_token_advantages=True)
+    lin = x.linear
+    loss, metrics = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages, x.mask,
+                                            clip_low=1.0, clip_high=float("inf"), backend="torch")
+    lp, _ = erpd.reference.linear_logprobs(lin.hidden, lin.weight, lin.targets)
+    valid = x.mask & (lin.targets != -100)
+    r = (lp - x.old_logprobs).clamp(-20, 20).exp()
+    expected = -(r * x.advantages * valid).sum() / valid.sum()
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    assert metrics["clipfrac"] == 0 and metrics["num_valid"] == valid.sum()
+
+
+def test_returns_its_logprobs_and_counts(cpu_backend):
+    """return_logprobs: the per-token log-probs the op computed (equal to linear_logprobs', detached);
+    num_valid: the valid-token count its means are over."""
+    x = make_linear_policy_inputs(**TINY, seed=19, bias=True, ignore_frac=0.2)
+    lin = x.linear
+    kw = dict(bias=lin.bias, temperature=0.8, backend=cpu_backend)
+    loss, metrics = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages, x.mask,
+                                            return_logprobs=True, **kw)
+    lp, _ = erpd.linear_logprobs(lin.hidden, lin.weight, lin.targets, **kw)
+    got = metrics["logprobs"]
+    assert got.shape == lin.targets.shape and got.dtype == torch.float32 and not got.requires_grad
+    ignored = lin.targets == -100
+    assert torch.allclose(got[~ignored], lp.detach()[~ignored], atol=1e-6) and (got[ignored] == 0).all()
+    assert metrics["num_valid"] == (x.mask & ~ignored).sum()
+    _, plain = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages, x.mask, **kw)
+    assert "logprobs" not in plain
+    loss.backward()  # the extra output does not get in the way of the gradients
+    assert lin.hidden.grad is not None
+
+
+@pytest.mark.parametrize("method", ["ppo", "gspo", "cispo"])
+def test_kl_ratio_weighted(cpu_backend, method):
+    x = make_linear_policy_inputs(**TINY, seed=17, drift=0.5, ref=True, is_weights=True)
+    check_backend(x, cpu_backend, method=method, kl_coef=0.2, kl_ratio_weighted=True)
+
+
 @pytest.mark.parametrize("method", ["ppo", "gspo"])
 def test_equals_the_unfused_composition(cpu_backend, method):
     """Same backend, same kernels: linear_logprobs + policy_loss through autograd vs the fused op."""

@@ -12,7 +12,7 @@ import torch
 
 import erpd
 from erpd.reference import POLICY_AGGS, POLICY_METHODS
-from erpd.testing import assert_within_rule, make_policy_inputs
+from erpd.testing import assert_within_rule, make_linear_policy_inputs, make_policy_inputs
 
 
 def _run(x, backend, **opts):
@@ -100,6 +100,23 @@ def test_kl_estimators(cpu_backend, kl_estimator):
     check_backend(x, cpu_backend, kl_coef=0.3, kl_estimator=kl_estimator)
 
 
+@pytest.mark.parametrize("method", POLICY_METHODS)
+def test_kl_ratio_weighted(cpu_backend, method):
+    """The importance-weighted KL term (TRL's use_bias_correction_kl): r k, whose gradient carries
+    r's own derivative (through gspo's sequence ratio for gspo); the kl_ref metric is its mean."""
+    x = make_policy_inputs(5, 29, seed=19, ref=True, drift=0.6, is_weights=True)
+    _, weighted, _ = check_backend(x, cpu_backend, method=method, agg="seq-mean-token-mean", kl_coef=0.3,
+                                   kl_estimator="k3", kl_ratio_weighted=True)
+    _, plain, _ = _run(x, cpu_backend, method=method, kl_coef=0.3, kl_estimator="k3")
+    assert abs(weighted["kl_ref"] - plain["kl_ref"]) > 1e-3
+
+
+def test_kl_ratio_weighted_needs_ref():
+    x = make_policy_inputs(2, 5, seed=1)
+    with pytest.raises(ValueError, match="kl_ratio_weighted=True weights the KL term, which needs ref_logprobs"):
+        erpd.policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, kl_ratio_weighted=True)
+
+
 def test_metrics_only_kl_and_entropy(cpu_backend):
     """ref_logprobs / entropy without coefficients: metrics only, no gradient into entropy."""
     x = make_policy_inputs(4, 33, seed=13, ref=True, entropy=True)
@@ -139,6 +156,56 @@ def test_num_items_tensor_equals_number(cpu_backend):
     ga, = torch.autograd.grad(a, x.logprobs)
     gb, = torch.autograd.grad(b, x.logprobs)
     torch.testing.assert_close(ga, gb)
+
+
+UNCHECKED_NUM_ITEMS = [0.0, -3.0, 0.5, float("nan"), float("inf"), -float("inf")]
+
+
+def _check_unchecked_num_items(backend, value, agg, device="cpu"):
+    """Where no value check runs (validate=False; on CUDA also the default), a tensor num_items
+    below 1 counts as 1 and a NaN or infinite one makes the loss and gradients NaN, on every
+    backend, for policy_loss and linear_policy_loss (the cpu backend used to fall back to the
+    batch's own count there, triton and torch to clamp to 1)."""
+    x = make_policy_inputs(3, 7, seed=31, device=device)
+    lx = make_linear_policy_inputs(3, 7, 8, 13, seed=31, device=device)
+    lin = lx.linear
+
+    def run(num_items):
+        loss, _ = erpd.policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, agg=agg, num_items=num_items,
+                                   backend=backend, validate=False)
+        (g,) = torch.autograd.grad(loss, x.logprobs)
+        fused, _ = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, lx.old_logprobs, lx.advantages, lx.mask,
+                                           agg=agg, num_items=num_items, backend=backend, validate=False)
+        (gh,) = torch.autograd.grad(fused, lin.hidden)
+        return loss, g[x.mask], fused, gh[lx.mask]
+
+    got = run(torch.tensor(value, device=device))
+    if math.isfinite(value):
+        for a, b in zip(got, run(1.0)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    else:  # (a clipped token's gradient may stay 0: its derivative is 0, not 0 * NaN)
+        loss, g, fused, gh = got
+        assert torch.isnan(loss) and torch.isnan(fused) and torch.isnan(g).any() and torch.isnan(gh).any()
+
+
+@pytest.mark.parametrize("value", UNCHECKED_NUM_ITEMS, ids=str)
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_unchecked_num_items_tensor_has_one_meaning(backend, value, agg):
+    _check_unchecked_num_items(backend, value, agg)
+
+
+def test_num_items_is_checked_like_a_number(cpu_backend):
+    """Where the value checks run, a tensor num_items must be finite and > 0, as a number must."""
+    x = make_policy_inputs(3, 7, seed=37)
+    lx = make_linear_policy_inputs(2, 5, 8, 11, seed=37)
+    for value in (0.0, -1.0, float("nan"), float("inf")):
+        for num_items, words in ((torch.tensor(value), "num_items must be finite and > 0"),
+                                 (value, "num_items must be")):
+            with pytest.raises(ValueError, match=words):
+                erpd.policy_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, num_items=num_items, backend=cpu_backend)
+            with pytest.raises(ValueError, match=words):
+                erpd.linear_policy_loss(lx.linear.hidden, lx.linear.weight, lx.linear.targets, lx.old_logprobs,
+                                        lx.advantages, lx.mask, num_items=num_items, backend=cpu_backend)
 
 
 def test_norm_length(cpu_backend):
@@ -282,6 +349,15 @@ def test_gpu_micro_batches_with_num_items_tensor(backend, agg):
     opts = dict(method="gspo", agg=agg, kl_coef=0.1, entropy_coef=0.02)
     count = x.mask.sum().float() if agg == "token-mean" else torch.tensor(6.0, device="cuda")
     _check_micro_batches(x, backend, count, **opts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("value", UNCHECKED_NUM_ITEMS, ids=str)
+def test_gpu_num_items_tensor_has_one_meaning(backend, value):
+    """The CUDA kernels read a tensor num_items on the device, unchecked: the same one meaning."""
+    _need_gpu_backend(backend)
+    _check_unchecked_num_items(backend, value, "token-mean", device="cuda")
 
 
 @pytest.mark.gpu

@@ -47,8 +47,8 @@ def build(label, fn, constexprs, num_warps):
 
 
 out = []
-everything = dict(HAS_REF=True, HAS_ENT=True, HAS_ISW=True, NEED_GENT=True)
-nothing = dict(HAS_REF=False, HAS_ENT=False, HAS_ISW=False, NEED_GENT=False)
+everything = dict(HAS_REF=True, HAS_ENT=True, HAS_ISW=True, KL_RATIO=True, NEED_GENT=True)
+nothing = dict(HAS_REF=False, HAS_ENT=False, HAS_ISW=False, KL_RATIO=False, NEED_GENT=False)
 for method in (K.PPO, K.SAPO, K.CISPO, K.GSPO, K.REINFORCE):
     for agg, kl, flags, per_row, dual, block in ((K.SEQ_MEAN_TOKEN_MEAN, K.K3, everything, True, True, 1024),
                                                  (K.TOKEN_MEAN, K.K1, nothing, False, False, 256)):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from erpd.train import data as D
-from erpd.train import engine
+from erpd.train import measure
 from erpd.train.config import RunConfig
 from erpd.train.models import load_policy
 
@@ -48,7 +48,7 @@ def synthetic_data(policy, n_prompts=3, k=4, seed=0) -> D.FixedData:
 
 
 def with_old_logprobs(policy, data, micro_batch_size=5):
-    cache, lp = engine.build_cache(policy, data, 1.0, micro_batch_size)
+    cache, lp = measure.build_cache(policy, data, 1.0, micro_batch_size)
     data.old_logprobs = lp
     return cache
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from erpd.train import data as D
-from erpd.train import engine
+from erpd.train import measure, stage0
 
 
 def test_round_trip(tiny, tmp_path):
@@ -104,7 +104,7 @@ def test_sampling_from_the_policy(tiny):
         return float(len(text) % 2 == 0)
 
     problems = generate(2, 0, 1)
-    data, cache = D.sample_fixed_data(policy, problems, cfg, verifier)
+    data, cache = stage0.sample_fixed_data(policy, problems, cfg, verifier)
     assert len(data) == 6 and len(calls) == 6 and data.group.tolist() == [0, 0, 0, 1, 1, 1]
     assert calls[0][1] == problems[0].answer
     assert int(data.response_len.max()) <= 6
@@ -113,7 +113,7 @@ def test_sampling_from_the_policy(tiny):
         r = data.targets[i, : int(data.response_len[i])].tolist()
         assert eos not in r[:-1]  # nothing is kept after an EOS
     # The stored π0 log-probs are what a fresh teacher-forced pass gives.
-    _, lp = engine.build_cache(policy, data, cfg.sample.temperature, 2)
+    _, lp = measure.build_cache(policy, data, cfg.sample.temperature, 2)
     assert torch.allclose(lp, data.old_logprobs, atol=1e-5)
     assert len(cache.ref_hidden) == len(data)
 

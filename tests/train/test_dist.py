@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 def _train(out_dir, objective, epochs=2, resume=False, checkpoint_every=0, fsdp=False, train_layers=1, batch_size=6):
     from conftest import make_policy, synthetic_data, tiny_cfg, with_old_logprobs
 
-    from erpd.train import engine, stage1
+    from erpd.train import checked_io, stage0, stage1
 
     torch.set_num_threads(1)
     policy = make_policy(train_layers=train_layers, fsdp=fsdp)
@@ -31,7 +31,7 @@ def _train(out_dir, objective, epochs=2, resume=False, checkpoint_every=0, fsdp=
 
     def evaluate(epoch, last):
         # Sampling from the policy (under FSDP on every rank, with synced_gpus): a digest of the samples.
-        samples = engine.generate(policy, ["abc", "hello"], 2, 5, 1.0, 4, seed=epoch)
+        samples = stage0.generate(policy, ["abc", "hello"], 2, 5, 1.0, 4, seed=epoch)
         return {"heldout_reward": 0.5, "sample_digest": sum(t for _, r, _ in samples for t in r)}
 
     stage1.run(policy, data, cache, cfg, out_dir, evaluate, resume=resume)
@@ -39,9 +39,9 @@ def _train(out_dir, objective, epochs=2, resume=False, checkpoint_every=0, fsdp=
 
 
 def _steps(out_dir):
-    from erpd.train import engine
+    from erpd.train import checked_io, stage0
 
-    return [r for r in engine.read_jsonl(os.path.join(out_dir, "stage1", "metrics.jsonl")) if r["kind"] == "step"]
+    return [r for r in checked_io.read_jsonl(os.path.join(out_dir, "stage1", "metrics.jsonl")) if r["kind"] == "step"]
 
 
 def _worker(rank, world, init_file, out_dir, objective, result_dir, epochs=2, resume=False, checkpoint_every=0,
@@ -66,11 +66,11 @@ def test_two_gloo_processes_stay_in_sync(tmp_path, objective):
     assert not torch.equal(single, _initial())  # training moved the weights
     assert torch.allclose(gathered[0], single, atol=1e-5, rtol=1e-4)
     # Only rank 0 wrote the metrics, once per step.
-    from erpd.train import engine
+    from erpd.train import checked_io, stage0
 
-    steps = [r for r in engine.read_jsonl(tmp_path / "ddp" / "stage1" / "metrics.jsonl") if r["kind"] == "step"]
+    steps = [r for r in checked_io.read_jsonl(tmp_path / "ddp" / "stage1" / "metrics.jsonl") if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
-    ref = [r for r in engine.read_jsonl(tmp_path / "single" / "stage1" / "metrics.jsonl") if r["kind"] == "step"]
+    ref = [r for r in checked_io.read_jsonl(tmp_path / "single" / "stage1" / "metrics.jsonl") if r["kind"] == "step"]
     for a, b in zip(steps, ref):  # every logged metric is the global one, reduced over the ranks
         for key in ("loss", "grad_norm", "clip_frac", "logratio"):
             if key in b:
@@ -144,9 +144,9 @@ def test_checkpoint_resumes_on_a_different_world_size(tmp_path, first, then):
 
 
 def _epochs(out_dir):
-    from erpd.train import engine
+    from erpd.train import checked_io, stage0
 
-    return [r for r in engine.read_jsonl(os.path.join(out_dir, "stage1", "metrics.jsonl")) if r["kind"] == "epoch"]
+    return [r for r in checked_io.read_jsonl(os.path.join(out_dir, "stage1", "metrics.jsonl")) if r["kind"] == "epoch"]
 
 
 @pytest.mark.parametrize("train_layers", [1, None])
@@ -279,6 +279,6 @@ def test_torchrun_demo_two_processes(tmp_path, fsdp):
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "still referenced after destroy_process_group" not in p.stderr  # the group and its threads ended
-    assert "student (stage2)" in p.stdout and (out / "summary.json").is_file()
+    assert "| student |" in p.stdout and (out / "summary.json").is_file()
     steps = [r["step"] for r in _steps(out)]
     assert steps == sorted(set(steps)) and steps  # rank 0 logged each step once

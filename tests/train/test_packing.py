@@ -6,18 +6,18 @@ import pytest
 import torch
 from conftest import make_policy, synthetic_data, tiny_cfg, with_old_logprobs
 
-from erpd.train import engine, stage1, stage2
+from erpd.train import batches, checked_io, stage1, stage2
 from erpd.train.models import save_policy_state
 
 
 def test_pack_rows_first_fit_decreasing():
     lengths = [7, 3, 5, 5, 6, 4]
-    bins = engine.pack_rows(lengths, 10)
+    bins = batches.pack_rows(lengths, 10)
     assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
     assert len(bins) == 3  # 30 tokens in rows of 10: optimal here
     with pytest.raises(ValueError, match="pack_length=6 is shorter than a sequence of 7 tokens"):
-        engine.pack_rows(lengths, 6)
+        batches.pack_rows(lengths, 6)
 
 
 def _setup(attn, train_layers):
@@ -30,7 +30,7 @@ def _setup(attn, train_layers):
 
 def _loss_and_grads(policy, data, cache, step, pack, pack_length=0, state=None):
     idx = torch.arange(len(data))
-    batch = engine.collate(data, idx, policy.device, cache.prefix, pack=pack, pack_length=pack_length)
+    batch = batches.collate(data, idx, policy.device, cache.prefix, pack=pack, pack_length=pack_length)
     params = [p for _, p in policy.trainable_named()]
     for p in params:
         p.grad = None
@@ -44,17 +44,17 @@ def _loss_and_grads(policy, data, cache, step, pack, pack_length=0, state=None):
 def test_packed_hidden_states_equal_unpacked(attn, train_layers):
     policy, data, cache = _setup(attn, train_layers)
     idx = torch.arange(len(data))
-    plain = engine.collate(data, idx, policy.device, cache.prefix)
-    packed = engine.collate(data, idx, policy.device, cache.prefix, pack=True, pack_length=40)
+    plain = batches.collate(data, idx, policy.device, cache.prefix)
+    packed = batches.collate(data, idx, policy.device, cache.prefix, pack=True, pack_length=40)
     assert packed.input_ids.shape[0] < len(idx) // 2  # really several responses per row
     with torch.no_grad():
-        a, b = engine.response_hidden(policy, plain), engine.response_hidden(policy, packed)
+        a, b = batches.response_hidden(policy, plain), batches.response_hidden(policy, packed)
     m = plain.mask
     assert torch.allclose(a[m], b[m], atol=2e-5, rtol=1e-4)
     # Without isolation the packed responses would see each other: the test can fail.
-    leaky = engine.Batch(**{**packed.__dict__, "segment_ids": torch.zeros_like(packed.segment_ids)})
+    leaky = batches.Batch(**{**packed.__dict__, "segment_ids": torch.zeros_like(packed.segment_ids)})
     with torch.no_grad():
-        c = engine.response_hidden(policy, leaky)
+        c = batches.response_hidden(policy, leaky)
     assert not torch.allclose(a[m], c[m], atol=1e-3)
 
 
@@ -114,7 +114,7 @@ def test_packed_training_run_equals_unpacked(tmp_path):
         cfg = _stage1_cfg("ppo", "token-mean")
         cfg.stage1.epochs, cfg.stage1.batch_size, cfg.stage1.micro_batch_size, cfg.stage1.pack = 2, 6, 6, pack
         stage1.run(policy, data, cache, cfg, tmp_path / str(pack), lambda e, last: {})
-        steps = [r["loss"] for r in engine.read_jsonl(tmp_path / str(pack) / "stage1" / "metrics.jsonl") if r["kind"] == "step"]
+        steps = [r["loss"] for r in checked_io.read_jsonl(tmp_path / str(pack) / "stage1" / "metrics.jsonl") if r["kind"] == "step"]
         runs[pack] = steps, torch.cat([p.detach().flatten() for _, p in policy.trainable_named()])
     assert runs[False][0] == pytest.approx(runs[True][0], rel=1e-4, abs=1e-6)
     assert torch.allclose(runs[False][1], runs[True][1], atol=1e-5)
@@ -125,10 +125,10 @@ def test_position_ids_alone_isolate_packed_sequences():
     position-id resets. Checked here on sdpa, where that path also exists."""
     policy, data, cache = _setup("sdpa", None)
     idx = torch.arange(len(data))
-    plain = engine.collate(data, idx, policy.device)
-    packed = engine.collate(data, idx, policy.device, pack=True, pack_length=40)
+    plain = batches.collate(data, idx, policy.device)
+    packed = batches.collate(data, idx, policy.device, pack=True, pack_length=40)
     with torch.no_grad():
-        a = engine.response_hidden(policy, plain)
+        a = batches.response_hidden(policy, plain)
         h = policy.backbone(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
                             use_cache=False).last_hidden_state
     b = h.reshape(-1, h.shape[-1])[packed.packed_row[:, None] * h.shape[1] + packed.positions]

@@ -2,7 +2,8 @@ import pytest
 import torch
 from conftest import make_policy, synthetic_data, tiny_cfg, with_old_logprobs
 
-from erpd.train import engine, stage1, stage2
+from erpd.train import checked_io, checkpoint, stage1, stage2
+from erpd.train.checked_io import CorruptFileError
 
 
 def _no_eval(epoch, last):
@@ -10,7 +11,7 @@ def _no_eval(epoch, last):
 
 
 def _steps(out_dir, stage="stage1"):
-    return [r for r in engine.read_jsonl(out_dir / stage / "metrics.jsonl") if r["kind"] == "step"]
+    return [r for r in checked_io.read_jsonl(out_dir / stage / "metrics.jsonl") if r["kind"] == "step"]
 
 
 def _setup():
@@ -74,7 +75,7 @@ def test_checkpoint_is_not_mixed_across_stages(tmp_path):
     (tmp_path / "stage1" / "checkpoint.pt").replace(tmp_path / "ck.pt")
     ck = torch.load(tmp_path / "ck.pt", weights_only=False)
     ck["stage"] = "stage2"
-    torch.save(ck, tmp_path / "stage1" / "checkpoint.pt")
+    checkpoint.save_checkpoint(tmp_path / "stage1" / "checkpoint.pt", ck)
     policy, data, cache = _setup()
     with pytest.raises(ValueError, match="not 'stage1'"):
         stage1.run(policy, data, cache, _cfg(2), tmp_path, _no_eval, resume=True)
@@ -138,7 +139,7 @@ def test_crash_mid_epoch_loses_at_most_checkpoint_every_steps(tmp_path, monkeypa
         assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
     assert torch.allclose(final, _flat(policy), atol=1e-6)
     # The epoch means of the interrupted epoch cover all of its steps, before and after the crash.
-    ep = lambda d: [r for r in engine.read_jsonl(d / "stage1" / "metrics.jsonl") if r["kind"] == "epoch"]  # noqa: E731
+    ep = lambda d: [r for r in checked_io.read_jsonl(d / "stage1" / "metrics.jsonl") if r["kind"] == "epoch"]  # noqa: E731
     for a, b in zip(ep(tmp_path / "a"), ep(tmp_path / "b")):
         assert a["epoch"] == b["epoch"] and a.get("train_loss", 0) == pytest.approx(b.get("train_loss", 0), abs=1e-6)
 
@@ -209,11 +210,11 @@ torch.save(T._flat(policy), os.path.join(out, "final.pt"))
     assert [r["loss"] for r in _steps(tmp_path / "a")] == [r["loss"] for r in _steps(tmp_path / "b")]
 
 
-def test_unreadable_checkpoint_is_reported(tmp_path):
+def test_truncated_checkpoint_is_reported(tmp_path):
     policy, data, cache = _setup()
     stage1.run(policy, data, cache, _cfg(1), tmp_path, _no_eval)
     ck = tmp_path / "stage1" / "checkpoint.pt"
     ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
     policy, data, cache = _setup()
-    with pytest.raises(RuntimeError, match="checkpoint.pt: unreadable checkpoint"):
+    with pytest.raises(CorruptFileError, match="checkpoint.pt: no erpd checksum at its end .*truncated"):
         stage1.run(policy, data, cache, _cfg(2), tmp_path, _no_eval, resume=True)

@@ -1,16 +1,20 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+
+import erpd
 from conftest import make_policy, synthetic_data, tiny_cfg, with_old_logprobs
 
-from erpd.train import engine, losses, stage1, stage2
+from erpd.train import batches, losses, measure, stage1, stage2
 from erpd.train.config import OBJECTIVES, SIGNALS
-from erpd.train.models import save_policy_state
+from erpd.train.models import load_policy_state, save_policy_state
 
 
 def _loss(step, data, cache, policy, state=None):
     idx = torch.arange(len(data))
-    batch = engine.collate(data, idx, policy.device, cache.prefix)
+    batch = batches.collate(data, idx, policy.device, cache.prefix)
     return step(batch, int(data.mask.sum()), len(data), state if state is not None else {})
 
 
@@ -50,34 +54,8 @@ def test_stage1_objective_decreases_its_loss(tiny, objective, kl_coef):
 def _pg_objective(policy, data, cache):
     """Σ Â log π over the response tokens: what every stage-1 objective pushes up."""
     with torch.no_grad():
-        lp = engine.policy_outputs(policy, data, cache, 1.0, 8)["logprobs"]
+        lp = measure.policy_outputs(policy, data, cache, 1.0, 8)["logprobs"]
     return (data.advantages[:, None] * lp * data.mask).sum().item()
-
-
-def test_stage1_losses_at_pi0():
-    """At π0 (ratio 1) the token objectives equal −Â (sapo: −(4/τ)·½·Â) and ce equals log 2."""
-    lp = torch.randn(3, 4)
-    adv = torch.tensor([1.0, -0.5, 0.0])
-    assert torch.allclose(losses.ppo(lp, lp, adv, 0.2, None)[0], -adv[:, None].expand(3, 4))
-    assert torch.allclose(losses.cispo(lp, lp, adv)[0], -adv[:, None] * lp)
-    tau = torch.where(adv > 0, 1.0, 1.05)[:, None]
-    assert torch.allclose(losses.sapo(lp, lp, adv)[0], -(4 / tau) * 0.5 * adv[:, None])
-    mask = torch.ones(3, 4)
-    assert torch.allclose(losses.ce(lp, lp, torch.tensor([1.0, 0.0, 1.0]), mask)[0], torch.full((3,), 0.6931472))
-    assert torch.allclose(losses.mse(lp, lp, torch.tensor([1.0, 0.0, 1.0]), torch.full((3,), 0.5), mask)[0],
-                          torch.full((3,), 0.25))
-
-
-def test_ppo_clip_semantics():
-    old = torch.zeros(1, 4)
-    lp = torch.log(torch.tensor([[0.5, 0.9, 1.1, 2.0]]))
-    loss, aux = losses.ppo(lp, old, torch.tensor([1.0]), 0.2, 0.2)
-    assert torch.allclose(loss, -torch.tensor([[0.5, 0.9, 1.1, 1.2]]))
-    assert aux["clip_frac"].tolist() == [[0, 0, 0, 1]]
-    loss, _ = losses.ppo(lp, old, torch.tensor([1.0]), 0.2, None)  # loose: no ceiling
-    assert torch.allclose(loss, -torch.tensor([[0.5, 0.9, 1.1, 2.0]]))
-    loss, _ = losses.ppo(lp, old, torch.tensor([-1.0]), 0.2, None)
-    assert torch.allclose(loss, torch.tensor([[0.8, 0.9, 1.1, 2.0]]))
 
 
 def test_signal_post_processing():
@@ -86,7 +64,7 @@ def test_signal_post_processing():
     rewards = torch.tensor([1.0, 0.0])
     assert torch.equal(losses.process_signal(a, mask, rewards, scale=2.0), a * 2 * mask)
     assert torch.equal(losses.process_signal(a, mask, rewards, clip=1.5), a.clamp(-1.5, 1.5) * mask)
-    centered = losses.process_signal(a, mask, rewards, center=True)
+    centered = losses.process_signal(a, mask, rewards, center="response")
     assert torch.allclose((centered * mask).sum(1), torch.zeros(2), atol=1e-6) and centered[1, 2] == 0
     assert torch.equal(losses.process_signal(a, mask, rewards, gating="drop")[1], torch.zeros(3))
     assert torch.equal(losses.process_signal(a, mask, rewards, gating="negate")[1], -a[1] * mask[1])
@@ -109,14 +87,17 @@ def test_stage2_strategy_decreases_its_loss(tiny, teacher_dir, signal):
     policy, data, cache = tiny
     cfg = tiny_cfg()
     cfg.stage2.signal = signal
+    if signal == "response":
+        cfg.stage2.center = "group"
     dirs = [teacher_dir, teacher_dir] if signal == "combined" else [teacher_dir]
     if signal == "combined":
         cfg.stage2.teacher_weights = [0.7, 0.3]
-    teachers = stage2.teacher_outputs(policy, data, cache, dirs, 1.0, 4, with_hidden=signal in stage2.KL_SIGNALS)
+    teachers = stage2.teacher_outputs(policy, data, cache, dirs, 1.0, 4,
+                                      with_hidden=signal in stage2.KL_SIGNALS + ("advantage",))
     # The teacher pass leaves the policy at π0.
-    _, lp = engine.build_cache(policy, data, 1.0, 5)
+    _, lp = measure.build_cache(policy, data, 1.0, 5)
     assert torch.allclose(lp, data.old_logprobs, atol=1e-6)
-    step = stage2.make_step(policy, data, cache, cfg, teachers, stage2.fixed_signal(cfg, data, teachers))
+    step = stage2.make_step(policy, data, cache, cfg, teachers, stage2.fixed_signal(cfg, data, teachers, cache, 1.0))
     first, last = _moves(step, data, cache, policy, state={"anchor": data.old_logprobs.clone()})
     assert last < first - 1e-4, (first, last)
 
@@ -141,68 +122,155 @@ def test_kl_trust_mask():
     assert losses.kl_trust_mask(lp, anchor, pull, 0.2).tolist() == [[0, 1, 0, 1]]
 
 
-# -- the fused path equals the materialized-logits composition ---------------------------------
+# -- a trainer step equals the same loss on materialized logits -------------------------------
+#
+# The reference below is written from the formulas (docs/trainer.md), on the model's own logits
+# (model(...).logits, no prefix cache, no fused op), in float64: the trainer's step, through the
+# fused ops on backend="torch" in float64, must give the same loss and every gradient.
 
-def _logits_logprobs(policy, data, temperature):
-    """Reference: model(...).logits → log_softmax → gather, at the response-predicting positions."""
-    idx = torch.arange(len(data))
-    batch = engine.collate(data, idx, policy.device)
+
+def _f64_setup(train_layers, temperature=0.7, seed=1):
+    policy = make_policy(train_layers=train_layers)
+    policy.model.to(torch.float64)
+    policy.dtype = torch.float64
+    policy.backend = "torch"
+    data = synthetic_data(policy, seed=seed)
+    cache, lp0 = measure.build_cache(policy, data, temperature, 5)
+    data.old_logprobs = lp0.double()
+    with torch.no_grad():  # move away from π0 so that ratios, clips and KLs are not trivial
+        g = torch.Generator().manual_seed(seed)
+        for _, p in policy.trainable_named():
+            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return policy, data, cache
+
+
+def _logits(policy, data, temperature):
+    """[N, R, V] logits at the response-predicting positions, from the model's own forward."""
+    batch = batches.collate(data, torch.arange(len(data)), policy.device)
     logits = policy.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    logits = engine.gather_positions(logits, batch.positions) / temperature
-    logp = F.log_softmax(logits.float(), -1)
-    targets = batch.targets.clamp(min=0)
-    lp = logp.gather(-1, targets[..., None])[..., 0] * batch.mask
-    ent = -(logp.exp() * logp).sum(-1) * batch.mask
-    return lp, ent, batch
+    return batches.gather_positions(logits, batch.positions) / temperature, batch
+
+
+def _reference_stage1(policy, data, cfg, temperature):
+    s1 = cfg.stage1
+    z, batch = _logits(policy, data, temperature)
+    logp = F.log_softmax(z, -1)
+    m = batch.mask.double()
+    lp = logp.gather(-1, batch.targets.clamp(min=0)[..., None])[..., 0] * m
+    old = data.old_logprobs[:, : lp.shape[1]] * m
+    adv = data.advantages.double()[:, None]
+    r = torch.exp(lp - old)
+    n_tok, n_seq = m.sum(), len(data)
+    if s1.objective == "ppo":
+        hi = math.inf if s1.clip_high is None else s1.clip_high
+        tok = -torch.minimum(r * adv, r.clamp(1 - s1.clip_low, 1 + hi) * adv)
+    elif s1.objective == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(adv, s1.tau_pos), torch.full_like(adv, s1.tau_neg))
+        tok = -(4 / tau) * torch.sigmoid(tau * (r - 1)) * adv
+    elif s1.objective == "cispo":
+        tok = -r.detach().clamp(max=s1.cispo_cap) * adv * lp
+    if s1.objective in ("ppo", "sapo", "cispo"):
+        loss = (tok * m).sum() / n_tok
+    else:
+        delta = s1.beta * ((lp - old) * m).sum(1)
+        R = data.rewards.double()
+        if s1.objective == "ce":
+            seq = -(R * F.logsigmoid(delta) + (1 - R) * F.logsigmoid(-delta))
+        else:
+            seq = (delta - (R - data.group_baseline().double())) ** 2
+        loss = seq.sum() / n_seq
+    d = old - lp
+    return loss + s1.kl_coef * ((d.exp() - d - 1) * m).sum() / n_tok
 
 
 @pytest.mark.parametrize("train_layers", [None, 1])
-@pytest.mark.parametrize("objective", ["ppo", "ce"])
-def test_kernel_path_equals_logits_path(train_layers, objective):
-    policy = make_policy(train_layers=train_layers)
-    data = synthetic_data(policy, seed=1)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_stage1_step_equals_the_materialized_logits_step(train_layers, objective):
     temperature = 0.7
-    cache, lp0 = engine.build_cache(policy, data, temperature, 5)
-    data.old_logprobs = lp0
-    with torch.no_grad():  # move away from π0 so ratios and the KL are not trivial
-        for _, p in policy.trainable_named():
-            p.add_(0.05 * torch.randn_like(p))
+    policy, data, cache = _f64_setup(train_layers, temperature)
     cfg = tiny_cfg(train_layers=train_layers)
-    cfg.stage1.objective, cfg.sample.temperature = objective, temperature
-    cfg.stage1.kl_coef = 0.1
-    step = stage1.make_step(policy, data, cfg)
+    cfg.stage1.objective, cfg.sample.temperature, cfg.stage1.kl_coef = objective, temperature, 0.1
+    cfg.stage1.clip_high = 0.28 if train_layers else math.inf  # clip-higher, and the loose default
     params = [p for _, p in policy.trainable_named()]
+    got = _loss(stage1.make_step(policy, data, cfg), data, cache, policy)
+    ref = _reference_stage1(policy, data, cfg, temperature)
+    assert got.loss.dtype == torch.float64
+    torch.testing.assert_close(got.loss, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got.loss, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
 
-    fused = _loss(step, data, cache, policy)
-    g_fused = torch.autograd.grad(fused.loss, params)
 
-    # Same loss composed on logits from the model's own forward (no prefix cache, no fused op).
-    ref_lp, ref_ent, batch = _logits_logprobs(policy, data, temperature)
-    idx = torch.arange(len(data))
-    fwd_lp, _ = engine.logprobs(policy, engine.response_hidden(policy, engine.collate(data, idx, policy.device, cache.prefix)),
-                                batch.targets, temperature)
-    assert torch.allclose(fwd_lp, ref_lp, atol=1e-5)
+@pytest.mark.parametrize("signal", ["logratio", "reverse_kl", "forward_kl"])
+def test_stage2_step_equals_the_materialized_logits_step(teacher_dir, signal):
+    temperature = 0.7
+    policy, data, cache = _f64_setup(2, temperature, seed=3)  # the student θ, away from π0 (as the teacher fixture)
+    cfg = tiny_cfg(train_layers=2)
+    cfg.sample.temperature, cfg.stage2.signal, cfg.stage2.kl_coef, cfg.stage2.center = temperature, signal, 0.3, "group"
+    theta = policy.trainable_state()
+    with torch.no_grad():
+        load_policy_state(policy, teacher_dir)
+        z_t, _ = _logits(policy, data, temperature)
+        pi0 = make_policy()
+        pi0.model.to(torch.float64)
+        z_0, _ = _logits(pi0, data, temperature)
+    policy.load_trainable_state(theta)
+    teachers = stage2.teacher_outputs(policy, data, cache, [teacher_dir], temperature, 4, with_hidden=True)
+    anchor = data.old_logprobs + 0.1 * torch.randn(data.old_logprobs.shape, dtype=torch.float64,
+                                                   generator=torch.Generator().manual_seed(0))
+    step = stage2.make_step(policy, data, cache, cfg, teachers, stage2.fixed_signal(cfg, data, teachers, cache, temperature))
+    params = [p for _, p in policy.trainable_named()]
+    got = _loss(step, data, cache, policy, state={"anchor": anchor})
 
-    class _Ref:
-        """The step with the log-prob function swapped for the logits reference."""
+    z, batch = _logits(policy, data, temperature)
+    logp, logp_t, logp_0 = F.log_softmax(z, -1), F.log_softmax(z_t, -1), F.log_softmax(z_0, -1)
+    m = batch.mask.double()
+    R = m.shape[1]
+    pick = lambda lq: lq.gather(-1, batch.targets.clamp(min=0)[..., None])[..., 0] * m  # noqa: E731
+    lp, t_lp, anc = pick(logp), pick(logp_t), anchor[:, :R] * m
+    rho = torch.exp(lp - anc)
+    if signal == "logratio":  # log πT/π0 centered per prompt group (mean of its responses' means)
+        # (the trainer keeps the teacher's per-token log-probs, like π0's, in float32)
+        a = (t_lp.float().double() - data.old_logprobs[:, :R]) * m
+        mean = a.sum(1) / m.sum(1)
+        group_mean = torch.stack([mean[data.group == g].mean() for g in data.group.tolist()])
+        a = (a - group_mean[:, None]) * m
+        tok = -torch.minimum(rho * a, rho.clamp(1 - cfg.stage2.clip, 1 + cfg.stage2.clip) * a)
+    else:
+        p, pt = logp.exp(), logp_t.exp()
+        kl = (pt * (logp_t - logp)).sum(-1) if signal == "forward_kl" else (p * (logp - logp_t)).sum(-1)
+        pull, r = (t_lp - lp).detach(), rho.detach()
+        outside = ((r > 1 + cfg.stage2.clip) & (pull > 0)) | ((r < 1 - cfg.stage2.clip) & (pull < 0))
+        assert outside[batch.mask].any() and not outside[batch.mask].all()  # the trust mask acts
+        tok = kl * ~outside
+    kl0 = (logp.exp() * (logp - logp_0)).sum(-1)
+    ref = ((tok + cfg.stage2.kl_coef * kl0) * m).sum() / m.sum()
+    torch.testing.assert_close(got.loss, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got.loss, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
 
-    import erpd.train.engine as E
-    orig_hidden, orig_lp = E.response_hidden, E.logprobs
-    try:
-        E.response_hidden = lambda pol, b: None
-        E.logprobs = lambda pol, h, t, temp, with_entropy=False: (_logits_logprobs(policy, data, temperature)[0], None)
-        ref = _loss(stage1.make_step(policy, data, cfg), data, cache, policy)
-    finally:
-        E.response_hidden, E.logprobs = orig_hidden, orig_lp
-    g_ref = torch.autograd.grad(ref.loss, params)
-    assert abs(fused.loss.item() - ref.loss.item()) < 1e-5
-    for a, b in zip(g_fused, g_ref):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
-    # The measurement pass too: entropy and the full-vocabulary KL(π‖π0).
-    out = engine.policy_outputs(policy, data, cache, temperature, 4)
-    assert torch.allclose(out["entropy"][:, : ref_ent.shape[1]], ref_ent.detach(), atol=1e-4)
-    assert (out["kl"][data.mask] > 0).all()
+def test_stage1_backward_makes_no_vocabulary_pass():
+    """The fused stage-1 step: its backward runs no GEMM with the vocabulary in its shape (the LM
+    head's gradients were computed in the forward) and calls no erpd kernel; the backbone's own
+    backward still runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    policy = make_policy(train_layers=1)
+    if "cpu" not in erpd.available("cpu", "linear_policy_loss"):
+        pytest.skip("erpd._C not built")
+    policy.backend = "cpu"
+    data = synthetic_data(policy, seed=4)
+    cache = with_old_logprobs(policy, data)
+    out = _loss(stage1.make_step(policy, data, tiny_cfg(train_layers=1)), data, cache, policy)
+    V = policy.head_weight().shape[0]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out.loss.backward()
+    events = prof.events()
+    gemms = [e for e in events if e.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")]
+    assert gemms, "the backbone's backward should run GEMMs"
+    assert not [e.input_shapes for e in gemms if any(V in s for s in e.input_shapes if s)], "a GEMM over the vocabulary"
+    assert not [e.name for e in events if e.name.startswith("erpd::")]
+    assert all(p.grad is not None for _, p in policy.trainable_named())
 
 
 def test_prefix_cache_equals_full_forward():
@@ -210,11 +278,11 @@ def test_prefix_cache_equals_full_forward():
     data = synthetic_data(policy, seed=2)
     cache = with_old_logprobs(policy, data)
     idx = torch.arange(len(data))
-    b_full = engine.collate(data, idx, policy.device)
-    b_cached = engine.collate(data, idx, policy.device, cache.prefix)
+    b_full = batches.collate(data, idx, policy.device)
+    b_cached = batches.collate(data, idx, policy.device, cache.prefix)
     with torch.no_grad():
-        h_full = engine.response_hidden(policy, b_full)
-        h_cached = engine.response_hidden(policy, b_cached)
+        h_full = batches.response_hidden(policy, b_full)
+        h_cached = batches.response_hidden(policy, b_cached)
     assert policy.n_frozen == 1 and b_cached.prefix is not None
     # Equal wherever a response token is predicted (padding rows differ: the cache pads with 0).
     m = b_full.mask

@@ -68,8 +68,8 @@ def test_load_verifier():
 
 @pytest.mark.parametrize("difficulty", [1, 2, 3, 4, [1, 3]])
 def test_task_is_seeded_split_and_self_consistent(difficulty):
-    train, held = task.make_splits(3, 40, 20, difficulty)
-    assert (train, held) == task.make_splits(3, 40, 20, difficulty)
+    train, held, _ = task.make_splits(3, 40, 20, difficulty)
+    assert (train, held) == task.make_splits(3, 40, 20, difficulty)[:2]
     assert task.make_splits(4, 40, 20, difficulty)[0] != train
     assert not {p.question for p in train} & {p.question for p in held}
     assert len({p.question for p in train}) == 40
@@ -78,6 +78,28 @@ def test_task_is_seeded_split_and_self_consistent(difficulty):
         assert p.level in levels and p.answer >= 0
         assert str(p.answer) not in re.findall(r"\d+", p.question)  # repeating the question never scores
         assert verify(f"Answer: {p.answer}", p.answer) == 1.0
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4])
+def test_other_phrasings_share_no_template_name_or_object(difficulty):
+    """The "other phrasings" split: same levels, number ranges and answer rule as the task, but
+    none of the task generator's sentence templates, names or objects."""
+    train, held, other = task.make_splits(5, 40, 40, difficulty, n_other=60)
+    assert other == task.make_splits(5, 40, 40, difficulty, n_other=60)[2] and len({p.question for p in other}) == 60
+    words = lambda ps: {w.strip(".?,") for p in ps for w in p.question.split()}  # noqa: E731
+    task_words = words(task.generate(400, 11, difficulty))
+    assert not (set(task._NAMES) | set(task._OBJECTS)) & words(other)
+    assert not (set(task._OTHER_NAMES) | set(task._OTHER_OBJECTS)) & task_words
+    # The task's own story verbs never appear in the other split's sentences.
+    assert not {"gets", "gives", "shares", "buys"} & words(other)
+    hi = {1: 9, 2: 21, 3: 81, 4: 81}[difficulty]
+    for p in other:
+        nums = [int(x) for x in re.findall(r"\d+", p.question)]
+        assert p.level == difficulty and 0 < p.answer <= hi + 20 and max(nums) <= max(hi, 81)
+        assert str(p.answer) not in [str(n) for n in nums]
+        assert verify(f"Answer: {p.answer}", p.answer) == 1.0
+    with pytest.raises(ValueError, match="phrasing"):
+        task.generate(1, 0, 1, phrasing="pirate")
 
 
 def test_task_answers_follow_the_story():
