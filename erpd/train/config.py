@@ -138,10 +138,12 @@ class Stage2Config(StageConfig):
     signal_clip: float | None = None  # then clip a to [-c, c]
     # then centering: none | response (subtract each response's mean) | group (subtract the mean
     # of the prompt's responses' means: keeps the differences between a prompt's responses).
-    center: str = "response"
+    # Defaults chosen by measurement (docs/trainer.md, "Choosing stage 2"): centering per
+    # response was the only setting significantly below π0.
+    center: str = "group"
     gating: str = "none"  # then on reward-0 responses: none | drop | negate
     # all | mixed: keep the signal only on prompts whose responses got different rewards.
-    groups: str = "all"
+    groups: str = "mixed"
     # kl_coef: β · KL(π‖π0) over the full vocabulary, per token. Full-vocabulary trust region:
     # positions where that KL exceeds kl_trust get no distillation gradient (null: off).
     kl_trust: float | None = None
