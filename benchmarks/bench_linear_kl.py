@@ -53,12 +53,16 @@ PROVIDERS: list[Provider] = [
 PROVIDER_NAMES = [p.name for p in PROVIDERS]
 
 
+def make_inputs(s: Shape, dtype: str, device: str, seed: int = 0):
+    """The student's (hidden, weight, targets) and the fused teacher's keyword arguments for `s`."""
+    x = make_linear_inputs(s.n, s.h, s.v, dtype=DTYPES[dtype], device=device, seed=seed)
+    return x.hidden, x.weight, x.targets, make_kl_teacher(x, "fused", closeness=0.5, seed=seed + 1)
+
+
 def make_case(provider: str, shape: str, dtype: str, device: str, seed: int = 0) -> _bench.Case:
     """Inputs for `shape` (fixed seed) and the closures that run `provider` on them."""
     s = by_name(shape)
-    x = make_linear_inputs(s.n, s.h, s.v, dtype=DTYPES[dtype], device=device, seed=seed)
-    teacher = make_kl_teacher(x, "fused", closeness=0.5, seed=seed + 1)
-    h, w, y = x.hidden, x.weight, x.targets
+    h, w, y, teacher = make_inputs(s, dtype, device, seed)
     th, tw = teacher["teacher_hidden"], teacher["teacher_weight"]
     upstream = {"kl": torch.randn(s.n, generator=torch.Generator().manual_seed(seed + 2)).to(device)}
     info = {"shape": s.id, "dtype": dtype, "provider": provider}
@@ -134,7 +138,8 @@ def test_linear_kl(benchmark, provider: Provider, shape: Shape, mode: str):
 # --- script -----------------------------------------------------------------------------------
 
 
-def _summary(rows, device: str, auto: str) -> list[str]:
+def summary(rows, auto: str, floor_basis: str = "12·N·H·V") -> list[str]:
+    """One line per shape: the `auto` backend against naive, the floor, liger-jsd and compiled."""
     out = []
     fused = f"erpd-{auto}"
     for shape in dict.fromkeys(r.shape for r in rows):
@@ -152,7 +157,7 @@ def _summary(rows, device: str, auto: str) -> list[str]:
                     f"{naive.result['peak_extra_bytes'] / 2**20:,.0f} MB (two [N,V] fp32 logits alone: {2 * shape.naive_logits_bytes / 2**20:,.0f} MB)"
                 )
         if floor is not None and "times" in floor.result:
-            parts.append(f"{fb / _harness.median_ms(floor, 'fwd+bwd'):.2f}× the matmul floor")
+            parts.append(f"{fb / _harness.median_ms(floor, 'fwd+bwd'):.2f}× the matmul floor ({floor_basis})")
         for rival in ("liger-jsd", "compiled"):
             other = _harness.find(rows, shape, rival)
             if other is not None and "times" in other.result:
@@ -176,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         "max abs diff: against `naive` in the same run",
     ]
     text = _harness.render(rows, title=f"linear_kl (forward KL, fused teacher), {args.dtype}, {device}", env=env, notes=notes)
-    summary = _summary(rows, device, auto)
-    if summary:
-        text += "\nSummary:\n\n" + "".join(f"- {c}\n" for c in summary)
+    lines = summary(rows, auto)
+    if lines:
+        text += "\nSummary:\n\n" + "".join(f"- {c}\n" for c in lines)
     print(text)
     _harness.write(args.out, text, rows, env, ["python -m benchmarks.bench_linear_kl", *argv])
     return 0

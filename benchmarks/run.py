@@ -14,8 +14,9 @@ rules, same shape registry) and writes, under ``--out-dir`` (default benchmarks/
   <suite>-<op>.png   fwd+bwd time per provider and shape, and its multiple of the matmul floor
 
 FLOP basis (fwd+bwd, what "effective TFLOP/s" divides): linear_logprobs 8·N·H·V (logits,
-recomputed logits, dh, dW); linear_kl 12·N·H·V (the teacher's GEMMs too); linear_policy_loss
-6·N·H·V (its gradients are made in the forward, so nothing is recomputed).
+recomputed logits, dh, dW); linear_kl 12·N·H·V (the teacher's GEMMs too); linear_kl_loss
+(linear_kl reduced to its mean) 8·N·H·V and linear_policy_loss 6·N·H·V (their gradients are made
+in the forward, so nothing is recomputed).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from erpd.testing.shapes import SHAPES
 OPS = {
     "linear_logprobs": "benchmarks.bench_linear_logprobs",
     "linear_kl": "benchmarks.bench_linear_kl",
+    "linear_kl_loss": "benchmarks.bench_linear_kl_loss",
     "linear_policy_loss": "benchmarks.bench_policy_loss",
 }
 SUITES = {

@@ -40,6 +40,13 @@ TORCH_LIBRARY(erpd, m) {
       "Tensor lse_s, Tensor lse_t, Tensor aux, Tensor grad_kl, float inv_temperature, int ignore_index, "
       "int mode, float beta, bool need_grad_hidden, bool need_grad_weight) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // The reduced loss sum_i grad_kl[i] * kl[i] with its gradients computed in the forward (the
+  // per-row weights grad_kl are known before it): returns the per-row kl and the gradients.
+  m.def(
+      "linear_kl_fwd_with_grads(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_hidden, "
+      "Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_logits, Tensor targets, Tensor grad_kl, "
+      "float inv_temperature, int ignore_index, int mode, float beta, bool need_grad_hidden, "
+      "bool need_grad_weight) -> (Tensor kl, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
   // ---- policy losses (erpd/ops/policy_loss.py, erpd/ops/linear_policy_loss.py; per-token math in
   // csrc/policy_loss_math.h). Integer codes: method ppo 0, sapo 1, cispo 2, gspo 3, reinforce 4;

@@ -28,6 +28,7 @@ AUTO_CUDA: dict[str, str] = {"linear_logprobs": "cuda", "linear_kl": "cuda", "po
 # them for its key. Ops not listed need `<op>_fwd` and `<op>_bwd`. The policy losses compute their
 # gradients in the forward, so their backward is a scale in Python.
 KERNELS: dict[str, tuple[str, ...]] = {
+    "linear_kl": ("linear_kl_fwd", "linear_kl_bwd", "linear_kl_fwd_with_grads"),  # the last for reductions
     "policy_loss": ("policy_loss_fwd",),
     "linear_policy_loss": ("linear_policy_loss_fwd",),
 }

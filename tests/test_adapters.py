@@ -130,7 +130,7 @@ def test_verl_contract(backend):
 
 
 @pytest.mark.slow  # each example in its own interpreter
-@pytest.mark.parametrize("script", ["trl_grpo_dropin.py", "custom_loop.py"])
+@pytest.mark.parametrize("script", ["trl_grpo_dropin.py", "custom_loop.py", "distill_loop.py"])
 def test_examples_run(script):
     if importlib.util.find_spec("transformers") is None:
         pytest.skip("transformers not installed")

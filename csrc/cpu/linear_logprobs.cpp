@@ -1,5 +1,6 @@
-// linear_logprobs on CPU: the chunked driver (csrc/linear_logprobs_driver.h, MKL GEMMs) with
-// fused epilogues of csrc/cpu/linear_logprobs_cpu.h. The math is in the driver header.
+// linear_logprobs on CPU: the driver's vocabulary-blocked schedule (csrc/linear_logprobs_driver.h,
+// MKL GEMMs) with the fused epilogues of csrc/cpu/linear_logprobs_cpu.h. The math is in the
+// driver header.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -12,8 +13,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, double inv_temperature, double softcap_scale, int64_t ignore_index, bool with_stats) {
-  return linear_logprobs::forward(hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index,
-                                  with_stats, cpu::CpuEpilogue{});
+  return linear_logprobs::forward_blocked(hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index,
+                                          with_stats, cpu::CpuEpilogue{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
@@ -21,9 +22,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy,
     const at::Tensor& grad_logprobs, const c10::optional<at::Tensor>& grad_entropy,
     double inv_temperature, double softcap_scale, int64_t ignore_index, bool need_grad_hidden, bool need_grad_weight) {
-  return linear_logprobs::backward(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
-                                   inv_temperature, softcap_scale, ignore_index, need_grad_hidden, need_grad_weight,
-                                   cpu::CpuEpilogue{});
+  return linear_logprobs::backward_blocked(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
+                                           inv_temperature, softcap_scale, ignore_index, need_grad_hidden,
+                                           need_grad_weight, cpu::CpuEpilogue{});
 }
 
 }  // namespace

@@ -59,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gh, gw, gb, logprobs;
 
   if (method == policy::kGSPO) {
-    auto [logp, ent, lse, unused] = linear_logprobs::forward(hidden, weight, bias, targets, inv_temperature,
-                                                             softcap_scale, ignore_index, /*with_stats=*/false, ep);
+    auto [logp, ent, lse, unused] = linear_logprobs::forward_blocked(
+        hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index, /*with_stats=*/false, ep);
     logprobs = logp;
     const at::Tensor lp2 = logp.view({B, T});
     const c10::optional<at::Tensor> ent2 = ent.view({B, T});
@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (const auto& r : rows) total.merge(r);
     grad_lp.mul_(inv);
     if (grad_ent) grad_ent->mul_(inv);
-    std::tie(gh, gw, gb) = linear_logprobs::backward(
+    std::tie(gh, gw, gb) = linear_logprobs::backward_blocked(
         hidden, weight, bias, targets, lse, ent, grad_lp.view({n}),
         grad_ent ? c10::optional<at::Tensor>(grad_ent->view({n})) : c10::nullopt, inv_temperature, softcap_scale,
         ignore_index, need_grad_hidden, need_grad_weight, ep);

@@ -14,6 +14,7 @@ namespace cpu {
 
 namespace isa_default {
 constexpr const char* kIsaName = "default";
+constexpr bool kFma = false;
 #include "cpu/vocab_rows_impl.h"
 }  // namespace isa_default
 
@@ -26,6 +27,7 @@ constexpr const char* kIsaName = "default";
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
 constexpr const char* kIsaName = "avx2";
+constexpr bool kFma = true;
 #include "cpu/vocab_rows_impl.h"
 }  // namespace isa_avx2
 #pragma GCC pop_options
@@ -34,6 +36,7 @@ constexpr const char* kIsaName = "avx2";
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
 namespace isa_avx512 {
 constexpr const char* kIsaName = "avx512";
+constexpr bool kFma = true;
 #include "cpu/vocab_rows_impl.h"
 }  // namespace isa_avx512
 #pragma GCC pop_options

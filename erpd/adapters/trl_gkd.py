@@ -78,14 +78,14 @@ class GKDTrainer(_TRLGKDTrainer):
         with torch.no_grad():
             t_hidden, t_head = self._last_hidden(self.teacher_model, inputs)
         labels = inputs["labels"][:, 1:]
-        per_token = linear_kl(
+        # The mean over the counted tokens (or over num_items_in_batch): its gradients are computed
+        # in the forward, with no second pass over the vocabulary in the backward.
+        return linear_kl(
             hidden, head.weight, labels, bias=head.bias, teacher_hidden=t_hidden, teacher_weight=t_head.weight,
             teacher_bias=t_head.bias, direction="jsd", beta=self.beta, temperature=self._erpd_temperature,
-            backend=self.erpd_backend,
+            backend=self.erpd_backend, reduction="mean",
+            num_items=None if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=hidden.device),
         )
-        if num_items_in_batch is not None:
-            return per_token.sum() / torch.as_tensor(num_items_in_batch, device=per_token.device)
-        return per_token.sum() / (labels != -100).sum().clamp_min(1)
 
 
 __all__ = ["GKDTrainer"]

@@ -48,9 +48,11 @@ class LinearKL(torch.nn.Module):
     """Module form of :func:`erpd.linear_kl` with a ``torch.nn``-style ``reduction``.
 
     ``forward(hidden, weight, targets=None, bias=None, *, teacher_hidden=None, teacher_weight=None,
-    teacher_bias=None, teacher_logits=None, teacher_topk=None)``. ``reduction``: ``"none"``
-    (per token), ``"sum"``, or ``"mean"`` over the tokens that count (targets != ignore_index;
-    all tokens when targets is None); a batch with no such token gives 0, still differentiable.
+    teacher_bias=None, teacher_logits=None, teacher_topk=None, num_items=None, token_weights=None)``.
+    ``reduction``: ``"none"`` (per token), ``"sum"``, or ``"mean"`` over the tokens that count
+    (targets != ignore_index; all tokens when targets is None), or over ``num_items`` for
+    gradient accumulation; a batch with no such token gives 0, still differentiable. The sum and
+    the mean compute their gradients in the forward (see :func:`erpd.linear_kl`).
     """
 
     def __init__(self, *, direction: str = "forward", beta: float = 0.5, temperature: float = 1.0,
@@ -62,20 +64,14 @@ class LinearKL(torch.nn.Module):
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
     def forward(self, hidden, weight, targets=None, bias=None, *, teacher_hidden=None, teacher_weight=None,
-                teacher_bias=None, teacher_logits=None, teacher_topk=None):
-        kl = linear_kl(
+                teacher_bias=None, teacher_logits=None, teacher_topk=None, num_items=None, token_weights=None):
+        return linear_kl(
             hidden, weight, targets, bias=bias, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
             teacher_bias=teacher_bias, teacher_logits=teacher_logits, teacher_topk=teacher_topk,
             direction=self.direction, beta=self.beta, temperature=self.temperature,
-            ignore_index=self.ignore_index, backend=self.backend,
+            ignore_index=self.ignore_index, backend=self.backend, reduction=self.reduction, num_items=num_items,
+            token_weights=token_weights,
         )
-        if self.reduction == "none":
-            return kl
-        if self.reduction == "sum":
-            return kl.sum()
-        count = kl.numel() if targets is None else (targets != self.ignore_index).sum()
-        # Ignored tokens are already 0 in kl; clamp keeps an all-ignored batch at 0, not NaN.
-        return kl.sum() / torch.as_tensor(count, device=kl.device).clamp_min(1)
 
     def extra_repr(self) -> str:
         return (f"direction={self.direction!r}, beta={self.beta}, temperature={self.temperature}, "

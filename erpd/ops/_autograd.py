@@ -1,6 +1,6 @@
 """What the ops' `torch.autograd.Function`s share: their backwards are fused kernels (or
-gradients the forward already computed), correct to first order and not themselves
-differentiable.
+gradients the forward already computed, `GradsInForward`), correct to first order and not
+themselves differentiable.
 
 Left alone, such a backward under ``create_graph=True`` returns gradients without a graph (or
 with the part of one that its few torch ops record), so a gradient penalty built on them
@@ -44,3 +44,53 @@ def first_order_only(op: str):
         return wrapper
 
     return wrap
+
+
+def _is_one(grad: torch.Tensor) -> bool:
+    """grad == 1, where reading it costs nothing: on CPU, outside torch.compile's tracing (on CUDA
+    the read would be a host sync)."""
+    return grad.device.type == "cpu" and not torch.compiler.is_compiling() and grad.item() == 1.0
+
+
+class GradsInForward(torch.autograd.Function):
+    """The Function of the losses whose fused forward already computed their gradients
+    (`linear_policy_loss`, `linear_kl` with a reduction): the backward makes no pass over the
+    vocabulary, it only scales the gradients by grad_output.
+
+    ``apply(hidden, weight, bias, run, op) -> (loss, *extras)``: ``run(need_grad_hidden,
+    need_grad_weight)`` returns ``(loss, (grad_hidden, grad_weight, grad_bias), extras)``, the
+    scalar loss, its gradients w.r.t. hidden (in its [N, H] view), weight and bias, and a tuple of
+    non-differentiable outputs (metrics, per-token values); ``op`` names the op in errors.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, run, op):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        loss, (gh, gw, gb), extras = run(need_h, need_w)
+        # Held as attributes, not saved tensors: the backward scales them in place and hands them
+        # to autograd, which then adopts them as .grad (or adds them into it) without a copy, so
+        # no second [V, H] buffer exists at any point.
+        ctx.grads = (gh if need_h else None, gw if need_w else None, gb if need_b else None)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.hidden_shape = hidden.shape
+        ctx.op = op
+        ctx.mark_non_differentiable(*extras)
+        return (loss, *extras)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grad_extras):
+        # The whole backward: the gradients were computed (and normalized) in the forward.
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # as first_order_only
+            raise RuntimeError(double_backward_message(ctx.op))
+        if ctx.grads is None:
+            raise RuntimeError(
+                f"erpd.{ctx.op}: a second backward through the same call; its gradients are computed in the "
+                "forward and handed over by the first backward (retain_graph=True is not supported)"
+            )
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        if not _is_one(grad_loss):  # loss.backward() seeds 1: then no pass over dW (V·H), ~1% of the op
+            gh = None if gh is None else gh.mul_(grad_loss)
+            gw = None if gw is None else gw.mul_(grad_loss)
+            gb = None if gb is None else gb * grad_loss
+        return (None if gh is None else gh.view(ctx.hidden_shape)), gw, (None if gb is None else gb.to(ctx.bias_dtype)), None, None

@@ -74,6 +74,12 @@ def _linear_kl_bwd_fake(hidden, weight, bias, teacher_hidden, teacher_weight, te
     return _grads(hidden, weight, bias, need_grad_hidden, need_grad_weight)
 
 
+def _linear_kl_fwd_with_grads_fake(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+                                   teacher_logits, targets, grad_kl, inv_temperature, ignore_index, mode, beta,
+                                   need_grad_hidden, need_grad_weight):
+    return (*_row_stats(hidden, 1), *_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight))
+
+
 def _policy_loss_fwd_fake(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, num_items,
                           method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator,
                           entropy_coef, num_items_value, norm_scale, kl_ratio_weighted, need_grad_entropy):
@@ -104,13 +110,15 @@ FAKES = {
     "linear_logprobs_bwd": _linear_logprobs_bwd_fake,
     "linear_kl_fwd": _linear_kl_fwd_fake,
     "linear_kl_bwd": _linear_kl_bwd_fake,
+    "linear_kl_fwd_with_grads": _linear_kl_fwd_with_grads_fake,
     "policy_loss_fwd": _policy_loss_fwd_fake,
     "linear_policy_loss_fwd": _linear_policy_loss_fwd_fake,
 }
 
 # The C++ ops (their schemas are declared in csrc/bindings.cpp).
 CPP_OPS = tuple(FAKES)
-# The Triton ops: linear_policy_loss has no Triton op of its own (it composes the three others).
+# The Triton ops: linear_policy_loss and linear_kl's reductions have no Triton op of their own
+# (they compose the others).
 TRITON_OPS = ("linear_logprobs_fwd", "linear_logprobs_bwd", "linear_kl_fwd", "linear_kl_bwd", "policy_loss_fwd")
 
 if _ext.has_cpu() or _ext.has_cuda():

@@ -236,6 +236,27 @@ def kl_teacher(hidden, weight, teacher_hidden, teacher_weight, teacher_bias, tea
     return "fused", (th, tw, tb)
 
 
+def token_weights(x, valid: torch.Tensor, check_values: bool) -> torch.Tensor | None:
+    """Per-token multipliers of a reduced loss: a floating tensor of the targets' shape, on their
+    device, finite and >= 0 where a token counts (`valid`); returned detached."""
+    if x is None:
+        return None
+    x = tensor(x, "token_weights")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"token_weights must be a floating tensor, got {x.dtype}")
+    if x.shape != valid.shape:
+        raise ValueError(f"token_weights must have the targets' shape {list(valid.shape)}, got {list(x.shape)}")
+    if x.device != valid.device:
+        raise ValueError(f"token_weights is on {x.device} but hidden is on {valid.device}")
+    if check_values and x.numel() > 0:
+        bad = valid & ~torch.isfinite(x)
+        if bool(bad.any()):
+            raise ValueError(f"token_weights is NaN or inf at {int(bad.sum())} counted (not ignored) position(s)")
+        if bool((valid & (x < 0)).any()):
+            raise ValueError("token_weights must be >= 0 at counted (not ignored) positions")
+    return x.detach()
+
+
 def choice(value, name: str, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -14,6 +14,20 @@ Teacher forms:
             need_grad_hidden, need_grad_weight) -> (grad_hidden, grad_weight, grad_bias)
     with mode 0 = KL(T||S), 1 = KL(S||T), 2 = JSD(beta). The backward recomputes both logits
     blocks; only O(N) statistics are kept.
+    Reduced losses (``reduction="mean"|"sum"``): the gradient of sum_i g_i kl_i w.r.t. each row's
+    divergence is the weight g_i, known before the forward (the targets' mask, optional
+    ``token_weights``, 1/count or 1/num_items), so the gradients are computed during the forward,
+    as `linear_policy_loss` does, and the autograd backward only scales them
+    (`erpd/ops/_autograd.py` GradsInForward):
+        cpu, cuda  fwd_with_grads(hidden, weight, bias, t_hidden, t_weight, t_bias, t_logits,
+                   targets, g[N], inv_t, ignore_index, mode, beta, need_grad_hidden,
+                   need_grad_weight) -> (kl[N], grad_hidden, grad_weight, grad_bias): per row chunk
+                   the student and teacher GEMMs, the divergence and dz of each row while it is in
+                   cache, the dh and dW GEMMs (csrc/linear_kl_driver.h): 8·N·H·V FLOPs with a
+                   fused teacher of the student's size, nothing recomputed.
+        triton     the fwd and bwd kernels above, both inside the forward (12·N·H·V: the Triton
+                   forward tiles do not keep the logits for the gradient).
+    The per-token form (reduction None / "none") is unchanged.
   * sparse ``teacher_topk``: needs only the student's log-sum-exp and its logits at the k ids, so
     it reuses the `linear_logprobs` kernels of the chosen backend for the dense part and gathers
     the k rows of the head for the sparse part (``_TopkFunction`` below).
@@ -25,11 +39,12 @@ import torch
 
 from erpd import backends, reference
 from erpd.ops import _library, _tp, _validate
-from erpd.ops._autograd import first_order_only
+from erpd.ops._autograd import GradsInForward, first_order_only
 from erpd.ops.linear_logprobs import _impl as _logprobs_impl
 
 OP = "linear_kl"
 DIRECTIONS = reference.KL_DIRECTIONS
+REDUCTIONS = ("none", "sum", "mean")
 _MODE = {"forward": 0, "reverse": 1, "jsd": 2}
 
 
@@ -142,6 +157,40 @@ class _TopkFunction(torch.autograd.Function):
         return (gh if need_h else None), (gw if need_w else None), gb, *([None] * 6)
 
 
+def _fused_loss(backend, h2, w, b, th, tw, tb, tl, t1, g, inv_t, ignore_index, mode, beta):
+    """``run`` for GradsInForward: the reduced loss sum_i g_i kl_i, its per-token kl and its gradients."""
+
+    def run(need_h, need_w):
+        if backend == "triton":
+            ops = torch.ops.erpd_triton
+            kl, lse_s, lse_t, aux = ops.linear_kl_fwd(h2, w, b, th, tw, tb, tl, t1, inv_t, ignore_index, mode, beta)
+            gh, gw, gb = ops.linear_kl_bwd(h2, w, b, th, tw, tb, tl, t1, lse_s, lse_t, aux, g, inv_t, ignore_index,
+                                           mode, beta, need_h, need_w)
+        else:
+            kl, gh, gw, gb = torch.ops.erpd.linear_kl_fwd_with_grads(
+                h2, w, b, th, tw, tb, tl, t1, g, inv_t, ignore_index, mode, beta, need_h, need_w)
+        return torch.dot(kl, g), (gh, gw, gb), (kl,)
+
+    return run
+
+
+def _row_weights(valid, reduction, num_items, token_weights, dtype):
+    """g_i = d(loss)/d(kl_i): 0 on ignored rows, else the token's weight (1 by default), divided by
+    num_items or by the number of counted tokens for "mean" (clamped below at 1). On the device:
+    no host sync."""
+    g = valid.to(dtype) if token_weights is None else torch.where(valid, token_weights.to(dtype), 0.0)
+    if reduction == "mean":
+        n_tensor, n_value = num_items
+        if n_tensor is not None:
+            count = n_tensor.to(dtype)
+        elif n_value:
+            count = torch.tensor(n_value, dtype=dtype, device=g.device)
+        else:
+            count = valid.sum().to(dtype)
+        g = g / count.clamp_min(1.0)
+    return g
+
+
 def linear_kl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -161,9 +210,13 @@ def linear_kl(
     validate: bool | None = None,
     tp_group=None,
     vocab_start: int | None = None,
+    reduction: str | None = None,
+    num_items: float | torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-token divergence between a teacher's and the student's next-token distributions,
-    without materializing the student's (or a fused teacher's) logits.
+    without materializing the student's (or a fused teacher's) logits; or its sum or mean over
+    the tokens, with the gradients computed during the forward.
 
     The student's logits are ``(hidden @ weight.T + bias) / temperature``. The teacher is one of:
 
@@ -193,10 +246,27 @@ def linear_kl(
             vocabulary, or ``teacher_logits`` is ``[..., V_r]``, sliced to the same rows;
             ``teacher_topk`` is not supported. ``vocab_start`` is only checked (the divergence
             does not depend on the shard's position).
+        reduction: ``None`` or ``"none"``: the per-token divergences. ``"sum"``:
+            :math:`\sum_i w_i\,\mathrm{kl}_i` over the tokens that count (targets != ignore_index),
+            :math:`w_i` = ``token_weights`` (default 1). ``"mean"``: that sum divided by
+            ``num_items`` if given, else by the number of tokens that count (clamped below at 1; an
+            all-ignored batch gives 0). With a fused or dense teacher the fused backends compute
+            the gradients in the forward (8·N·H·V FLOPs with a fused teacher of the student's size
+            instead of 12·N·H·V, no pass over the vocabulary in the backward, which only scales
+            them; a second backward through the same call is an error). With ``teacher_topk`` or
+            ``tp_group`` the per-token op is reduced through autograd.
+        num_items: ``"mean"`` only: the token count of the whole optimizer step (all
+            gradient-accumulation micro-batches, all ranks), so that the micro-batches' losses
+            and gradients sum to the full batch's; a number > 0 or a one-element tensor (read on
+            the device, no host sync).
+        token_weights: ``[...]`` float, per-token multipliers of the reduced loss (no gradient),
+            e.g. a trust-region keep mask or 1/length for a per-sequence mean; finite and ≥ 0
+            where targets != ignore_index.
 
     Returns:
-        ``kl [...]`` float32 (float64 for float64 inputs on ``backend="torch"``), ≥ 0.
-        Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; the teacher gets no gradient.
+        ``kl [...]`` float32 (float64 for float64 inputs on ``backend="torch"``), ≥ 0; with a
+        reduction, the scalar loss (same dtype). Differentiable w.r.t. ``hidden``, ``weight`` and
+        ``bias``; the teacher gets no gradient.
     """
     hidden, weight, bias = _validate.linear_head(hidden, weight, bias)
     temperature = _validate.temperature(temperature)
@@ -209,25 +279,43 @@ def linear_kl(
     )
     if direction == "jsd" and beta in (0.0, 1.0):
         direction = "forward" if beta == 0.0 else "reverse"
-    if tp_group is not None:
-        return _tp.linear_kl(
-            hidden, weight, bias, targets, form, teacher, mode=_MODE[direction], beta=beta, temperature=temperature,
-            ignore_index=ignore_index, backend=backend, tp_group=tp_group, vocab_start=vocab_start,
-        )
+    reduction = _validate.choice("none" if reduction is None else reduction, "reduction", REDUCTIONS)
+    if reduction == "none" and (num_items is not None or token_weights is not None):
+        raise ValueError("num_items and token_weights weight a reduced loss: give reduction='mean' or 'sum'")
+    if reduction == "sum" and num_items is not None:
+        raise ValueError("num_items replaces the token count of reduction='mean'; reduction='sum' divides by nothing")
     if form == "topk" and direction != "forward":
         raise ValueError(f"teacher_topk supports direction='forward' only (got {direction!r}): the reverse KL and the JSD need the teacher's full distribution")
     if targets is None:
         targets = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
         ignore_index = -1
     else:
-        targets = _validate.targets(targets, hidden, weight.shape[0], ignore_index, check_values)
+        # (With tp_group the ids index the whole vocabulary, not this rank's shard: no range check.)
+        targets = _validate.targets(targets, hidden, weight.shape[0], ignore_index, check_values and tp_group is None)
+    if reduction != "none":
+        valid = targets != ignore_index
+        token_weights = _validate.token_weights(token_weights, valid, check_values)
+        g = _row_weights(valid, reduction, _validate.num_items(num_items, hidden.device, check_values), token_weights,
+                         torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+
+        def reduce(kl):  # the per-token forms, reduced through autograd
+            return (kl.reshape(g.shape) * g.to(kl.dtype)).sum()
+    else:
+        reduce = None
+    if tp_group is not None:
+        kl = _tp.linear_kl(
+            hidden, weight, bias, targets, form, teacher, mode=_MODE[direction], beta=beta, temperature=temperature,
+            ignore_index=ignore_index, backend=backend, tp_group=tp_group, vocab_start=vocab_start,
+        )
+        return kl if reduce is None else reduce(kl)
     name = backends.resolve(backend, hidden.device, "linear_logprobs" if form == "topk" else OP)
 
     if name == "torch":
         kw = dict(fused=dict(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), teacher)),
                   dense=dict(teacher_logits=teacher[0]), topk=dict(teacher_topk=teacher))[form]
-        return reference.linear_kl(hidden, weight, targets, bias=bias, direction=direction, beta=beta,
-                                   temperature=temperature, ignore_index=ignore_index, **kw)
+        kl = reference.linear_kl(hidden, weight, targets, bias=bias, direction=direction, beta=beta,
+                                 temperature=temperature, ignore_index=ignore_index, **kw)
+        return kl if reduce is None else reduce(kl)
     if hidden.dtype == torch.float64:
         raise TypeError(f"backend={name!r} supports fp32/bf16/fp16 inputs; float64 runs only on backend='torch'")
 
@@ -237,19 +325,25 @@ def linear_kl(
     t1 = targets.reshape(-1).contiguous()
     if h2.shape[0] == 0:
         # Keep the graph connected so that .backward() on an empty batch gives zero grads.
-        return (h2.sum(-1) + weight.sum() * 0).float().reshape(lead)
+        kl = (h2.sum(-1) + weight.sum() * 0).float().reshape(lead)
+        return kl if reduce is None else reduce(kl)
     w, b = weight.contiguous(), (None if bias is None else bias.contiguous())
     inv_t = 1.0 / temperature
     if form == "topk":
         t_logp, ids = teacher
         k = ids.shape[-1]
         kl = _TopkFunction.apply(h2, w, b, flat(t_logp.detach(), k), flat(ids, k), t1, inv_t, ignore_index, name)
-        return kl.reshape(lead)
+        return kl.reshape(lead) if reduce is None else reduce(kl)
     if form == "fused":
         th, tw, tb = teacher
         th, tw, tb, tl = flat(th.detach(), th.shape[-1]), tw.detach().contiguous(), (None if tb is None else tb.detach().contiguous()), None
     else:
         th = tw = tb = None
         tl = flat(teacher[0].detach(), v)
+    if reduce is not None:
+        run = _fused_loss(name, h2, w, b, th, tw, tb, tl, t1, g.reshape(-1).contiguous(), inv_t, ignore_index,
+                          _MODE[direction], beta)
+        loss, _ = GradsInForward.apply(hidden, weight, bias, run, OP)
+        return loss
     kl = _KLFunction.apply(h2, w, b, th, tw, tb, tl, t1, inv_t, ignore_index, _MODE[direction], beta, name)
     return kl.reshape(lead)

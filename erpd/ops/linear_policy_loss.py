@@ -28,53 +28,20 @@ import torch
 
 from erpd import backends, reference
 from erpd.ops import _library, _tp, _validate
-from erpd.ops._autograd import first_order_only
+from erpd.ops._autograd import GradsInForward
 from erpd.ops.policy_loss import metrics_from_stats
 
 OP = "linear_policy_loss"
-
-
-class _LinearPolicyLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, run):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        loss, stats, gh, gw, gb, logprobs = run(need_h, need_w)
-        # Held as attributes, not saved tensors: the backward scales them in place and hands them
-        # to autograd, which then adopts them as .grad (or adds them into it) without a copy, so
-        # no second [V, H] buffer exists at any point.
-        ctx.grads = (gh if need_h else None, gw if need_w else None, gb if need_b else None)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.hidden_shape = hidden.shape
-        ctx.mark_non_differentiable(stats, logprobs)
-        return loss, stats, logprobs
-
-    @staticmethod
-    @first_order_only(OP)
-    def backward(ctx, grad_loss, _grad_stats, _grad_logprobs):
-        # The whole backward: the gradients were computed (and normalized) in the forward.
-        if ctx.grads is None:
-            raise RuntimeError(
-                "linear_policy_loss: a second backward through the same call; its gradients are computed in "
-                "the forward and handed over by the first backward (retain_graph=True is not supported)"
-            )
-        gh, gw, gb = ctx.grads
-        ctx.grads = None
-        if gh is not None:
-            gh = gh.mul_(grad_loss).view(ctx.hidden_shape)
-        if gw is not None:
-            gw = gw.mul_(grad_loss)
-        if gb is not None:
-            gb = (gb * grad_loss).to(ctx.bias_dtype)
-        return gh, gw, gb, None
 
 
 def _run_compiled(h2, w, b, t1, inv_t, cap, ignore_index, old, adv, mask, ref, isw, n_tensor, args):
     """backend cpu or cuda: one erpd._C op, whose CPU or CUDA kernel the dispatcher picks by device."""
 
     def run(need_h, need_w):
-        return torch.ops.erpd.linear_policy_loss_fwd(
+        loss, stats, gh, gw, gb, lp = torch.ops.erpd.linear_policy_loss_fwd(
             h2, w, b, t1, inv_t, cap, ignore_index, old, adv, mask, ref, isw, n_tensor, *args, need_h, need_w,
         )
+        return loss, (gh, gw, gb), (stats, lp)
 
     return run
 
@@ -100,7 +67,7 @@ def _run_triton(h2, w, b, t1, inv_t, cap, ignore_index, old, adv, mask, ref, isw
             h2, w, b, t1, lse, ent, g_lp.view(-1), g_ent.view(-1) if with_grad_entropy else None,
             inv_t, cap, ignore_index, need_h, need_w,
         )
-        return loss, stats, gh, gw, gb, lp
+        return loss, (gh, gw, gb), (stats, lp)
 
     return run
 
@@ -231,7 +198,7 @@ def linear_policy_loss(
         f32(old_logprobs), f32(advantages), valid.contiguous(), f32(ref_logprobs), f32(is_weights), n_tensor,
         opts.kernel_args(T, n_value),
     )
-    loss, stats, lp = _LinearPolicyLossFunction.apply(hidden, weight, bias, run)
+    loss, stats, lp = GradsInForward.apply(hidden, weight, bias, run, OP)
     return loss, _with_logprobs(metrics_from_stats(stats, ref_logprobs is not None, True), lp.view(B, T), return_logprobs)
 
 

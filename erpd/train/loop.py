@@ -44,6 +44,17 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, n_tokens: i
     return (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / max(1, n_seqs)
 
 
+def aggregate_weights(mask: torch.Tensor, agg: str, n_tokens: int, n_seqs: int, dtype=torch.float32) -> torch.Tensor:
+    """The per-token weights ``w`` [b, R] with ``aggregate(x, mask, agg, ...) == (x * w).sum()``:
+    what a fused op's ``reduction="sum"`` takes as ``token_weights`` to compute the same loss with
+    its gradients in the forward (``erpd.linear_kl``). No gradient; ``dtype``: float32, or float64
+    for a float64 policy."""
+    m = mask.to(dtype)
+    if agg == "token-mean":
+        return m / max(1, n_tokens)
+    return m / m.sum(1, keepdim=True).clamp(min=1) / max(1, n_seqs)
+
+
 def train_stage(policy: Policy, data: FixedData, cache: Cache, scfg, run_dir: Path, step_fn: Callable, epoch_end: Callable,
                 resume: bool, stage: str, extra_state: dict | None = None) -> list[dict]:
     """Train on the fixed data; returns the per-epoch records (epoch 0 = before any update).

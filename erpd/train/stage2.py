@@ -15,6 +15,12 @@ as implemented", has the full list):
 
 ``π_anchor`` is π0, or with ``reanchor`` the policy at the end of the previous pass (epoch).
 ``kl_coef > 0`` adds β · KL(πθ‖π0) over the full vocabulary to any signal.
+
+The two full-vocabulary KL losses (the ``forward_kl`` / ``reverse_kl`` signals and the
+``kl_coef`` term) are ``erpd.linear_kl(reduction="sum")`` with the step's aggregation and the
+detached masks as ``token_weights``: their gradients are computed in the forward, and the
+backward makes no pass over the vocabulary. Per-token KLs remain where they are not a loss: the
+``kl_trust`` mask and the ``advantage`` signal's baseline (``teacher_position_kl``).
 """
 
 from __future__ import annotations
@@ -123,13 +129,15 @@ def make_step(policy: Policy, data: FixedData, cache: measure.Cache, cfg: RunCon
         row_w = weights_all[batch.idx].to(dev)[:, None]
         t_lp = None if teacher is None else teacher["logprobs"][batch.idx, :R].to(dev)
         stats = {}
-        kl0 = None
-        if s2.kl_coef or s2.kl_trust is not None:  # KL(π‖π0) over the whole vocabulary, per token
-            kl0 = erpd.linear_kl(hr, policy.head_weight(), batch.targets, teacher_hidden=cache.ref_batch(batch),
-                                 teacher_weight=cache.ref_weight, teacher_bias=cache.ref_bias, direction="reverse",
-                                 **head)
+        # aggregate(x, mask, ...) == (x * agg_w).sum(): the reduced KLs' token weights.
+        agg_w = loop.aggregate_weights(mask, s2.agg, n_tok, n_seq, torch.float64 if hr.dtype == torch.float64 else torch.float32)
+        kl_pi0 = dict(teacher_hidden=cache.ref_batch(batch), teacher_weight=cache.ref_weight, teacher_bias=cache.ref_bias,
+                      direction="reverse", **head) if (s2.kl_coef or s2.kl_trust is not None) else None
+        if s2.kl_trust is not None:  # KL(π‖π0) over the whole vocabulary, per token: a mask, no gradient
+            with torch.no_grad():
+                kl0 = erpd.linear_kl(hr, policy.head_weight(), batch.targets, **kl_pi0)
         # Full-vocabulary trust region: positions already too far from π0 get no distillation gradient.
-        trust = torch.ones_like(fmask) if s2.kl_trust is None else (kl0.detach() <= s2.kl_trust).to(fmask.dtype)
+        trust = torch.ones_like(fmask) if s2.kl_trust is None else (kl0 <= s2.kl_trust).to(fmask.dtype)
         if s2.kl_trust is not None:
             stats["outside_trust"] = ((1 - trust) * fmask).sum()
         if s2.signal in KL_SIGNALS or s2.signal == "opd":
@@ -138,11 +146,12 @@ def make_step(policy: Policy, data: FixedData, cache: measure.Cache, cfg: RunCon
         if s2.signal in KL_SIGNALS:
             t_hidden = torch.nn.utils.rnn.pad_sequence([teacher["hidden"][i][:R] for i in batch.idx.tolist()],
                                                        batch_first=True).to(dev)
-            kl = erpd.linear_kl(hr, policy.head_weight(), batch.targets, teacher_hidden=t_hidden,
-                                teacher_weight=teacher["head_weight"], teacher_bias=teacher["head_bias"],
-                                direction="forward" if s2.signal == "forward_kl" else "reverse", **head)
             keep = losses.kl_trust_mask(lp, anchor, t_lp - lp, s2.clip)
-            loss = loop.aggregate(kl * keep * trust * row_w, fmask, s2.agg, n_tok, n_seq)
+            # aggregate(kl * keep * trust * row_w, ...) with its gradients in the forward.
+            loss = erpd.linear_kl(hr, policy.head_weight(), batch.targets, teacher_hidden=t_hidden,
+                                  teacher_weight=teacher["head_weight"], teacher_bias=teacher["head_bias"],
+                                  direction="forward" if s2.signal == "forward_kl" else "reverse", reduction="sum",
+                                  token_weights=(keep * trust * row_w).to(agg_w.dtype) * agg_w, **head)
             stats["clip_frac"] = ((1 - keep) * fmask).sum()
         else:
             if signal_all is not None:
@@ -159,8 +168,10 @@ def make_step(policy: Policy, data: FixedData, cache: measure.Cache, cfg: RunCon
             lp = m["logprobs"]
             stats["clip_frac"] = m["clipfrac"] * m["num_valid"]
             stats["signal"] = (a * fmask).sum()
-        if s2.kl_coef:
-            loss = loss + s2.kl_coef * loop.aggregate(kl0, fmask, s2.agg, n_tok, n_seq)
+        if s2.kl_coef:  # aggregate(KL(π‖π0), ...) with its gradients in the forward
+            kl_term = erpd.linear_kl(hr, policy.head_weight(), batch.targets, reduction="sum", token_weights=agg_w,
+                                     **kl_pi0)
+            loss = loss + s2.kl_coef * kl_term
         (old,) = batches.rows(data, batch.idx, "old_logprobs", device=dev)
         stats["logratio"] = ((lp.detach() - old) * fmask).sum()
         return loop.StepOutput(loss=loss, stats=stats)

@@ -170,6 +170,19 @@ def _check_kl(rank, world):
         _run_pair(f"linear_kl {backend} {direction} {form} T={temperature} masked={masked}", op, rank, world, 20 + i, True, 1,
                   explicit_start=(i % 2 == 1), dtype=dtype)
 
+    # Reduced to its mean: grads-in-forward unsharded, the per-token op reduced through autograd
+    # with tp_group. (Broadcast to [N] for the comparison's per-row upstream gradient.)
+    weights = torch.rand(N, generator=g)
+
+    def reduced(h, w, b, tp_group=None, vocab_start=None):
+        cut = (lambda x: _shard(x, rank, world)) if tp_group is not None else (lambda x: x)
+        loss = erpd.linear_kl(h, w, targets, bias=b, teacher_hidden=t_hidden, teacher_weight=cut(t_weight),
+                              teacher_bias=cut(t_bias), ignore_index=IGNORE, backend="cpu", reduction="mean",
+                              num_items=N + 3, token_weights=weights, tp_group=tp_group, vocab_start=vocab_start)
+        return (loss.expand(N),)
+
+    _run_pair("linear_kl cpu forward fused reduced", reduced, rank, world, 40, True, 1, explicit_start=True)
+
 
 def _check_policy(rank, world):
     B, T = 3, N // 3

@@ -85,6 +85,17 @@ def _samples_linear_kl(op_fwd):
     return out
 
 
+def _samples_linear_kl_fwd_with_grads():
+    h, w, b, t = _lin()
+    th, tw = torch.randn(5, 6), torch.randn(11, 6) * 0.3
+    g = torch.rand(5)
+    return {
+        "fused-jsd": ("linear_kl_fwd_with_grads", (h, w, b, th, tw, None, None, t, g, 1.3, IGNORE, 2, 0.3, True, True)),
+        "dense-forward-w": ("linear_kl_fwd_with_grads",
+                            (h, w, None, None, None, None, torch.randn(5, 11), t, g, 0.8, IGNORE, 0, 0.5, False, True)),
+    }
+
+
 def _policy_batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     lp = -torch.rand(B, T, generator=g) * 3
@@ -133,6 +144,7 @@ def _all_samples(backend):
     out.update(_samples_policy_loss())
     if backend == "cpu":
         out.update(_samples_linear_policy_loss())
+        out.update(_samples_linear_kl_fwd_with_grads())
     return out
 
 
@@ -194,6 +206,17 @@ def _case_linear_kl(backend):
     return x, f
 
 
+def _case_linear_kl_loss(backend):
+    x = _linear(4)
+    teacher = make_kl_teacher(x, "fused", h=24, seed=5)
+
+    def f(h, w, b):
+        return erpd.linear_kl(h, w, x.targets, bias=b, direction="reverse", reduction="mean", num_items=11,
+                              backend=backend, **teacher)
+
+    return x, f
+
+
 def _case_policy_loss(backend):
     x = _linear(2)
     _, old, adv, mask = _policy_batch(2)
@@ -224,6 +247,7 @@ def _case_linear_policy_loss(backend):
 CASES = {
     "linear_logprobs": _case_linear_logprobs,
     "linear_kl": _case_linear_kl,
+    "linear_kl_loss": _case_linear_kl_loss,
     "policy_loss": _case_policy_loss,
     "linear_policy_loss": _case_linear_policy_loss,
 }

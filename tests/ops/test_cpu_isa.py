@@ -7,6 +7,7 @@ NaN row; the checks are the op test modules' own."""
 import pytest
 import torch
 import test_linear_kl as kl_tests
+import test_linear_kl_loss as kl_loss_tests
 import test_linear_logprobs as lp_tests
 import test_linear_policy_loss as policy_tests
 import test_numerics
@@ -53,6 +54,14 @@ def test_linear_kl(isa, direction, v):
     kl_tests.check_kl(x, make_kl_teacher(x, "fused", seed=v + 2), "cpu", direction=direction, temperature=0.8)
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+def test_linear_kl_reduced(isa, direction):
+    """The grads-in-forward form: the statistics and dz of each row in one visit."""
+    x = make_linear_inputs(29, 40, 1001, bias=True, ignore_frac=0.2, seed=3)
+    kl_loss_tests.check_loss(x, make_kl_teacher(x, "fused", seed=4), "cpu", "mean", direction=direction, beta=0.3,
+                             temperature=0.8)
+
+
 def test_linear_kl_extreme_logits_and_nan_row(isa):
     kl_tests.test_extreme_logits_stay_finite("cpu")
     test_numerics.test_extreme_logits_linear_kl("cpu")
@@ -86,9 +95,10 @@ def test_exact_logits_leave_only_the_epilogue_error(isa):
     torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
 def test_exact_logits_kl(isa, direction):
-    """The same for the two KL row loops: exact student and teacher logits."""
+    """The same for the KL row loops (jsd: its exp and log polynomials): exact student and
+    teacher logits."""
     g = torch.Generator().manual_seed(12)
     v = 4099
     pow2 = lambda *s: 2.0 ** torch.randint(-2, 2, s, generator=g).float()  # noqa: E731
@@ -99,3 +109,12 @@ def test_exact_logits_kl(isa, direction):
     ref = reference.linear_kl(h.double(), w.double(), targets, teacher_hidden=th.double(),
                               teacher_weight=tw.double(), direction=direction)
     torch.testing.assert_close(kl.double(), ref, rtol=1e-6, atol=1e-6)
+    # The gradient row loops, through the reduced form (its dz feeds one GEMM with H = 1).
+    wg, w64 = w.clone().requires_grad_(), w.double().requires_grad_()
+    loss = erpd.linear_kl(h, wg, targets, teacher_hidden=th, teacher_weight=tw, direction=direction,
+                          reduction="sum", backend="cpu")
+    ref = reference.linear_kl(h.double(), w64, targets, teacher_hidden=th.double(), teacher_weight=tw.double(),
+                              direction=direction).sum()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-6)
+    (grad,), (ref_grad,) = torch.autograd.grad(loss, wg), torch.autograd.grad(ref, w64)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)

@@ -27,7 +27,7 @@ def _linear_logprobs(backend, dtype=torch.float32):
     return "linear_logprobs", f, (x.hidden, x.weight, x.bias)
 
 
-def _linear_kl(form):
+def _linear_kl(form, reduction=None):
     def make(backend, dtype=torch.float32):
         x = make_linear_inputs(N, H, V, bias=True, dtype=dtype, seed=1)
         teacher = make_kl_teacher(x, form, k=4)
@@ -36,8 +36,9 @@ def _linear_kl(form):
         direction = "forward" if form == "topk" else "jsd"
 
         def f(hidden, weight, bias):
-            return erpd.linear_kl(hidden, weight, x.targets, bias=bias, direction=direction, beta=0.3, backend=backend,
-                                  **teacher).sum()
+            kl = erpd.linear_kl(hidden, weight, x.targets, bias=bias, direction=direction, beta=0.3, backend=backend,
+                                reduction=reduction, **teacher)
+            return kl if reduction else kl.sum()
 
         return "linear_kl", f, (x.hidden, x.weight, x.bias)
 
@@ -74,6 +75,7 @@ CASES = {
     "linear_kl-fused": _linear_kl("fused"),
     "linear_kl-dense": _linear_kl("dense"),
     "linear_kl-topk": _linear_kl("topk"),
+    "linear_kl-fused-mean": _linear_kl("fused", "mean"),  # gradients in the forward
     "policy_loss": _policy_loss,
     "linear_policy_loss-ppo": _linear_policy_loss("ppo"),
     "linear_policy_loss-gspo": _linear_policy_loss("gspo"),

@@ -151,7 +151,8 @@ def test_frozen_head_and_frozen_hidden(kl_backend):
 @pytest.mark.parametrize("chunk_bytes", [1, 3 * 2 * 4 * 1001])
 @pytest.mark.parametrize("form", ["fused", "dense"])
 def test_chunk_boundaries_of_the_cpp_driver(monkeypatch, chunk_bytes, form):
-    """One row per chunk, and 3-row chunks with a ragged last one (two fp32 blocks per row)."""
+    """Blocks of one row and 256 columns, and 11-row blocks of 256 columns, ragged in both
+    directions (V = 1001; two fp32 buffers; jsd's forward: whole rows, 1 and 3 per chunk)."""
     if not erpd._ext.has_cpu():
         pytest.skip("erpd._C not built")
     monkeypatch.setenv("ERPD_CHUNK_BYTES", str(chunk_bytes))

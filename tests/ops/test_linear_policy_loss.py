@@ -163,6 +163,16 @@ def test_on_policy_old_logprobs_none(cpu_backend):
         torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["ppo", "cispo"])
+def test_cpu_row_groups_split_sequences(method):
+    """On CPU the fused epilogues run on groups of rows that fit 2 MiB (csrc/chunked.h
+    cache_rows): 16 rows at V = 32768, which cut these sequences of 13 tokens anywhere."""
+    if "cpu" not in erpd.available("cpu", "linear_policy_loss"):
+        pytest.skip("erpd._C not built")
+    x = make_linear_policy_inputs(3, 13, 16, 32768, seed=19, bias=True, ref=True, is_weights=True)
+    check_backend(x, "cpu", method=method, agg="seq-mean-token-mean", kl_coef=0.1, entropy_coef=0.05)
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_micro_batches_with_num_items_sum_to_the_full_batch(cpu_backend, agg):
     x = make_linear_policy_inputs(4, 9, 32, 101, seed=17, ref=True)
@@ -258,10 +268,12 @@ def _gemm_counts(fn):
     return {k: counts[k] for k in GEMMS if counts[k]}, counts
 
 
-@pytest.mark.parametrize("method, per_chunk", [("ppo", 3), ("sapo", 3), ("gspo", 4)])
-def test_cpu_gemm_counts(monkeypatch, method, per_chunk):
-    """Forward: 3 GEMMs per row chunk (logits, dh, dW) = 6·N·H·V FLOPs for token-level methods;
-    gspo adds a log-prob pass (4 per chunk). Backward: none."""
+@pytest.mark.parametrize("method, gemms", [("ppo", 3 * 3), ("sapo", 3 * 3), ("gspo", 7 * 4)])
+def test_cpu_gemm_counts(monkeypatch, method, gemms):
+    """Forward: 3 GEMMs per row chunk (logits, dh, dW) = 6·N·H·V FLOPs for token-level methods
+    (3 chunks here); gspo runs a log-prob pass, then the gradient pass, on the log-prob op's
+    blocks (1 + 3 GEMMs on each of 7 blocks of 6 rows here: csrc/chunked.h cpu_blocks). Backward:
+    none."""
     if "cpu" not in erpd.available("cpu", "linear_policy_loss"):
         pytest.skip("erpd._C not built")
     monkeypatch.setenv("ERPD_CHUNK_BYTES", str(16 * 4 * 101))  # 39 rows -> chunks of 16, 16, 7
@@ -275,7 +287,7 @@ def test_cpu_gemm_counts(monkeypatch, method, per_chunk):
 
     f_gemms, _ = _gemm_counts(fwd)
     b_gemms, b_all = _gemm_counts(lambda: out["loss"].backward())
-    assert sum(f_gemms.values()) == per_chunk * 3, f_gemms
+    assert sum(f_gemms.values()) == gemms, f_gemms
     assert b_gemms == {}, f"backward ran GEMMs: {b_gemms}"
     assert not any(name.startswith("erpd::") for name in b_all), "backward called an erpd kernel"
     assert lin.hidden.grad is not None and lin.weight.grad is not None and lin.bias.grad is not None
@@ -411,7 +423,7 @@ def test_gpu_cuda_backward_makes_no_vocabulary_pass(monkeypatch, dtype, method, 
     torch.cuda.synchronize()
     f_kernels, f_gemms, _ = _kernel_names(fwd)
     b_kernels, b_gemms, b_all = _kernel_names(lambda: out["loss"].backward())
-    assert sum(f_gemms.values()) == per_chunk * 3, f_gemms
+    assert sum(f_gemms.values()) == gemms, f_gemms
     assert any("erpd" in k for k in f_kernels), f"no erpd kernel seen in the forward: {sorted(set(f_kernels))}"
     assert b_gemms == {}, f"backward ran GEMMs: {b_gemms}"
     assert not any(name.startswith("erpd::") for name in b_all), "backward called an erpd op"

@@ -200,12 +200,15 @@ def test_stage1_step_equals_the_materialized_logits_step(train_layers, objective
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
 
 
-@pytest.mark.parametrize("signal", ["logratio", "reverse_kl", "forward_kl"])
-def test_stage2_step_equals_the_materialized_logits_step(teacher_dir, signal):
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("signal, kl_trust", [("logratio", False), ("reverse_kl", False), ("forward_kl", False),
+                                              ("forward_kl", True), ("logratio", True)])
+def test_stage2_step_equals_the_materialized_logits_step(teacher_dir, signal, kl_trust, agg):
     temperature = 0.7
     policy, data, cache = _f64_setup(2, temperature, seed=3)  # the student θ, away from π0 (as the teacher fixture)
     cfg = tiny_cfg(train_layers=2)
     cfg.sample.temperature, cfg.stage2.signal, cfg.stage2.kl_coef, cfg.stage2.center = temperature, signal, 0.3, "group"
+    cfg.stage2.agg = agg
     theta = policy.trainable_state()
     with torch.no_grad():
         load_policy_state(policy, teacher_dir)
@@ -217,13 +220,24 @@ def test_stage2_step_equals_the_materialized_logits_step(teacher_dir, signal):
     teachers = stage2.teacher_outputs(policy, data, cache, [teacher_dir], temperature, 4, with_hidden=True)
     anchor = data.old_logprobs + 0.1 * torch.randn(data.old_logprobs.shape, dtype=torch.float64,
                                                    generator=torch.Generator().manual_seed(0))
+    # (the teacher pass loads and restores θ in place: the reference's graph starts after it)
     step = stage2.make_step(policy, data, cache, cfg, teachers, stage2.fixed_signal(cfg, data, teachers, cache, temperature))
-    params = [p for _, p in policy.trainable_named()]
-    got = _loss(step, data, cache, policy, state={"anchor": anchor})
 
     z, batch = _logits(policy, data, temperature)
     logp, logp_t, logp_0 = F.log_softmax(z, -1), F.log_softmax(z_t, -1), F.log_softmax(z_0, -1)
     m = batch.mask.double()
+    kl0 = (logp.exp() * (logp - logp_0)).sum(-1)
+    trust = torch.ones_like(m)
+    if kl_trust:  # a threshold halfway across the widest gap of the tokens' KL(π‖π0) near their median
+        v = kl0[batch.mask].detach().sort().values
+        lo = len(v) // 4
+        i = lo + int((v[lo + 1 : 3 * lo + 1] - v[lo : 3 * lo]).argmax())
+        cfg.stage2.kl_trust = float(v[i] + v[i + 1]) / 2
+        trust = (kl0.detach() <= cfg.stage2.kl_trust).double()
+        assert 0 < (trust * m).sum() < m.sum()
+    params = [p for _, p in policy.trainable_named()]
+    got = _loss(step, data, cache, policy, state={"anchor": anchor})
+
     R = m.shape[1]
     pick = lambda lq: lq.gather(-1, batch.targets.clamp(min=0)[..., None])[..., 0] * m  # noqa: E731
     lp, t_lp, anc = pick(logp), pick(logp_t), anchor[:, :R] * m
@@ -233,7 +247,7 @@ def test_stage2_step_equals_the_materialized_logits_step(teacher_dir, signal):
         a = (t_lp.float().double() - data.old_logprobs[:, :R]) * m
         mean = a.sum(1) / m.sum(1)
         group_mean = torch.stack([mean[data.group == g].mean() for g in data.group.tolist()])
-        a = (a - group_mean[:, None]) * m
+        a = (a - group_mean[:, None]) * m * trust
         tok = -torch.minimum(rho * a, rho.clamp(1 - cfg.stage2.clip, 1 + cfg.stage2.clip) * a)
     else:
         p, pt = logp.exp(), logp_t.exp()
@@ -241,9 +255,12 @@ def test_stage2_step_equals_the_materialized_logits_step(teacher_dir, signal):
         pull, r = (t_lp - lp).detach(), rho.detach()
         outside = ((r > 1 + cfg.stage2.clip) & (pull > 0)) | ((r < 1 - cfg.stage2.clip) & (pull < 0))
         assert outside[batch.mask].any() and not outside[batch.mask].all()  # the trust mask acts
-        tok = kl * ~outside
-    kl0 = (logp.exp() * (logp - logp_0)).sum(-1)
-    ref = ((tok + cfg.stage2.kl_coef * kl0) * m).sum() / m.sum()
+        tok = kl * ~outside * trust
+    per_token = (tok + cfg.stage2.kl_coef * kl0) * m
+    if agg == "token-mean":
+        ref = per_token.sum() / m.sum()
+    else:
+        ref = (per_token.sum(1) / m.sum(1)).sum() / len(data)
     torch.testing.assert_close(got.loss, ref, rtol=1e-10, atol=1e-12)
     for a, b in zip(torch.autograd.grad(got.loss, params), torch.autograd.grad(ref, params)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
@@ -262,6 +279,62 @@ def test_stage1_backward_makes_no_vocabulary_pass():
     data = synthetic_data(policy, seed=4)
     cache = with_old_logprobs(policy, data)
     out = _loss(stage1.make_step(policy, data, tiny_cfg(train_layers=1)), data, cache, policy)
+    V = policy.head_weight().shape[0]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out.loss.backward()
+    events = prof.events()
+    gemms = [e for e in events if e.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")]
+    assert gemms, "the backbone's backward should run GEMMs"
+    assert not [e.input_shapes for e in gemms if any(V in s for s in e.input_shapes if s)], "a GEMM over the vocabulary"
+    assert not [e.name for e in events if e.name.startswith("erpd::")]
+    assert all(p.grad is not None for _, p in policy.trainable_named())
+
+
+def _stage2_setup(teacher_dir, signal, backend, **options):
+    policy = make_policy()
+    policy.backend = backend
+    data = synthetic_data(policy, seed=4)
+    cache = with_old_logprobs(policy, data)
+    with torch.no_grad():  # θ away from π0: KL(π‖π0) and its gradient are not 0
+        g = torch.Generator().manual_seed(6)
+        for _, p in policy.trainable_named():
+            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+    cfg = tiny_cfg()
+    cfg.stage2.signal = signal
+    for k, v in options.items():
+        setattr(cfg.stage2, k, v)
+    teachers = stage2.teacher_outputs(policy, data, cache, [teacher_dir], 1.0, 4,
+                                      with_hidden=signal in stage2.KL_SIGNALS)
+    step = stage2.make_step(policy, data, cache, cfg, teachers, stage2.fixed_signal(cfg, data, teachers, cache, 1.0))
+    anchor = data.old_logprobs + 0.1 * torch.randn(data.old_logprobs.shape, generator=torch.Generator().manual_seed(0))
+    return policy, _loss(step, data, cache, policy, state={"anchor": anchor})
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("signal, options", [("forward_kl", dict(kl_coef=0.3)), ("reverse_kl", dict(kl_trust=0.00172)),  # in a gap of the tokens' KL(π‖π0)
+                                             ("logratio", dict(kl_coef=0.3, kl_trust=0.00172))])
+def test_stage2_reduced_kls_equal_the_per_token_ops(teacher_dir, signal, options, agg):
+    """The stage-2 KL losses on backend cpu (linear_kl with a reduction: gradients in the forward)
+    equal the same step on backend torch (per-token KLs reduced through autograd), fp32."""
+    if "cpu" not in erpd.available("cpu", "linear_kl"):
+        pytest.skip("erpd._C not built")
+    got, ref = (_stage2_setup(teacher_dir, signal, b, agg=agg, **options) for b in ("cpu", "torch"))
+    torch.testing.assert_close(got[1].loss, ref[1].loss, rtol=1e-5, atol=1e-7)
+    got[1].loss.backward()
+    ref[1].loss.backward()
+    for (name, a), (_, b) in zip(got[0].trainable_named(), ref[0].trainable_named()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("signal", ["forward_kl", "logratio"])
+def test_stage2_backward_makes_no_vocabulary_pass(teacher_dir, signal):
+    """With the KL term (and a KL signal), the stage-2 backward runs no GEMM over the vocabulary
+    and no erpd kernel: every LM-head gradient was computed in a forward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if "cpu" not in erpd.available("cpu", "linear_kl"):
+        pytest.skip("erpd._C not built")
+    policy, out = _stage2_setup(teacher_dir, signal, "cpu", kl_coef=0.3)
     V = policy.head_weight().shape[0]
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         out.loss.backward()
