@@ -37,6 +37,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "policy_codes.h"
+
 #if defined(__CUDACC__)
 #define ERPD_HD __host__ __device__ __forceinline__
 #else
@@ -46,10 +48,8 @@
 namespace erpd {
 namespace policy {
 
-// Codes shared with erpd/ops/policy_loss.py (METHODS, AGGS, KL_ESTIMATORS, STATS).
-enum Method : int64_t { kPPO = 0, kSAPO = 1, kCISPO = 2, kGSPO = 3, kReinforce = 4 };
-enum Agg : int64_t { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
-enum KLEstimator : int64_t { kK1 = 0, kK2 = 1, kK3 = 2 };
+// The codes (Method, Agg, KLEstimator) and the `stats` order (Stat) are in policy_codes.h,
+// generated from erpd/ops/policy_spec.py.
 
 // Per-row partial sums (over valid tokens; the weighted ones carry f_b and rho, not 1/D).
 enum Part : int {
@@ -66,23 +66,6 @@ enum Part : int {
   kPartKLSum,        // sum k (unweighted, for the metric)
   kPartEntropySum,   // sum H (unweighted)
   kNumParts
-};
-
-// The op's `stats` output (float32 [kNumStats]); erpd/ops/policy_loss.py names them.
-enum Stat : int {
-  kInvNorm = 0,  // 1 / D: the backward scales the saved gradients by grad_output / D
-  kPgLoss,
-  kClipfracLow,
-  kClipfracHigh,
-  kClipfrac,
-  kRatioMean,
-  kRatioMin,
-  kRatioMax,
-  kApproxKL,
-  kKLRef,
-  kEntropy,
-  kNumValid,
-  kNumStats
 };
 
 constexpr float kLogRatioClamp = 20.f;

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from erpd.ops import policy_spec
+
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -225,9 +227,10 @@ def linear_kl(
 # policy losses
 # --------------------------------------------------------------------------------------------
 
-POLICY_METHODS = ("ppo", "sapo", "cispo", "gspo", "reinforce")
-POLICY_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+# The option names, in the order of their kernel codes (the table: erpd/ops/policy_spec.py).
+POLICY_METHODS = tuple(policy_spec.METHOD_CODES)
+POLICY_AGGS = tuple(policy_spec.AGG_CODES)
+KL_ESTIMATORS = tuple(policy_spec.KL_ESTIMATOR_CODES)
 # Every exp() of a log-ratio takes it clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] (as verl and
 # OpenRLHF do), so a single runaway token cannot overflow float32; the ratio's gradient is 0 there.
 LOG_RATIO_CLAMP = 20.0

@@ -36,17 +36,35 @@ import torch
 import triton
 import triton.language as tl
 
+from erpd.ops import policy_spec as _spec
+
 __all__ = ["policy_loss_fwd", "NUM_STATS"]
 
-# Codes shared with csrc/policy_loss_math.h and erpd/ops/policy_loss.py.
-PPO, SAPO, CISPO, GSPO, REINFORCE = 0, 1, 2, 3, 4
-TOKEN_MEAN, SEQ_MEAN_TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_SUM_NORM = 0, 1, 2, 3
-K1, K2, K3 = 0, 1, 2
+# The codes of method / agg / kl_estimator and the order of `stats`: erpd/ops/policy_spec.py.
+PPO, SAPO, CISPO, GSPO, REINFORCE = (_spec.METHOD_CODES[m] for m in ("ppo", "sapo", "cispo", "gspo", "reinforce"))
+TOKEN_MEAN, SEQ_MEAN_TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_SUM_NORM = (
+    _spec.AGG_CODES[a] for a in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+)
+K1, K2, K3 = (_spec.KL_ESTIMATOR_CODES[k] for k in ("k1", "k2", "k3"))
 # Row partials: weighted sums (policy, kl, entropy), count, clip counts, ratio sum/min/max,
 # approx-kl sum, kl sum, entropy sum.
 NUM_PARTS = 12
-NUM_STATS = 12
+NUM_STATS = _spec.NUM_STATS
 LOG_RATIO_CLAMP = 20.0
+
+# The same, as the constexpr globals that a @triton.jit function may read.
+_PPO, _SAPO, _GSPO = tl.constexpr(PPO), tl.constexpr(SAPO), tl.constexpr(GSPO)
+_TOKEN_MEAN, _SEQ_MEAN_TOKEN_MEAN = tl.constexpr(TOKEN_MEAN), tl.constexpr(SEQ_MEAN_TOKEN_MEAN)
+_K1, _K2 = tl.constexpr(K1), tl.constexpr(K2)
+# The finalize kernel writes every entry of `stats`, each at its index in the table.
+_STATS_WRITTEN = (
+    "inv_norm", "pg_loss", "clipfrac_low", "clipfrac_high", "clipfrac", "ratio_mean", "ratio_min", "ratio_max",
+    "approx_kl", "kl_ref", "entropy", "num_valid",
+)
+if sorted(_STATS_WRITTEN) != sorted(_spec.STAT_NAMES):
+    raise ImportError("_policy_loss_finalize_kernel must write every stat of erpd/ops/policy_spec.py")
+(_S_INV_NORM, _S_PG_LOSS, _S_CLIPFRAC_LOW, _S_CLIPFRAC_HIGH, _S_CLIPFRAC, _S_RATIO_MEAN, _S_RATIO_MIN, _S_RATIO_MAX,
+ _S_APPROX_KL, _S_KL_REF, _S_ENTROPY, _S_NUM_VALID) = (tl.constexpr(_spec.STAT_INDEX[n]) for n in _STATS_WRITTEN)
 
 
 @triton.jit
@@ -61,14 +79,14 @@ def _token_terms(
     log_rt = tl.minimum(tl.maximum(delta, -CLAMP), CLAMP)
     rt = tl.exp(log_rt)
     approx_kl = (rt - 1.0) - log_rt
-    if METHOD == 3:  # gspo: the row's sequence ratio
+    if METHOD == _GSPO:  # the row's sequence ratio
         raw = seq_log_r + tl.zeros_like(delta)
         r = tl.exp(tl.minimum(tl.maximum(raw, -CLAMP), CLAMP))
     else:
         raw = delta
         r = rt
     passes = (raw >= -CLAMP) & (raw <= CLAMP)
-    if METHOD == 0 or METHOD == 3:
+    if METHOD == _PPO or METHOD == _GSPO:
         u1 = -adv * r
         u2 = -adv * tl.minimum(tl.maximum(r, lo), hi)
         pol = tl.maximum(u1, u2)
@@ -79,7 +97,7 @@ def _token_terms(
             d = tl.where(hit, 0.0, d)
         clip_lo = (adv < 0) & (r < lo)
         clip_hi = (adv > 0) & (r > hi)
-    elif METHOD == 1:  # sapo
+    elif METHOD == _SAPO:
         tau = tl.where(adv > 0, tau_pos, tau_neg)
         s = tl.sigmoid(tau * (r - 1.0))
         pol = -adv * (4.0 / tau) * s
@@ -94,10 +112,10 @@ def _token_terms(
         clip_hi = (adv > 0) & (r > hi)
     if HAS_REF:
         dd = x_ref - x
-        if KL_EST == 0:
+        if KL_EST == _K1:
             kl = -dd
             dkl = tl.full(dd.shape, 1.0, tl.float32)
-        elif KL_EST == 1:
+        elif KL_EST == _K2:
             kl = 0.5 * dd * dd
             dkl = -dd
         else:
@@ -111,7 +129,7 @@ def _token_terms(
     dkl_seq = tl.zeros_like(delta)
     if KL_RATIO:
         rk = tl.where(passes, r * kl, 0.0)
-        if METHOD == 3:
+        if METHOD == _GSPO:
             dkl = r * dkl
             dkl_seq = rk
         else:
@@ -130,7 +148,7 @@ def _policy_loss_fwd_kernel(
     KL_RATIO: tl.constexpr, NEED_GENT: tl.constexpr, ADV_PER_ROW: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     CLAMP: tl.constexpr = 20.0
-    GSPO_: tl.constexpr = METHOD == 3
+    GSPO_: tl.constexpr = METHOD == _GSPO
     b = tl.program_id(0)
     base = b.to(tl.int64) * T
     ar = tl.arange(0, BLOCK_T)
@@ -138,7 +156,7 @@ def _policy_loss_fwd_kernel(
     # Pass 1: the row's length (seq-mean-token-mean, gspo) and mean log-ratio (gspo).
     length = 0.0
     sum_delta = 0.0
-    if AGG == 1 or GSPO_:
+    if AGG == _SEQ_MEAN_TOKEN_MEAN or GSPO_:
         for t0 in range(0, T, BLOCK_T):
             offs = t0 + ar
             inb = offs < T
@@ -148,7 +166,7 @@ def _policy_loss_fwd_kernel(
                 x = tl.load(lp_ptr + base + offs, mask=inb, other=0.0)
                 x_old = tl.load(old_ptr + base + offs, mask=inb, other=0.0)
                 sum_delta += tl.sum(tl.where(valid, x - x_old, 0.0), axis=0)
-    if AGG == 1:
+    if AGG == _SEQ_MEAN_TOKEN_MEAN:
         f = 1.0 / tl.maximum(length, 1.0)
     else:
         f = 1.0
@@ -277,7 +295,7 @@ def _policy_loss_finalize_kernel(
     hsum = tl.sum(tl.where(cols == 11, s, 0.0), axis=0)
 
     # The count of the normaliser: num_items when given, else tokens (token-mean) or rows; at least 1.
-    if AGG == 0:
+    if AGG == _TOKEN_MEAN:
         count = n
     else:
         count = B + 0.0 * n
@@ -290,18 +308,18 @@ def _policy_loss_finalize_kernel(
     inv = 1.0 / (count * norm_scale)
     inv_n = 1.0 / tl.maximum(n, 1.0)
     tl.store(loss_ptr, (pol + kl_coef * kl - ent_coef * ent) * inv)
-    tl.store(stats_ptr + 0, inv)
-    tl.store(stats_ptr + 1, pol * inv)
-    tl.store(stats_ptr + 2, clo * inv_n)
-    tl.store(stats_ptr + 3, chi * inv_n)
-    tl.store(stats_ptr + 4, (clo + chi) * inv_n)
-    tl.store(stats_ptr + 5, rsum * inv_n)
-    tl.store(stats_ptr + 6, tl.where(n > 0, rmin, 1.0))
-    tl.store(stats_ptr + 7, tl.where(n > 0, rmax, 1.0))
-    tl.store(stats_ptr + 8, akl * inv_n)
-    tl.store(stats_ptr + 9, ksum * inv_n)
-    tl.store(stats_ptr + 10, hsum * inv_n)
-    tl.store(stats_ptr + 11, n)
+    tl.store(stats_ptr + _S_INV_NORM, inv)
+    tl.store(stats_ptr + _S_PG_LOSS, pol * inv)
+    tl.store(stats_ptr + _S_CLIPFRAC_LOW, clo * inv_n)
+    tl.store(stats_ptr + _S_CLIPFRAC_HIGH, chi * inv_n)
+    tl.store(stats_ptr + _S_CLIPFRAC, (clo + chi) * inv_n)
+    tl.store(stats_ptr + _S_RATIO_MEAN, rsum * inv_n)
+    tl.store(stats_ptr + _S_RATIO_MIN, tl.where(n > 0, rmin, 1.0))
+    tl.store(stats_ptr + _S_RATIO_MAX, tl.where(n > 0, rmax, 1.0))
+    tl.store(stats_ptr + _S_APPROX_KL, akl * inv_n)
+    tl.store(stats_ptr + _S_KL_REF, ksum * inv_n)
+    tl.store(stats_ptr + _S_ENTROPY, hsum * inv_n)
+    tl.store(stats_ptr + _S_NUM_VALID, n)
 
 
 def _on_device(device: torch.device):

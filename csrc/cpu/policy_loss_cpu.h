@@ -48,9 +48,9 @@ inline void check_batch(const at::Tensor& logprobs, const c10::optional<at::Tens
 inline policy::Params make_params(int64_t method, int64_t agg, double lo, double hi, double dual_clip, double tau_pos,
                                   double tau_neg, double kl_coef, int64_t kl_estimator, double entropy_coef,
                                   bool kl_ratio_weighted, bool has_ref, bool has_entropy) {
-  TORCH_CHECK(method >= policy::kPPO && method <= policy::kReinforce, "unknown policy-loss method code ", method);
-  TORCH_CHECK(agg >= policy::kTokenMean && agg <= policy::kSeqMeanTokenSumNorm, "unknown aggregation code ", agg);
-  TORCH_CHECK(kl_estimator >= policy::kK1 && kl_estimator <= policy::kK3, "unknown KL estimator code ", kl_estimator);
+  TORCH_CHECK(method >= 0 && method < policy::kNumMethods, "unknown policy-loss method code ", method);
+  TORCH_CHECK(agg >= 0 && agg < policy::kNumAggs, "unknown aggregation code ", agg);
+  TORCH_CHECK(kl_estimator >= 0 && kl_estimator < policy::kNumKLEstimators, "unknown KL estimator code ", kl_estimator);
   policy::Params p;
   p.method = method;
   p.agg = agg;

@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 from erpd import _ext
+from erpd.ops import policy_spec
 
-NUM_POLICY_STATS = 12  # csrc/policy_loss_math.h kNumStats; kernels/policy_loss.py NUM_STATS
+NUM_POLICY_STATS = policy_spec.NUM_STATS
 
 
 # --------------------------------------------------------------------------------------------

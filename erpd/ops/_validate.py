@@ -16,6 +16,8 @@ from numbers import Real
 
 import torch
 
+from erpd.ops import policy_spec
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -276,10 +278,10 @@ def probability(x, name: str) -> float:
 # policy losses
 # --------------------------------------------------------------------------------------------
 
-# Names -> the integer codes of the kernels (csrc/policy_loss_math.h, kernels/policy_loss.py).
-POLICY_METHODS = {"ppo": 0, "sapo": 1, "cispo": 2, "gspo": 3, "reinforce": 4}
-POLICY_AGGS = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
-KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2}
+# Names -> the integer codes of the kernels (the table: erpd/ops/policy_spec.py).
+POLICY_METHODS = policy_spec.METHOD_CODES
+POLICY_AGGS = policy_spec.AGG_CODES
+KL_ESTIMATORS = policy_spec.KL_ESTIMATOR_CODES
 
 
 def _name(value, name: str, allowed: dict) -> str:

@@ -12,7 +12,7 @@ The fused backends implement one function on float32 contiguous [B, T] inputs:
         entropy | None, is_weights | None, num_items (0-dim f32) | None, method, agg, ratio_lo,
         ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
         num_items_value, norm_scale, kl_ratio_weighted, need_grad_entropy)
-        -> (loss [], stats [12], grad_logprobs [B, T], grad_entropy [B, T] | empty)
+        -> (loss [], stats [NUM_STATS = 12], grad_logprobs [B, T], grad_entropy [B, T] | empty)
 
 computing the loss, the metrics and dL/dlogprobs (and dL/dentropy) in one call; the gradients
 leave out the batch normaliser 1/D (stats[0]), which the backward folds into its one scale:
@@ -24,16 +24,13 @@ from __future__ import annotations
 import torch
 
 from erpd import backends, reference
-from erpd.ops import _library, _validate
+from erpd.ops import _library, _validate, policy_spec
 from erpd.ops._autograd import first_order_only
 
 OP = "policy_loss"
 
-# The `stats` vector (csrc/policy_loss_math.h, enum Stat).
-STAT_NAMES = (
-    "inv_norm", "pg_loss", "clipfrac_low", "clipfrac_high", "clipfrac", "ratio_mean", "ratio_min",
-    "ratio_max", "approx_kl", "kl_ref", "entropy", "num_valid",
-)
+# The `stats` vector's entries, in order (the table: erpd/ops/policy_spec.py).
+STAT_NAMES = policy_spec.STAT_NAMES
 _ALWAYS = tuple((i, n) for i, n in enumerate(STAT_NAMES) if n not in ("inv_norm", "kl_ref", "entropy"))
 _KL_REF, _ENTROPY = STAT_NAMES.index("kl_ref"), STAT_NAMES.index("entropy")
 
