@@ -3,7 +3,7 @@ reference (values and every student gradient, fp32 and bf16, ignored rows, token
 micro-batches whose num_items make them sum to the full batch, the per-token op reduced
 through autograd, the errors, and the claim that its backward makes no vocabulary pass.
 
-Tolerance rule (DESIGN.md §5): error vs float64 at most 2x the error of plain PyTorch
+Tolerance rule (docs/design.md §5): error vs float64 at most 2x the error of plain PyTorch
 (naive_linear_kl reduced the same way) in the same input precision.
 """
 
