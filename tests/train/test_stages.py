@@ -270,8 +270,6 @@ def test_stage1_backward_makes_no_vocabulary_pass():
     """The fused stage-1 step: its backward runs no GEMM with the vocabulary in its shape (the LM
     head's gradients were computed in the forward) and calls no erpd kernel; the backbone's own
     backward still runs."""
-    from torch.profiler import ProfilerActivity, profile
-
     policy = make_policy(train_layers=1)
     if "cpu" not in erpd.available("cpu", "linear_policy_loss"):
         pytest.skip("erpd._C not built")
@@ -280,14 +278,22 @@ def test_stage1_backward_makes_no_vocabulary_pass():
     cache = with_old_logprobs(policy, data)
     out = _loss(stage1.make_step(policy, data, tiny_cfg(train_layers=1)), data, cache, policy)
     V = policy.head_weight().shape[0]
+    _assert_backward_makes_no_vocabulary_pass(out.loss, V)
+    assert all(p.grad is not None for _, p in policy.trainable_named())
+
+
+def _assert_backward_makes_no_vocabulary_pass(loss, V):
+    """The backward of ``loss`` runs GEMMs (the backbone's) but none over the vocabulary ``V`` and
+    no erpd kernel: every LM-head gradient was computed in a forward."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        out.loss.backward()
+        loss.backward()
     events = prof.events()
     gemms = [e for e in events if e.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")]
     assert gemms, "the backbone's backward should run GEMMs"
     assert not [e.input_shapes for e in gemms if any(V in s for s in e.input_shapes if s)], "a GEMM over the vocabulary"
     assert not [e.name for e in events if e.name.startswith("erpd::")]
-    assert all(p.grad is not None for _, p in policy.trainable_named())
 
 
 def _stage2_setup(teacher_dir, signal, backend, **options):
@@ -330,19 +336,11 @@ def test_stage2_reduced_kls_equal_the_per_token_ops(teacher_dir, signal, options
 def test_stage2_backward_makes_no_vocabulary_pass(teacher_dir, signal):
     """With the KL term (and a KL signal), the stage-2 backward runs no GEMM over the vocabulary
     and no erpd kernel: every LM-head gradient was computed in a forward."""
-    from torch.profiler import ProfilerActivity, profile
-
     if "cpu" not in erpd.available("cpu", "linear_kl"):
         pytest.skip("erpd._C not built")
     policy, out = _stage2_setup(teacher_dir, signal, "cpu", kl_coef=0.3)
     V = policy.head_weight().shape[0]
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        out.loss.backward()
-    events = prof.events()
-    gemms = [e for e in events if e.name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")]
-    assert gemms, "the backbone's backward should run GEMMs"
-    assert not [e.input_shapes for e in gemms if any(V in s for s in e.input_shapes if s)], "a GEMM over the vocabulary"
-    assert not [e.name for e in events if e.name.startswith("erpd::")]
+    _assert_backward_makes_no_vocabulary_pass(out.loss, V)
     assert all(p.grad is not None for _, p in policy.trainable_named())
 
 
