@@ -8,11 +8,11 @@ See README.md for the backends and the ERPD trainer.
 
 from erpd import adapters, nn, reference
 from erpd.backends import BackendUnavailableError, available
-from erpd.ops import linear_kl, linear_logprobs, linear_policy_loss, linear_token_stats, policy_loss
+from erpd.ops import PolicyOptions, linear_kl, linear_logprobs, linear_policy_loss, linear_token_stats, policy_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "adapters", "available", "linear_kl", "linear_logprobs", "linear_policy_loss",
+    "BackendUnavailableError", "PolicyOptions", "adapters", "available", "linear_kl", "linear_logprobs", "linear_policy_loss",
     "linear_token_stats", "nn", "policy_loss", "reference",
 ]

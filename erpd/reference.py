@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from erpd.ops import policy_spec
+from erpd.ops.options import PolicyOptions
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -288,27 +289,18 @@ def policy_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    method: str = "ppo",
-    agg: str = "token-mean",
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    tau_pos: float = 1.0,
-    tau_neg: float = 1.05,
-    cispo_cap: float = 5.0,
-    cispo_floor: float | None = None,
-    reinforce_cap: float | None = None,
+    options: PolicyOptions | None = None,
+    *,
     is_weights: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
     entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
     num_items: float | torch.Tensor | None = None,
-    norm_length: int | None = None,
-    kl_ratio_weighted: bool = False,
+    **option_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Token-level policy-gradient losses on ``[B, T]`` log-probs; returns ``(loss, metrics)``.
+
+    The options (``method``, ``clip_low``, ...) are the fields of :class:`erpd.PolicyOptions`, given
+    as ``options`` or as keyword arguments (which override it).
 
     Notation, per token (b, t) with mask :math:`m`: :math:`x` = ``logprobs`` (differentiable),
     :math:`x_{old}`, :math:`A` = advantage (``[B]`` broadcast over t, or ``[B, T]``),
@@ -364,6 +356,11 @@ def policy_loss(
     of k) and ``entropy``. ``clip_low = 1`` puts the ratio floor at 0 (no floor) and
     ``clip_high = inf`` removes the ceiling.
     """
+    o = PolicyOptions.of(options, "erpd.reference.policy_loss", **option_kwargs)
+    method, agg, clip_low, clip_high, dual_clip = o.method, o.agg, o.clip_low, o.clip_high, o.dual_clip
+    tau_pos, tau_neg, cispo_cap, cispo_floor, reinforce_cap = o.tau_pos, o.tau_neg, o.cispo_cap, o.cispo_floor, o.reinforce_cap
+    kl_coef, kl_estimator, kl_ratio_weighted = o.kl_coef, o.kl_estimator, o.kl_ratio_weighted
+    entropy_coef, norm_length = o.entropy_coef, o.norm_length
     acc = _acc_dtype(logprobs)
     valid = mask != 0
     B, T = logprobs.shape

@@ -68,7 +68,7 @@ import contextlib
 
 import torch
 
-from erpd.ops import linear_logprobs, linear_policy_loss, linear_token_stats
+from erpd.ops import PolicyOptions, linear_logprobs, linear_policy_loss, linear_token_stats
 
 # ---------------------------------------------------------------------------------------------
 # TRL 1.15+: the kernel behind add_fused_lm_head
@@ -254,7 +254,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.use_bias_correction_kl = bool(use_bias_correction_kl)
         self.backend = backend
 
-    def _options(self) -> dict:
+    def _options(self, has_ref: bool) -> PolicyOptions:
+        """TRL's loss settings as erpd's options (the table in the module docstring)."""
         lt = self.loss_type
         if lt == "cispo":
             opts = dict(method="cispo", cispo_cap=self.epsilon_high)
@@ -268,7 +269,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         opts["agg"] = _AGG[lt]
         if lt == "dr_grpo":
             opts["norm_length"] = int(self.max_completion_length)
-        return opts
+        return PolicyOptions(**opts, kl_coef=self.beta if has_ref else 0.0, kl_estimator="k3",
+                             kl_ratio_weighted=self.use_bias_correction_kl and has_ref)
 
     def _dapo_normalizer(self, attention_mask, num_items_in_batch):
         world = _world_size()
@@ -320,9 +322,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             num_items = self._dapo_normalizer(attention_mask, num_items_in_batch)
         loss, metrics = linear_policy_loss(
             _input, lin_weight, selected_token_ids.long(), old_per_token_logps, advantages, attention_mask,
-            bias=bias, temperature=self.temperature, ref_logprobs=ref, kl_coef=self.beta if ref is not None else 0.0,
-            kl_estimator="k3", kl_ratio_weighted=self.use_bias_correction_kl and ref is not None,
-            is_weights=is_weights, num_items=num_items, backend=self.backend, **self._options(),
+            bias=bias, temperature=self.temperature, ref_logprobs=ref, is_weights=is_weights, num_items=num_items,
+            backend=self.backend, options=self._options(has_ref=ref is not None),
         )
         out = []
         if self.beta != 0.0:

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from erpd.ops import linear_kl, linear_logprobs, linear_policy_loss, policy_loss
+from erpd.ops import PolicyOptions, linear_kl, linear_logprobs, linear_policy_loss, policy_loss
+from erpd.ops.options import DEFAULTS
 
 REDUCTIONS = ("none", "sum", "mean")
-
-# The options shared by PolicyLoss and LinearPolicyLoss, with erpd.policy_loss's defaults.
-_POLICY_OPTIONS = dict(
-    method="ppo", agg="token-mean", clip_low=0.2, clip_high=None, dual_clip=None, tau_pos=1.0, tau_neg=1.05,
-    cispo_cap=5.0, cispo_floor=None, reinforce_cap=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
-    norm_length=None, backend="auto",
-)
 
 
 class LinearLogprobs(torch.nn.Module):
@@ -78,21 +72,26 @@ class LinearKL(torch.nn.Module):
                 f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}")
 
 
-class _PolicyOptions(torch.nn.Module):
-    def __init__(self, **options):
+class _PolicyModule(torch.nn.Module):
+    """What PolicyLoss and LinearPolicyLoss share: a :class:`erpd.PolicyOptions` (``options``, or
+    its fields as keyword arguments) and the backend."""
+
+    def __init__(self, options: PolicyOptions | None = None, *, backend: str = "auto", **option_kwargs):
         super().__init__()
-        unknown = set(options) - set(_POLICY_OPTIONS)
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(_POLICY_OPTIONS)}")
-        self.options = {**_POLICY_OPTIONS, **options}
+        self.options = PolicyOptions.of(options, f"erpd.nn.{type(self).__name__}", **option_kwargs)
+        self.backend = backend
 
     def extra_repr(self) -> str:
-        changed = {k: v for k, v in self.options.items() if k in ("method", "agg") or v != _POLICY_OPTIONS[k]}
+        o = self.options
+        changed = {k: v for k, v in o.asdict().items() if k in ("method", "agg") or v != getattr(DEFAULTS, k)}
+        if self.backend != "auto":
+            changed["backend"] = self.backend
         return ", ".join(f"{k}={v!r}" for k, v in changed.items())
 
 
-class PolicyLoss(_PolicyOptions):
-    """Module form of :func:`erpd.policy_loss`; the constructor takes its keyword options.
+class PolicyLoss(_PolicyModule):
+    """Module form of :func:`erpd.policy_loss`; the constructor takes its options (a
+    :class:`erpd.PolicyOptions` or its fields as keyword arguments) and ``backend``.
 
     ``forward(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, entropy=None,
     is_weights=None, num_items=None) -> (loss, metrics)``.
@@ -102,21 +101,22 @@ class PolicyLoss(_PolicyOptions):
                 num_items=None):
         return policy_loss(
             logprobs, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, entropy=entropy,
-            is_weights=is_weights, num_items=num_items, **self.options,
+            is_weights=is_weights, num_items=num_items, options=self.options, backend=self.backend,
         )
 
 
-class LinearPolicyLoss(_PolicyOptions):
-    """Module form of :func:`erpd.linear_policy_loss`; the constructor takes its keyword options
-    plus ``temperature`` and ``ignore_index``.
+class LinearPolicyLoss(_PolicyModule):
+    """Module form of :func:`erpd.linear_policy_loss`; the constructor takes its options (as
+    :class:`PolicyLoss`) plus ``temperature`` and ``ignore_index``.
 
     ``forward(hidden, weight, targets, old_logprobs, advantages, mask, *, bias=None,
     ref_logprobs=None, is_weights=None, num_items=None) -> (loss, metrics)``; the LM head is
     passed at call time, as for :class:`LinearLogprobs`.
     """
 
-    def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, **options):
-        super().__init__(**options)
+    def __init__(self, options: PolicyOptions | None = None, *, temperature: float = 1.0, ignore_index: int = -100,
+                 backend: str = "auto", **option_kwargs):
+        super().__init__(options, backend=backend, **option_kwargs)
         self.temperature = temperature
         self.ignore_index = ignore_index
 
@@ -125,7 +125,7 @@ class LinearPolicyLoss(_PolicyOptions):
         return linear_policy_loss(
             hidden, weight, targets, old_logprobs, advantages, mask, bias=bias, temperature=self.temperature,
             ignore_index=self.ignore_index, ref_logprobs=ref_logprobs, is_weights=is_weights, num_items=num_items,
-            **self.options,
+            options=self.options, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

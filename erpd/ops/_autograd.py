@@ -1,6 +1,10 @@
-"""What the ops' `torch.autograd.Function`s share: their backwards are fused kernels (or
-gradients the forward already computed, `GradsInForward`), correct to first order and not
-themselves differentiable.
+"""What the ops' `torch.autograd.Function`s share: their backwards are kernels (or gradients the
+forward already computed, `GradsInForward`), correct to first order and not themselves
+differentiable.
+
+On the `torch` backend a gradient asked for with ``create_graph=True`` is exact instead: the
+Function records a *recompute*, the op's definition in `erpd.reference` as a function of the
+differentiable inputs, and the backward differentiates that with autograd (`differentiable`).
 
 Left alone, such a backward under ``create_graph=True`` returns gradients without a graph (or
 with the part of one that its few torch ops record), so a gradient penalty built on them
@@ -29,16 +33,43 @@ def double_backward_message(op: str) -> str:
     )
 
 
+def record_recompute(ctx, fn, inputs, num_args: int) -> None:
+    """For the `torch` backend: `fn(*inputs)` recomputes the Function's differentiable outputs (a
+    tuple, in order) from `inputs`, the first ``len(inputs)`` of its `num_args` arguments."""
+    ctx.recompute = (fn, inputs, num_args)
+
+
+def _create_graph() -> bool:
+    # The engine runs a backward in grad mode iff create_graph. (torch.compile traces the
+    # backward into a graph of its own, where grad mode says nothing about create_graph.)
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _differentiate(ctx, grad_outputs) -> tuple:
+    fn, inputs, num_args = ctx.recompute
+    wanted = [i for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[i]]
+    outs = fn(*inputs)
+    pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+    grads = [None] * num_args
+    if pairs and wanted:
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, got):
+            grads[i] = g
+    return tuple(grads)
+
+
 def first_order_only(op: str):
-    """Decorator for a Function's ``backward``: raise, naming ``erpd.<op>``, under ``create_graph=True``."""
+    """Decorator for a Function's ``backward``: under ``create_graph=True``, differentiate the
+    recorded recompute (`record_recompute`, the `torch` backend), or raise, naming ``erpd.<op>``."""
 
     def wrap(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
-            # The engine runs a backward in grad mode iff create_graph. (torch.compile traces the
-            # backward into a graph of its own, where grad mode says nothing about create_graph.)
-            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                raise RuntimeError(double_backward_message(op))
+            if _create_graph():
+                if getattr(ctx, "recompute", None) is None:
+                    raise RuntimeError(double_backward_message(op))
+                return _differentiate(ctx, grad_outputs)
             return backward(ctx, *grad_outputs)
 
         return wrapper
@@ -57,14 +88,16 @@ class GradsInForward(torch.autograd.Function):
     (`linear_policy_loss`, `linear_kl` with a reduction): the backward makes no pass over the
     vocabulary, it only scales the gradients by grad_output.
 
-    ``apply(hidden, weight, bias, run, op) -> (loss, *extras)``: ``run(need_grad_hidden,
+    ``apply(hidden, weight, bias, run, op, recompute) -> (loss, *extras)``: ``run(need_grad_hidden,
     need_grad_weight)`` returns ``(loss, (grad_hidden, grad_weight, grad_bias), extras)``, the
     scalar loss, its gradients w.r.t. hidden (in its [N, H] view), weight and bias, and a tuple of
-    non-differentiable outputs (metrics, per-token values); ``op`` names the op in errors.
+    non-differentiable outputs (metrics, per-token values); ``op`` names the op in errors;
+    ``recompute`` is None, or (backend `torch`) ``recompute(hidden, weight, bias) -> loss`` for a
+    gradient taken with ``create_graph=True``.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, run, op):
+    def forward(ctx, hidden, weight, bias, run, op, recompute=None):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         loss, (gh, gw, gb), extras = run(need_h, need_w)
         # Held as attributes, not saved tensors: the backward scales them in place and hands them
@@ -74,14 +107,18 @@ class GradsInForward(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.hidden_shape = hidden.shape
         ctx.op = op
+        if recompute is not None:
+            record_recompute(ctx, lambda h, w, b: (recompute(h, w, b),), (hidden, weight, bias), 6)
         ctx.mark_non_differentiable(*extras)
         return (loss, *extras)
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_extras):
         # The whole backward: the gradients were computed (and normalized) in the forward.
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # as first_order_only
-            raise RuntimeError(double_backward_message(ctx.op))
+        if _create_graph():  # as first_order_only
+            if getattr(ctx, "recompute", None) is None:
+                raise RuntimeError(double_backward_message(ctx.op))
+            return _differentiate(ctx, (grad_loss,))
         if ctx.grads is None:
             raise RuntimeError(
                 f"erpd.{ctx.op}: a second backward through the same call; its gradients are computed in the "
@@ -93,4 +130,4 @@ class GradsInForward(torch.autograd.Function):
             gh = None if gh is None else gh.mul_(grad_loss)
             gw = None if gw is None else gw.mul_(grad_loss)
             gb = None if gb is None else gb * grad_loss
-        return (None if gh is None else gh.view(ctx.hidden_shape)), gw, (None if gb is None else gb.to(ctx.bias_dtype)), None, None
+        return (None if gh is None else gh.view(ctx.hidden_shape)), gw, (None if gb is None else gb.to(ctx.bias_dtype)), None, None, None

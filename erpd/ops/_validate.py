@@ -17,6 +17,7 @@ from numbers import Real
 import torch
 
 from erpd.ops import policy_spec
+from erpd.ops.options import PolicyOptions
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -310,8 +311,9 @@ def real(x, name: str, *, gt: float | None = None, ge: float | None = None, lt: 
 
 
 @dataclass(frozen=True)
-class PolicyOptions:
-    """Checked options of the policy losses, with the kernels' view of them."""
+class CheckedPolicyOptions:
+    """Checked options of the policy losses (`erpd.ops.options.PolicyOptions`), with the kernels'
+    view of them."""
 
     method: str
     agg: str
@@ -351,6 +353,10 @@ class PolicyOptions:
             self.kl_ratio_weighted,
         )
 
+    def options(self) -> PolicyOptions:
+        """The checked values as options (clip_high resolved)."""
+        return PolicyOptions(**self.reference_kwargs())
+
     def reference_kwargs(self) -> dict:
         return dict(
             method=self.method, agg=self.agg, clip_low=self.clip_low, clip_high=self.clip_high,
@@ -361,7 +367,7 @@ class PolicyOptions:
         )
 
 
-def policy_options(**options) -> "PolicyOptions":
+def policy_options(**options) -> "CheckedPolicyOptions":
     """Checks the options of policy_loss / linear_policy_loss (see _policy_options); the result
     is cached per option tuple, since a trainer calls with the same options every step and the
     checks would otherwise be a visible part of a small call's cost. (Not under torch.compile,
@@ -379,7 +385,7 @@ def policy_options(**options) -> "PolicyOptions":
 def _policy_options(
     *, method, agg, clip_low, clip_high, dual_clip, tau_pos, tau_neg, cispo_cap, cispo_floor, reinforce_cap,
     kl_coef, kl_estimator, entropy_coef, norm_length, kl_ratio_weighted, has_ref: bool, has_entropy: bool | None,
-) -> PolicyOptions:
+) -> CheckedPolicyOptions:
     """Checks the options of policy_loss / linear_policy_loss (`has_entropy` None: the op
     computes the entropy itself)."""
     method = _name(method, "method", POLICY_METHODS)
@@ -417,13 +423,18 @@ def _policy_options(
             raise ValueError(f"norm_length applies to agg='seq-mean-token-sum-norm' only, got agg={agg!r}")
         if isinstance(norm_length, bool) or not isinstance(norm_length, int) or norm_length <= 0:
             raise ValueError(f"norm_length must be a positive int, got {norm_length!r}")
-    return PolicyOptions(
+    return CheckedPolicyOptions(
         method, agg, kl_estimator, clip_low, clip_high, dual_clip, tau_pos, tau_neg, cispo_cap, cispo_floor,
         reinforce_cap, kl_coef, entropy_coef, norm_length, kl_ratio_weighted,
     )
 
 
 _policy_options_cached = functools.lru_cache(maxsize=256)(_policy_options)
+
+
+def check_policy(options: PolicyOptions, *, has_ref: bool, has_entropy: bool | None) -> CheckedPolicyOptions:
+    """`policy_options` for a `PolicyOptions`."""
+    return policy_options(**options.asdict(), has_ref=has_ref, has_entropy=has_entropy)
 
 
 def num_items(x, device: torch.device, check_values: bool) -> tuple[torch.Tensor | None, float]:

@@ -4,7 +4,7 @@ The kernels take the options ``method``, ``agg`` and ``kl_estimator`` as integer
 their metrics as one float32 vector ``stats``. The codes and the order of ``stats`` are defined
 here, once:
 
-* Python reads this module (`erpd/ops/_validate.py` maps names to codes, `erpd/ops/policy_loss.py`
+* Python reads this module (`erpd/ops/_validate.py` maps names to codes, `erpd/ops/policy_loss/`
   names the ``stats`` entries, `erpd/ops/_library.py` sizes them, `erpd/reference.py` lists the
   names);
 * the Triton kernel (`kernels/policy_loss.py`) imports it;

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from erpd import backends
-from erpd.ops import _validate
+from erpd.ops import PolicyOptions, _validate
 from erpd.train import checked_io
 from erpd.train.task import SYSTEM_PROMPT
 
@@ -363,14 +363,23 @@ def _op_check(check, names: dict[str, str], **kwargs):
         raise ConfigError(msg) from e
 
 
-_POLICY_DEFAULTS = dict(method="ppo", agg="token-mean", clip_low=0.2, clip_high=None, dual_clip=None, tau_pos=1.0,
-                        tau_neg=1.05, cispo_cap=5.0, cispo_floor=None, reinforce_cap=None, kl_coef=0.0,
-                        kl_estimator="k3", entropy_coef=0.0, norm_length=None, kl_ratio_weighted=False, has_ref=True,
-                        has_entropy=None)
+def stage1_policy(cfg: RunConfig) -> PolicyOptions:
+    """Stage 1's options of `erpd.linear_policy_loss` (its token objectives ppo, sapo, cispo; the
+    method is ppo for the others, whose options are only checked)."""
+    s1 = cfg.stage1
+    return PolicyOptions(method=s1.objective if s1.objective in _validate.POLICY_METHODS else "ppo", agg=s1.agg,
+                         clip_low=s1.clip_low, clip_high=s1.clip_high, tau_pos=s1.tau_pos, tau_neg=s1.tau_neg,
+                         cispo_cap=s1.cispo_cap, kl_coef=s1.kl_coef, kl_estimator=s1.kl_estimator)
 
 
-def _policy_check(names: dict[str, str], **options):
-    _op_check(_validate.policy_options, names, **{**_POLICY_DEFAULTS, **options})
+def stage2_policy(cfg: RunConfig) -> PolicyOptions:
+    """Stage 2's clipped surrogate: ppo whose clip range [1 - clip, 1 + clip] is the trust region."""
+    s2 = cfg.stage2
+    return PolicyOptions(method="ppo", agg=s2.agg, clip_low=s2.clip, clip_high=s2.clip)
+
+
+def _policy_check(names: dict[str, str], options: PolicyOptions):
+    _op_check(_validate.check_policy, names, options=options, has_ref=True, has_entropy=None)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -404,16 +413,12 @@ def validate(cfg: RunConfig) -> None:
     # The knobs that erpd.policy_loss also takes: its own checks (one validation for both).
     s1 = cfg.stage1
     _policy_check({k: f"stage1.{k}" for k in ("clip_low", "clip_high", "tau_pos", "tau_neg", "cispo_cap", "kl_coef",
-                                               "kl_estimator", "agg")},
-                  method=s1.objective if s1.objective in _validate.POLICY_METHODS else "ppo", agg=s1.agg,
-                  clip_low=s1.clip_low, clip_high=s1.clip_high, tau_pos=s1.tau_pos,
-                  tau_neg=s1.tau_neg, cispo_cap=s1.cispo_cap, kl_coef=s1.kl_coef, kl_estimator=s1.kl_estimator)
+                                               "kl_estimator", "agg")}, stage1_policy(cfg))
     need(s1.beta > 0, f"stage1.beta must be > 0, got {s1.beta}")
     s2 = cfg.stage2
     need(s2.clip > 0, f"stage2.clip must be > 0, got {s2.clip}")
     # the trust region [1 - clip, 1 + clip] is the ppo clip range
-    _policy_check({"clip_low": "stage2.clip", "clip_high": "stage2.clip"}, agg=s2.agg, clip_low=s2.clip,
-                  clip_high=s2.clip)
+    _policy_check({"clip_low": "stage2.clip", "clip_high": "stage2.clip"}, stage2_policy(cfg))
     need(s2.signal_clip is None or s2.signal_clip > 0, f"stage2.signal_clip must be > 0 or null, got {s2.signal_clip}")
     _op_check(_validate.temperature, {"temperature": "sample.temperature"}, t=cfg.sample.temperature)
     need(cfg.sample.k >= 2, f"sample.k must be >= 2 (group-normalized advantages need a group), got {cfg.sample.k}")

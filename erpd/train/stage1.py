@@ -17,7 +17,7 @@ from pathlib import Path
 
 import erpd
 from erpd.train import batches, dist, loop, losses, measure
-from erpd.train.config import RunConfig
+from erpd.train.config import RunConfig, stage1_policy
 from erpd.train.data import FixedData
 from erpd.train.models import Policy, save_policy_state
 
@@ -26,6 +26,7 @@ TOKEN_OBJECTIVES = ("ppo", "sapo", "cispo")
 
 def make_step(policy: Policy, data: FixedData, cfg: RunConfig):
     s1, temperature = cfg.stage1, cfg.sample.temperature
+    options = stage1_policy(cfg)
     baseline_all = data.group_baseline()
 
     def step(batch: batches.Batch, n_tok: int, n_seq: int, state: dict) -> loop.StepOutput:
@@ -37,10 +38,8 @@ def make_step(policy: Policy, data: FixedData, cfg: RunConfig):
         if s1.objective in TOKEN_OBJECTIVES:
             loss, m = erpd.linear_policy_loss(
                 hr, policy.head_weight(), batch.targets, old, data.advantages[batch.idx].to(dev), mask,
-                bias=policy.head_bias(), temperature=temperature, method=s1.objective, agg=s1.agg,
-                clip_low=s1.clip_low, clip_high=s1.clip_high, tau_pos=s1.tau_pos, tau_neg=s1.tau_neg,
-                cispo_cap=s1.cispo_cap, ref_logprobs=old if s1.kl_coef else None, kl_coef=s1.kl_coef,
-                kl_estimator=s1.kl_estimator, num_items=n_tok if s1.agg == "token-mean" else n_seq,
+                bias=policy.head_bias(), temperature=temperature, options=options,
+                ref_logprobs=old if s1.kl_coef else None, num_items=n_tok if s1.agg == "token-mean" else n_seq,
                 backend=policy.backend, return_logprobs=True,
             )
             lp = m["logprobs"]

@@ -32,7 +32,7 @@ import torch
 
 import erpd
 from erpd.train import batches, dist, loop, losses, measure
-from erpd.train.config import RunConfig
+from erpd.train.config import RunConfig, stage2_policy
 from erpd.train.data import FixedData
 from erpd.train.models import Policy, load_policy_state, save_policy_state
 
@@ -115,6 +115,7 @@ def make_step(policy: Policy, data: FixedData, cache: measure.Cache, cfg: RunCon
     is ``erpd.linear_policy_loss`` with the signal as per-token advantages and π_anchor as the old
     policy; the KL signals and the KL(π‖π0) term are ``erpd.linear_kl``."""
     s2, temperature = cfg.stage2, cfg.sample.temperature
+    options = stage2_policy(cfg)
     teacher = teachers[0] if teachers else None
     weights_all = row_weights(cfg, data)
     head = dict(bias=policy.head_bias(), temperature=temperature, backend=policy.backend)
@@ -161,8 +162,8 @@ def make_step(policy: Policy, data: FixedData, cache: measure.Cache, cfg: RunCon
                                           s2.center, s2.gating, data.group[batch.idx].to(dev)) * row_w
             a = a * trust
             loss, m = erpd.linear_policy_loss(
-                hr, policy.head_weight(), batch.targets, anchor, a, mask, method="ppo", agg=s2.agg,
-                clip_low=s2.clip, clip_high=s2.clip, num_items=n_tok if s2.agg == "token-mean" else n_seq,
+                hr, policy.head_weight(), batch.targets, anchor, a, mask, options=options,
+                num_items=n_tok if s2.agg == "token-mean" else n_seq,
                 return_logprobs=True, **head,
             )
             lp = m["logprobs"]

@@ -1,25 +1,6 @@
-"""`linear_logprobs`: per-token log-probs (and entropy) straight from hidden states and the LM head.
-
-Autograd and dispatch live here; the math is in `erpd/reference.py`, the kernels in
-`kernels/linear_logprobs.py` (Triton), `csrc/cpu/linear_logprobs.cpp` (C++) and
-`csrc/linear_logprobs.cu` (CUDA epilogues).
-
-Every fused backend implements the same pair of functions on flattened, contiguous inputs:
-
-    fwd(hidden[N,H], weight[V,H], bias[V]|None, targets[N] int64, inv_temperature, softcap_scale,
-        ignore_index, with_stats)
-        -> (logprobs[N] f32, entropy[N] f32, lse[N] f32, stats[3,N] f32 | empty)
-    bwd(hidden, weight, bias, targets, lse, entropy, grad_logprobs[N] f32, grad_entropy[N] f32|None,
-        inv_temperature, softcap_scale, ignore_index, need_grad_hidden, need_grad_weight)
-        -> (grad_hidden[N,H] hidden.dtype | empty, grad_weight[V,H] weight.dtype | empty,
-            grad_bias[V] f32 | empty)
-
-with the logits ``y * inv_temperature``, or ``tanh(softcap_scale * y) * inv_temperature`` when
-softcap_scale > 0 (``_validate.logit_transform`` maps temperature, logit scale and softcap onto
-the two), y = hidden @ weight.T + bias; `stats` (log sum p^2, the mean logit, is_top1 as 0/1)
-only with `with_stats`. The forward keeps only O(N) statistics (lse, entropy); the backward
-recomputes the logits block by block, so no backend ever holds the [N, V] logits.
-"""
+"""The public `linear_logprobs` and `linear_token_stats`: argument checks, the backend,
+flattening, and the Function (erpd/ops/linear_logprobs/function.py) or the vocabulary-parallel
+form (tp.py)."""
 
 from __future__ import annotations
 
@@ -27,49 +8,10 @@ from typing import NamedTuple
 
 import torch
 
-from erpd import backends, reference
-from erpd.ops import _library, _tp, _validate
-from erpd.ops._autograd import first_order_only
-
-OP = "linear_logprobs"
-
-
-def _impl(backend: str):
-    """(fwd, bwd) of a fused backend, as registered torch ops (erpd/ops/_library.py)."""
-    return _library.impl(backend, "linear_logprobs_fwd"), _library.impl(backend, "linear_logprobs_bwd")
-
-
-class _LinearLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index, with_stats, backend):
-        fwd, _ = _impl(backend)
-        logp, entropy, lse, stats = fwd(hidden, weight, bias, targets, inv_temperature, softcap_scale, ignore_index,
-                                        with_stats)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.args = (inv_temperature, softcap_scale, ignore_index)
-        ctx.backend = backend
-        ctx.mark_non_differentiable(stats)
-        ctx.set_materialize_grads(False)
-        return logp, entropy, stats
-
-    @staticmethod
-    @first_order_only(OP)
-    def backward(ctx, grad_logp, grad_entropy, _grad_stats):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 9
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
-        _, bwd = _impl(ctx.backend)
-        gh, gw, gb = bwd(
-            hidden, weight, bias, targets, lse, entropy,
-            grad_logp.float().contiguous(),
-            None if grad_entropy is None else grad_entropy.float().contiguous(),
-            *ctx.args, need_h, need_w,
-        )
-        gb = gb.to(bias.dtype) if (need_b and bias is not None) else None
-        return (gh if need_h else None), (gw if need_w else None), gb, *([None] * 6)
+from erpd import backends
+from erpd.ops import _torch, _validate
+from erpd.ops.linear_logprobs import tp
+from erpd.ops.linear_logprobs.function import OP, LinearLogprobsFunction
 
 
 class TokenStats(NamedTuple):
@@ -84,21 +26,14 @@ class TokenStats(NamedTuple):
 
 def _fused(hidden, weight, bias, targets, temperature, logit_scale, softcap, ignore_index, backend, validate,
            with_entropy, with_stats):
-    """Checks the arguments and runs one fused forward: (logprobs, entropy, stats [3, ...] | None), or
-    the reference's outputs on backend='torch' (stats then a dict)."""
+    """Checks the arguments and runs one forward: (logprobs, entropy, stats [3, ...] | None)."""
     hidden, weight, bias = _validate.linear_head(hidden, weight, bias)
     inv_t, cap_scale = _validate.logit_transform(temperature, logit_scale, softcap)
     ignore_index = _validate.index(ignore_index, "ignore_index")
     check_values = _validate.want_value_checks(hidden.device, validate)
     targets = _validate.targets(targets, hidden, weight.shape[0], ignore_index, check_values)
     name = backends.resolve(backend, hidden.device, OP)
-    kw = dict(bias=bias, temperature=temperature, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap)
-    if name == "torch":
-        if with_stats:
-            out = reference.linear_token_stats(hidden, weight, targets, **kw)
-            return out["logprobs"], out["entropy"], out
-        return (*reference.linear_logprobs(hidden, weight, targets, with_entropy=with_entropy, **kw), None)
-    if hidden.dtype == torch.float64:
+    if hidden.dtype == torch.float64 and name != "torch":
         raise TypeError(f"backend={name!r} supports fp32/bf16/fp16 inputs; float64 runs only on backend='torch'")
 
     lead = hidden.shape[:-1]
@@ -106,9 +41,9 @@ def _fused(hidden, weight, bias, targets, temperature, logit_scale, softcap, ign
     t1 = targets.reshape(-1).contiguous()
     if h2.shape[0] == 0:
         # Keep the graph connected so that .backward() on an empty batch gives zero grads.
-        empty = (h2.sum(-1) + weight.sum() * 0).float().reshape(lead)
-        return empty, empty, (h2.new_zeros((3, *lead), dtype=torch.float32) if with_stats else None)
-    logp, entropy, stats = _LinearLogprobsFunction.apply(
+        empty = (h2.sum(-1) + weight.sum() * 0).to(_torch.acc_dtype(hidden)).reshape(lead)
+        return empty, empty, (h2.new_zeros((3, *lead), dtype=empty.dtype) if with_stats else None)
+    logp, entropy, stats = LinearLogprobsFunction.apply(
         h2, weight.contiguous(), None if bias is None else bias.contiguous(), t1, inv_t, cap_scale, ignore_index,
         with_stats, name,
     )
@@ -162,7 +97,7 @@ def linear_logprobs(
             ``hidden``/``targets`` are the same on every rank and hold global token ids. The
             outputs are the full-vocabulary values, identical on every rank; the gradient w.r.t.
             ``hidden`` is all-reduced, the shard's ``weight``/``bias`` gradients stay local.
-            Needs a fused backend. See ``erpd/ops/_tp.py`` and the README for the communication.
+            See ``erpd/ops/linear_logprobs/tp.py`` and the README for the communication.
         vocab_start: this rank's first vocabulary id; None computes it with an all-gather of the
             shard sizes on every call (pass it to avoid that collective).
         reduce_grad_hidden: with ``tp_group``, whether the backward all-reduces the gradient
@@ -186,7 +121,7 @@ def linear_logprobs(
         hidden, weight, bias = _validate.linear_head(hidden, weight, bias)
         inv_t, _ = _validate.logit_transform(temperature, logit_scale, softcap)
         ignore_index = _validate.index(ignore_index, "ignore_index")
-        return _tp.linear_logprobs(
+        return tp.linear_logprobs(
             hidden, weight, bias, targets, temperature=1.0 / inv_t, ignore_index=ignore_index,
             with_entropy=with_entropy, backend=backend, check_values=_validate.want_value_checks(hidden.device, validate),
             tp_group=tp_group, vocab_start=vocab_start, reduce_grad_hidden=reduce_grad_hidden,
@@ -222,6 +157,4 @@ def linear_token_stats(
     """
     logp, entropy, stats = _fused(hidden, weight, bias, targets, temperature, logit_scale, softcap, ignore_index,
                                   backend, validate, with_entropy=True, with_stats=True)
-    if isinstance(stats, dict):  # backend="torch": the reference's fields
-        return TokenStats(**stats)
     return TokenStats(logp, entropy, stats[0], stats[1], stats[2] != 0)
