@@ -139,6 +139,22 @@ def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.detach().double() - expected.detach().double()).abs().max().item() if expected.numel() else 0.0
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::matmul", "aten::linear", "aten::bmm")
+
+
+def gemm_counts(fn) -> tuple[dict, dict]:
+    """Runs ``fn()`` under the CPU profiler: (the count of each GEMM op it ran, the count of every
+    op), e.g. to check that a backward makes no pass over the vocabulary."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = Counter(e.name for e in prof.events())
+    return {k: counts[k] for k in GEMM_OPS if counts[k]}, counts
+
+
 def three_way(run, backend: str, *, exact, fresh, baseline: str = "naive") -> tuple:
     """The three providers of the tolerance rule on the same values, in this order:
     ``(reference, baseline, backend)``, each ``run(inputs, provider)``.

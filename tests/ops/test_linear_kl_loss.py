@@ -12,10 +12,9 @@ from collections import Counter
 import pytest
 import test_numerics
 import torch
-from test_linear_policy_loss import _gemm_counts
 
 import erpd
-from erpd.testing import assert_within_rule, make_kl_teacher, make_linear_inputs, naive_linear_kl
+from erpd.testing import assert_within_rule, gemm_counts, make_kl_teacher, make_linear_inputs, naive_linear_kl
 
 DIRECTIONS = ("forward", "reverse", "jsd")
 
@@ -287,7 +286,7 @@ def test_nan_row_poisons_the_loss_and_its_own_hidden_grad_only(kl_backend):
 
 
 @pytest.mark.parametrize("form, per_chunk", [("fused", 4), ("dense", 3)])
-def test_cpu_gemm_counts(monkeypatch, form, per_chunk):
+def test_cpugemm_counts(monkeypatch, form, per_chunk):
     """Forward: per row chunk the student's (and the fused teacher's) logits, dh and dW GEMMs
     (8·N·H·V FLOPs at equal sizes), nothing recomputed. Backward: no GEMM, no erpd kernel."""
     if "cpu" not in erpd.available("cpu", "linear_kl"):
@@ -301,8 +300,8 @@ def test_cpu_gemm_counts(monkeypatch, form, per_chunk):
         out["loss"] = erpd.linear_kl(x.hidden, x.weight, x.targets, bias=x.bias, reduction="mean", direction="jsd",
                                      backend="cpu", **teacher)
 
-    f_gemms, _ = _gemm_counts(fwd)
-    b_gemms, b_all = _gemm_counts(lambda: out["loss"].backward())
+    f_gemms, _ = gemm_counts(fwd)
+    b_gemms, b_all = gemm_counts(lambda: out["loss"].backward())
     assert sum(f_gemms.values()) == per_chunk * 3, f_gemms
     assert b_gemms == {}, f"backward ran GEMMs: {b_gemms}"
     assert not any(name.startswith("erpd::") for name in b_all), "backward called an erpd kernel"
@@ -328,7 +327,7 @@ def test_triton_backward_launches_nothing(monkeypatch):
                           **make_kl_teacher(x, "fused", seed=33))
     assert calls == Counter(linear_kl_fwd=1, linear_kl_bwd=1)
     calls.clear()
-    b_gemms, _ = _gemm_counts(lambda: loss.backward())
+    b_gemms, _ = gemm_counts(lambda: loss.backward())
     assert not calls and b_gemms == {}, (calls, b_gemms)
     assert x.hidden.grad is not None and x.weight.grad is not None
 

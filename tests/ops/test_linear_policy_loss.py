@@ -9,11 +9,10 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import erpd
 from erpd.reference import POLICY_AGGS, POLICY_METHODS
-from erpd.testing import assert_within_rule, make_linear_policy_inputs, naive_linear_logprobs, three_way
+from erpd.testing import assert_within_rule, gemm_counts, make_linear_policy_inputs, naive_linear_logprobs, three_way
 
 TINY = dict(b=3, t=13, h=32, v=101)  # 39 rows: cheap under the Triton interpreter
 
@@ -258,18 +257,8 @@ def test_module_form(cpu_backend):
 # The backward makes no pass over the vocabulary.
 # --------------------------------------------------------------------------------------------
 
-GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::matmul", "aten::linear", "aten::bmm")
-
-
-def _gemm_counts(fn):
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    counts = Counter(e.name for e in prof.events())
-    return {k: counts[k] for k in GEMMS if counts[k]}, counts
-
-
 @pytest.mark.parametrize("method, gemms", [("ppo", 3 * 3), ("sapo", 3 * 3), ("gspo", 7 * 4)])
-def test_cpu_gemm_counts(monkeypatch, method, gemms):
+def test_cpugemm_counts(monkeypatch, method, gemms):
     """Forward: 3 GEMMs per row chunk (logits, dh, dW) = 6·N·H·V FLOPs for token-level methods
     (3 chunks here); gspo runs a log-prob pass, then the gradient pass, on the log-prob op's
     blocks (1 + 3 GEMMs on each of 7 blocks of 6 rows here: csrc/chunked.h cpu_blocks). Backward:
@@ -285,8 +274,8 @@ def test_cpu_gemm_counts(monkeypatch, method, gemms):
         out["loss"], _ = erpd.linear_policy_loss(lin.hidden, lin.weight, lin.targets, x.old_logprobs, x.advantages,
                                                  x.mask, bias=lin.bias, method=method, backend="cpu")
 
-    f_gemms, _ = _gemm_counts(fwd)
-    b_gemms, b_all = _gemm_counts(lambda: out["loss"].backward())
+    f_gemms, _ = gemm_counts(fwd)
+    b_gemms, b_all = gemm_counts(lambda: out["loss"].backward())
     assert sum(f_gemms.values()) == gemms, f_gemms
     assert b_gemms == {}, f"backward ran GEMMs: {b_gemms}"
     assert not any(name.startswith("erpd::") for name in b_all), "backward called an erpd kernel"
@@ -314,7 +303,7 @@ def test_triton_backward_launches_nothing(monkeypatch):
                                       backend="triton")
     assert calls == Counter(linear_logprobs_fwd=1, policy_loss_fwd=1, linear_logprobs_bwd=1)
     calls.clear()
-    b_gemms, _ = _gemm_counts(lambda: loss.backward())
+    b_gemms, _ = gemm_counts(lambda: loss.backward())
     assert not calls and b_gemms == {}, (calls, b_gemms)
     assert lin.hidden.grad is not None and lin.weight.grad is not None
 
