@@ -7,7 +7,7 @@
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
-#include "cpu/vocab_rows.h"
+#include "common/vocab_rows.h"
 
 TORCH_LIBRARY(erpd, m) {
   // linear_logprobs (docs/design.md §4.2): per-row log p(target), entropy and log-sum-exp of

@@ -21,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#include "linear_kl_math.h"  // linear_kl::Mode, linear_kl::JsdWeights
+#include "linear_kl/math.h"  // linear_kl::Mode, linear_kl::JsdWeights
 
 namespace erpd {
 namespace cpu {

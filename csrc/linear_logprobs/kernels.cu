@@ -13,9 +13,9 @@
 
 #include <cstdint>
 
-#include "block_reduce.cuh"
-#include "linear_kl_math.h"  // p_times
-#include "linear_logprobs_cuda.h"
+#include "common/block_reduce.cuh"
+#include "linear_kl/math.h"  // p_times
+#include "linear_logprobs/kernels.h"
 
 namespace erpd {
 namespace cuda {

@@ -15,9 +15,9 @@
 
 #include <vector>
 
-#include "cpu/linear_logprobs_cpu.h"
-#include "cpu/policy_loss_cpu.h"
-#include "linear_logprobs_driver.h"
+#include "linear_logprobs/cpu_epilogue.h"
+#include "linear_logprobs/driver.h"
+#include "policy_loss/host.h"
 
 namespace erpd {
 namespace {

@@ -5,8 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "cuda/linear_logprobs_epilogue.h"
-#include "linear_logprobs_driver.h"
+#include "linear_logprobs/cuda_epilogue.h"
+#include "linear_logprobs/driver.h"
 
 namespace erpd {
 namespace {

@@ -12,7 +12,7 @@
 #include <cmath>
 #include <vector>
 
-#include "cpu/vocab_rows.h"
+#include "common/vocab_rows.h"
 
 namespace erpd {
 namespace cpu {

@@ -37,7 +37,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "policy_codes.h"
+#include "policy_loss/codes.h"
 
 #if defined(__CUDACC__)
 #define ERPD_HD __host__ __device__ __forceinline__

@@ -1,13 +1,13 @@
 // The row loops of csrc/cpu/vocab_rows.h, compiled once per ISA level (vocab_rows_impl.h holds
 // them), and the choice among the levels. Torch-free: it compiles in a second.
-#include "cpu/vocab_rows.h"
+#include "common/vocab_rows.h"
 
 #include <atomic>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
 
-#include "linear_kl_math.h"  // linear_kl::Mode, for the KL loops
+#include "linear_kl/math.h"  // linear_kl::Mode, for the KL loops
 
 namespace erpd {
 namespace cpu {
@@ -15,7 +15,7 @@ namespace cpu {
 namespace isa_default {
 constexpr const char* kIsaName = "default";
 constexpr bool kFma = false;
-#include "cpu/vocab_rows_impl.h"
+#include "common/vocab_rows_impl.h"
 }  // namespace isa_default
 
 // GCC's per-function targets: the AVX2 and AVX-512 copies run only where the CPU has them. Other
@@ -28,7 +28,7 @@ constexpr bool kFma = false;
 namespace isa_avx2 {
 constexpr const char* kIsaName = "avx2";
 constexpr bool kFma = true;
-#include "cpu/vocab_rows_impl.h"
+#include "common/vocab_rows_impl.h"
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
@@ -37,7 +37,7 @@ constexpr bool kFma = true;
 namespace isa_avx512 {
 constexpr const char* kIsaName = "avx512";
 constexpr bool kFma = true;
-#include "cpu/vocab_rows_impl.h"
+#include "common/vocab_rows_impl.h"
 }  // namespace isa_avx512
 #pragma GCC pop_options
 #endif

@@ -8,8 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "linear_kl_cuda.h"
-#include "linear_kl_driver.h"
+#include "linear_kl/driver.h"
+#include "linear_kl/kernels.h"
 
 namespace erpd {
 namespace {

@@ -12,9 +12,9 @@
 
 #include <cstdint>
 
-#include "block_reduce.cuh"
-#include "linear_kl_cuda.h"
-#include "linear_kl_math.h"
+#include "common/block_reduce.cuh"
+#include "linear_kl/kernels.h"
+#include "linear_kl/math.h"
 
 namespace erpd {
 namespace cuda {

@@ -14,8 +14,8 @@
 #include <tuple>
 #include <vector>
 
-#include "chunked.h"
-#include "linear_kl_math.h"
+#include "common/chunked.h"
+#include "linear_kl/math.h"
 
 namespace erpd {
 namespace linear_kl {

@@ -17,10 +17,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cpu/policy_loss_cpu.h"
-#include "cuda/linear_logprobs_epilogue.h"
-#include "linear_logprobs_driver.h"
-#include "policy_loss_cuda.h"
+#include "linear_logprobs/cuda_epilogue.h"
+#include "linear_logprobs/driver.h"
+#include "policy_loss/host.h"
+#include "policy_loss/kernels.h"
 
 namespace erpd {
 namespace {

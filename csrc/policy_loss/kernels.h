@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "policy_loss_math.h"
+#include "policy_loss/math.h"
 
 namespace erpd {
 namespace cuda {

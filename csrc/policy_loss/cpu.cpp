@@ -8,7 +8,7 @@
 
 #include <vector>
 
-#include "cpu/policy_loss_cpu.h"
+#include "policy_loss/host.h"
 
 namespace erpd {
 namespace {

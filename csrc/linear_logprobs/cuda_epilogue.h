@@ -8,7 +8,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "linear_logprobs_cuda.h"
+#include "linear_logprobs/kernels.h"
 
 namespace erpd {
 namespace cuda {

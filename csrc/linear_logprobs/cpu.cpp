@@ -4,8 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "cpu/linear_logprobs_cpu.h"
-#include "linear_logprobs_driver.h"
+#include "linear_logprobs/cpu_epilogue.h"
+#include "linear_logprobs/driver.h"
 
 namespace erpd {
 namespace {

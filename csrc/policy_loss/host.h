@@ -10,7 +10,7 @@
 
 #include <initializer_list>
 
-#include "policy_loss_math.h"
+#include "policy_loss/math.h"
 
 namespace erpd {
 namespace policy_cpu {

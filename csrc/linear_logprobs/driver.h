@@ -22,7 +22,7 @@
 #include <tuple>
 #include <vector>
 
-#include "chunked.h"
+#include "common/chunked.h"
 
 namespace erpd {
 namespace linear_logprobs {

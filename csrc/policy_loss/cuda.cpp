@@ -8,8 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cpu/policy_loss_cpu.h"
-#include "policy_loss_cuda.h"
+#include "policy_loss/host.h"
+#include "policy_loss/kernels.h"
 
 namespace erpd {
 namespace {

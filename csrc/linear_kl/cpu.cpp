@@ -19,9 +19,9 @@
 #include <cmath>
 #include <vector>
 
-#include "cpu/vocab_rows.h"
-#include "linear_kl_driver.h"
-#include "linear_kl_math.h"
+#include "common/vocab_rows.h"
+#include "linear_kl/driver.h"
+#include "linear_kl/math.h"
 
 namespace erpd {
 namespace {

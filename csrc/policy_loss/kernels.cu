@@ -20,8 +20,8 @@
 
 #include <cstdint>
 
-#include "block_reduce.cuh"
-#include "policy_loss_cuda.h"
+#include "common/block_reduce.cuh"
+#include "policy_loss/kernels.h"
 
 namespace erpd {
 namespace cuda {
