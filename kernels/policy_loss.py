@@ -1,6 +1,6 @@
 r"""Policy losses in Triton: per-token loss, its gradient w.r.t. the log-prob, and the metrics, in one pass.
 
-Math (erpd.reference.policy_loss is the definition; csrc/policy_loss_math.h is the C++ twin). Per
+Math (erpd.reference.policy_loss is the definition; csrc/policy_loss/math.h is the C++ twin). Per
 valid token with log-prob x, old log-prob x_old, advantage A and delta = x - x_old:
 
     log r = clamp(delta, +-20)                  (gspo: the row's clamp(mean_t m delta, +-20))
@@ -301,7 +301,7 @@ def _policy_loss_finalize_kernel(
         count = B + 0.0 * n
     count = tl.maximum(tl.where(num_items_value > 0, num_items_value, count), 1.0)
     if NUM_ITEMS_FROM_PTR:
-        # A tensor's value, unchecked: csrc/policy_loss_math.h tensor_items' rule (below 1 counts
+        # A tensor's value, unchecked: csrc/policy_loss/math.h tensor_items' rule (below 1 counts
         # as 1; NaN or +-inf gives NaN: v - v is 0 for finite v, NaN otherwise).
         v = tl.load(num_items_ptr).to(tl.float32)
         count = tl.where(v < 1.0, 1.0, v) + (v - v)

@@ -1,5 +1,6 @@
-// Block-wide reductions for the one-block-per-row CUDA epilogues (csrc/<op>.cu): warp shuffles,
-// then one value per warp through shared memory. Torch-free, like the .cu files that use it.
+// Block-wide reductions for the one-block-per-row CUDA epilogues (csrc/<op>/kernels.cu): warp
+// shuffles, then one value per warp through shared memory. Torch-free, like the .cu files that
+// use it.
 #pragma once
 
 #include <cuda_runtime.h>

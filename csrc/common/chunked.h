@@ -1,4 +1,4 @@
-// Pieces shared by the chunked drivers of every op (csrc/<op>_driver.h), on CPU and CUDA.
+// Pieces shared by the chunked drivers of every op (csrc/<op>/driver.h), on CPU and CUDA.
 //
 // A chunked driver processes rows in chunks whose fp32 logits fit a byte budget: each chunk's
 // logits come from one ATen GEMM (MKL/oneDNN on CPU, cuBLAS on CUDA) and an op-specific epilogue

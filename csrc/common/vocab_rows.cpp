@@ -1,4 +1,4 @@
-// The row loops of csrc/cpu/vocab_rows.h, compiled once per ISA level (vocab_rows_impl.h holds
+// The row loops of csrc/common/vocab_rows.h, compiled once per ISA level (vocab_rows_impl.h holds
 // them), and the choice among the levels. Torch-free: it compiles in a second.
 #include "common/vocab_rows.h"
 

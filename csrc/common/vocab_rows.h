@@ -1,6 +1,6 @@
-// The vocabulary-length loops of the CPU epilogues (csrc/cpu/linear_logprobs_cpu.h,
-// csrc/cpu/linear_kl.cpp): one row of fp32 logits at a time, SIMD-vectorized. Torch-free; the
-// definitions (csrc/cpu/vocab_rows.cpp) are compiled once per x86 ISA level (SSE2 baseline, AVX2,
+// The vocabulary-length loops of the CPU epilogues (csrc/linear_logprobs/cpu_epilogue.h,
+// csrc/linear_kl/cpu.cpp): one row of fp32 logits at a time, SIMD-vectorized. Torch-free; the
+// definitions (csrc/common/vocab_rows.cpp) are compiled once per x86 ISA level (SSE2 baseline, AVX2,
 // AVX-512) and the best one the CPU runs is picked on first use; ERPD_CPU_ISA=default|avx2|avx512
 // forces a level, and the tests run every level this machine has.
 //
@@ -97,7 +97,7 @@ struct VocabRows {
   // With a_k = t zs_k - lse_s, b_k = t zt_k - lse_t (jsd's second pass, once both lse are known).
   JsdSums (*jsd_sums)(const float* zs, const float* zt, int64_t v, float t, float lse_s, float lse_t,
                       linear_kl::JsdWeights w);
-  // zs_k <- g * d(divergence)/dz^S_k (csrc/linear_kl_math.h), a_k and b_k as above; aux: the KL
+  // zs_k <- g * d(divergence)/dz^S_k (csrc/linear_kl/math.h), a_k and b_k as above; aux: the KL
   // for reverse, KL(S||M) for jsd, unused for forward.
   void (*kl_grad)(float* zs, const float* zt, int64_t v, float t, float lse_s, float lse_t, float aux, float g,
                   int mode, linear_kl::JsdWeights w);

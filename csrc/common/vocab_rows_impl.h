@@ -1,5 +1,5 @@
-// The row loops declared in csrc/cpu/vocab_rows.h. Included by csrc/cpu/vocab_rows.cpp once per
-// ISA level, inside that level's namespace and `#pragma GCC target` region, so this file includes
+// The row loops declared in csrc/common/vocab_rows.h. Included by csrc/common/vocab_rows.cpp once
+// per ISA level, inside that level's namespace and `#pragma GCC target` region, so this file includes
 // nothing (a standard header pulled in here would be compiled for one level only) and has no
 // include guard.
 //
@@ -21,7 +21,7 @@
 // (only ever a probability below 1e-38 here, weighted by itself) comes out near -88.
 //
 // Sums: float per SIMD lane over kBlock logits, then double across blocks. Every term weighted by
-// a probability goes through p_times (csrc/linear_kl_math.h): a -inf logit adds 0, not NaN.
+// a probability goes through p_times (csrc/linear_kl/math.h): a -inf logit adds 0, not NaN.
 //
 // Online statistics: each block's maximum is taken first (the block then sits in L1 for its
 // sums); when it exceeds the row's reference m, the sums so far are rescaled to the new one,
@@ -222,7 +222,7 @@ static void kl_grad_kept(float* zs, const float* kept, int64_t v, const float* r
   }
 }
 
-// log m_k of the jsd's mixture from the two probabilities (log_mixture of csrc/linear_kl_math.h
+// log m_k of the jsd's mixture from the two probabilities (log_mixture of csrc/linear_kl/math.h
 // is the same quantity from the log-probs, at the price of a second exp and a log1p). Where both
 // probabilities underflow, log m = -inf, but every use weights it by one of them (p_times).
 [[gnu::always_inline]] static inline float log_mix(float ps, float pt, const linear_kl::JsdWeights& w) {

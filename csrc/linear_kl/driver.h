@@ -1,10 +1,10 @@
-// The chunked driver of linear_kl, shared by the CPU and CUDA backends (csrc/chunked.h has the
+// The chunked driver of linear_kl, shared by the CPU and CUDA backends (csrc/common/chunked.h has the
 // pieces common to every op). Each row chunk gets two fp32 logits blocks, the student's (one
 // GEMM) and the teacher's (one GEMM of the teacher's own hidden states and head, or a slice of
 // dense teacher logits), and an epilogue reduces them to the divergence (forward) or overwrites
 // the student block with t * dz (backward). Neither [N, V] matrix ever exists.
 //
-// Math: csrc/linear_kl_math.h. Both logits are multiplied by t = 1 / temperature.
+// Math: csrc/linear_kl/math.h. Both logits are multiplied by t = 1 / temperature.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -60,7 +60,7 @@ class Teacher {
   std::optional<chunked::Operands> ops_;
 };
 
-// Epilogue interface (csrc/cpu/linear_kl.cpp, csrc/cuda/linear_kl.cpp); zs, zt: [r, V] fp32
+// Epilogue interface (csrc/linear_kl/cpu.cpp, csrc/linear_kl/cuda.cpp); zs, zt: [r, V] fp32
 // logits before the temperature, rows [r0, r0 + r) of the outputs:
 //   void forward(const at::Tensor& zs, const at::Tensor& zt, int64_t r0, double inv_t,
 //                int64_t ignore_index, const at::Tensor& targets, int64_t mode, double beta,
@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 // GEMMs (backward) while they are in cache. jsd's forward needs both log-sum-exps before its
 // second sum, so it takes whole rows, in the row chunks of rows_per_chunk. The teacher block
 // may be the caller's fp32 logits, rows with stride V. Epilogue interface
-// (csrc/cpu/linear_kl.cpp): State,
+// (csrc/linear_kl/cpu.cpp): State,
 //   forward_block(zs, zt, r0, c0, inv_t, ignore_index, targets, mode, beta, State* st)
 //   forward_finish(const State* st, r0, r, ignore_index, targets, mode, beta, kl, lse_s, lse_t, aux)
 //   backward(zs, zt, r0, inv_t, ignore_index, targets, mode, beta, lse_s, lse_t, aux, grad_kl)

@@ -1,7 +1,7 @@
 // CUDA epilogues of linear_kl: they turn one chunk of student and teacher fp32 logits (cuBLAS
 // GEMMs, or a slice of dense teacher logits) into per-row divergences (forward) or into the
-// student logits' gradient in place (backward). Math: csrc/linear_kl_math.h; the forward's
-// passes are those of csrc/cpu/linear_kl.cpp:
+// student logits' gradient in place (backward). Math: csrc/linear_kl/math.h; the forward's
+// passes are those of csrc/linear_kl/cpu.cpp:
 //   pass 1: m^S, m^T;  pass 2: s^S, s^T and the cross term of the KLs, with d = z - m,
 //     forward  KL = sum e^{d^T}(d^T - d^S) / s^T - log s^T + log s^S
 //     reverse  KL = sum e^{d^S}(d^S - d^T) / s^S - log s^S + log s^T

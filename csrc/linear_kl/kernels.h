@@ -1,5 +1,5 @@
-// Launchers of the linear_kl CUDA epilogues (csrc/linear_kl.cu). Torch-free on purpose (see
-// csrc/linear_logprobs_cuda.h). Each returns the launch status.
+// Launchers of the linear_kl CUDA epilogues (csrc/linear_kl/kernels.cu). Torch-free on purpose (see
+// csrc/linear_logprobs/kernels.h). Each returns the launch status.
 #pragma once
 
 #include <cuda_runtime.h>

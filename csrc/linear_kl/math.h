@@ -1,5 +1,5 @@
-// Per-element math of linear_kl shared by the CPU epilogue (csrc/cpu/linear_kl.cpp) and the
-// CUDA epilogues (csrc/linear_kl.cu). Torch-free so that nvcc compiles it on its own.
+// Per-element math of linear_kl shared by the CPU epilogue (csrc/linear_kl/cpu.cpp) and the
+// CUDA epilogues (csrc/linear_kl/kernels.cu). Torch-free so that nvcc compiles it on its own.
 //
 // For one row, with student/teacher log-probs a_k = log p^S_k, b_k = log p^T_k (temperature
 // applied to both logits), and dz = d(divergence)/d(student logit z^S_k):

@@ -33,7 +33,7 @@ using chunked::Softcap;
 using chunked::chunk_logits;
 using chunked::rows_per_chunk;
 
-// Epilogue interface (see csrc/cpu/linear_logprobs.cpp and csrc/cuda/linear_logprobs.cpp):
+// Epilogue interface (see csrc/linear_logprobs/cpu_epilogue.h and cuda_epilogue.h):
 //   void forward(const at::Tensor& z, int64_t r0, double inv_t, int64_t ignore_index,
 //                const at::Tensor& targets, at::Tensor& logp, at::Tensor& ent, at::Tensor& lse)
 //     z: [r, V] fp32 logits *before* the temperature (softcapped already, chunked::Softcap);
@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 // into dz and its gradient GEMMs (backward) while it is in cache. The same GEMMs as above, split
 // along the vocabulary; softcapping applies per block. with_stats takes whole rows (token_stats
 // reduces them once lse is known), in the row chunks of rows_per_chunk. Epilogue interface
-// (csrc/cpu/linear_logprobs_cpu.h): State,
+// (csrc/linear_logprobs/cpu_epilogue.h): State,
 //   forward_block(z, r0, c0, inv_t, ignore_index, targets, State* st)
 //   forward_finish(const State* st, r0, r, ignore_index, targets, logp, ent, lse)
 //   backward(z, r0, c0, inv_t, ignore_index, targets, lse, ent, g_lp, g_ent)

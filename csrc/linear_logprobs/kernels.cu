@@ -8,7 +8,7 @@
 //   t dz_k = t [g_lp (delta_ky - p_k) - g_H p_k (log p_k + H)]
 // One thread block per row: the chunk has few rows (a byte budget bounds it) but V is large,
 // so a row's reductions are spread over the block, with warp shuffles then shared memory.
-// No torch headers here (see linear_logprobs_cuda.h).
+// No torch headers here (see kernels.h).
 #include <cuda_runtime.h>
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// Launchers of the linear_logprobs CUDA epilogues (csrc/linear_logprobs.cu). Torch-free on
+// Launchers of the linear_logprobs CUDA epilogues (csrc/linear_logprobs/kernels.cu). Torch-free on
 // purpose: the .cu file compiles with plain nvcc, which is how CI checks it without a CUDA torch. Each returns the launch status.
 #pragma once
 

@@ -1,7 +1,7 @@
-// CUDA kernels of the policy losses: the per-token math of csrc/policy_loss_math.h (shared with
+// CUDA kernels of the policy losses: the per-token math of csrc/policy_loss/math.h (shared with
 // the CPU ops, which define what these compute), one thread block per row (sequence).
 //
-// Math (policy_loss_math.h has it in full): per valid token, a loss l_t and dl/dx_t from the
+// Math (math.h has it in full): per valid token, a loss l_t and dl/dx_t from the
 // log-ratio x - x_old; the loss is sum_t m_t f_b / D [rho_t l_t + kl_coef k_t - entropy_coef H_t]
 // with f_b = 1 / max(L_b, 1) for seq-mean-token-mean (L_b = the row's valid-token count), else 1,
 // and D the batch normaliser. gspo's tokens share the row's ratio s_b = exp(mean_t m (x - x_old)),
@@ -13,9 +13,9 @@
 // warp shuffles and shared memory (block_reduce.cuh) into the row's partials. D can need the whole
 // batch's token count, which no row block has, so a one-block finalize kernel reduces the rows'
 // partials and writes the loss, 1/D and the metrics on the device: the host never reads a value.
-// The fused op (csrc/cuda/linear_policy_loss.cpp) instead gets 1/D from the mask before its
+// The fused op (csrc/linear_policy_loss/cuda.cpp) instead gets 1/D from the mask before its
 // single pass (policy_loss_norm) and runs the per-token pass chunk by chunk (policy_loss_segments).
-// No torch headers here (see policy_loss_cuda.h).
+// No torch headers here (see kernels.h).
 #include <cuda_runtime.h>
 
 #include <cstdint>

@@ -1,7 +1,7 @@
-// Launchers of the policy-loss CUDA kernels (csrc/policy_loss.cu). Torch-free on purpose, like
-// linear_logprobs_cuda.h: the .cu file compiles with plain nvcc. Pointers are device pointers;
-// `partials` is [rows, policy::kNumParts] float64 (one policy::Acc per row). Each launcher
-// returns the launch status and never synchronizes with the host.
+// Launchers of the policy-loss CUDA kernels (csrc/policy_loss/kernels.cu). Torch-free on purpose,
+// like csrc/linear_logprobs/kernels.h: the .cu file compiles with plain nvcc. Pointers are device
+// pointers; `partials` is [rows, policy::kNumParts] float64 (one policy::Acc per row). Each
+// launcher returns the launch status and never synchronizes with the host.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,6 +1,6 @@
 // Per-token math of the policy losses (erpd.reference.policy_loss is the definition), shared by
-// the C++ CPU ops (csrc/cpu/policy_loss.cpp, csrc/cpu/linear_policy_loss.cpp) and the CUDA kernels
-// (csrc/policy_loss.cu).
+// the C++ CPU ops (csrc/policy_loss/cpu.cpp, csrc/linear_policy_loss/cpu.cpp) and the CUDA kernels
+// (csrc/policy_loss/kernels.cu).
 // Torch-free, with host/device qualifiers, so that a CUDA kernel can include it as it is.
 //
 // Per valid token (mask true), with x = log p, x_old, advantage A, delta = x - x_old:
@@ -48,7 +48,7 @@
 namespace erpd {
 namespace policy {
 
-// The codes (Method, Agg, KLEstimator) and the `stats` order (Stat) are in policy_codes.h,
+// The codes (Method, Agg, KLEstimator) and the `stats` order (Stat) are in codes.h,
 // generated from erpd/ops/policy_spec.py.
 
 // Per-row partial sums (over valid tokens; the weighted ones carry f_b and rho, not 1/D).
@@ -208,7 +208,7 @@ ERPD_HD float row_factor(const Params& p, float length) {
 // of the per-token pass: accumulates it into `acc` and writes its gradients (without 1/D). gspo
 // (seq_log_ratio: the row's mean log-ratio) writes only the KL part and adds the token's
 // rho dl/dlog s to g_seq, from which process_row adds the policy part once the row is done.
-// The CPU loops below and the CUDA kernels (csrc/policy_loss.cu) share it.
+// The CPU loops below and the CUDA kernels (csrc/policy_loss/kernels.cu) share it.
 ERPD_HD void token_step(const Params& p, const Batch& in, int64_t i, float adv_row, float f, float seq_log_ratio,
                         Acc& acc, double& g_seq) {
   if (!in.mask[i]) {

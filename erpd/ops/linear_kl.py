@@ -2,8 +2,8 @@
 hidden states and LM heads.
 
 Autograd and dispatch live here; the math is in `erpd/reference.py` (`linear_kl`) and
-`csrc/linear_kl_math.h`, the kernels in `kernels/linear_kl.py` (Triton), `csrc/cpu/linear_kl.cpp`
-(C++) and `csrc/linear_kl.cu` (CUDA epilogues).
+`csrc/linear_kl/math.h`, the kernels in `kernels/linear_kl.py` (Triton), `csrc/linear_kl/cpu.cpp`
+(C++) and `csrc/linear_kl/kernels.cu` (CUDA epilogues).
 
 Teacher forms:
   * fused ``(teacher_hidden, teacher_weight[, teacher_bias])`` and dense ``teacher_logits``: every
@@ -23,7 +23,7 @@ Teacher forms:
                    targets, g[N], inv_t, ignore_index, mode, beta, need_grad_hidden,
                    need_grad_weight) -> (kl[N], grad_hidden, grad_weight, grad_bias): per row chunk
                    the student and teacher GEMMs, the divergence and dz of each row while it is in
-                   cache, the dh and dW GEMMs (csrc/linear_kl_driver.h): 8·N·H·V FLOPs with a
+                   cache, the dh and dW GEMMs (csrc/linear_kl/driver.h): 8·N·H·V FLOPs with a
                    fused teacher of the student's size, nothing recomputed.
         triton     the fwd and bwd kernels above, both inside the forward (12·N·H·V: the Triton
                    forward tiles do not keep the logits for the gradient).

@@ -1,8 +1,8 @@
 """`linear_logprobs`: per-token log-probs (and entropy) straight from hidden states and the LM head.
 
 Autograd and dispatch live here; the math is in `erpd/reference.py`, the kernels in
-`kernels/linear_logprobs.py` (Triton), `csrc/cpu/linear_logprobs.cpp` (C++) and
-`csrc/linear_logprobs.cu` (CUDA epilogues).
+`kernels/linear_logprobs.py` (Triton), `csrc/linear_logprobs/cpu.cpp` (C++) and
+`csrc/linear_logprobs/kernels.cu` (CUDA epilogues).
 
 Every fused backend implements the same pair of functions on flattened, contiguous inputs:
 

@@ -7,17 +7,17 @@ them; the autograd backward only multiplies them by grad_output, with no pass ov
 vocabulary (Liger's chunked losses do the same with autograd per chunk).
 
 Backends:
-  cpu     one C++ call (csrc/cpu/linear_policy_loss.cpp) on the chunked driver's
+  cpu     one C++ call (csrc/linear_policy_loss/cpu.cpp) on the chunked driver's
           forward_with_grads: per row chunk, the logits GEMM, the log-prob/entropy epilogue, the
-          policy-loss gradient of the chunk's tokens (csrc/policy_loss_math.h), dz in place, and
+          policy-loss gradient of the chunk's tokens (csrc/policy_loss/math.h), dz in place, and
           the dh, dW GEMMs: 6·N·H·V FLOPs. gspo needs each sequence's mean log-ratio before any
           of its gradients, so it runs a log-prob pass first, then the gradient pass (8·N·H·V).
   triton  the Triton kernels composed inside the forward: linear_logprobs forward, the policy
           loss kernel, linear_logprobs backward (8·N·H·V; the backward is still a scale). A
           single-pass Triton kernel would need the policy math in the logits tile loop.
-  cuda    the cpu backend's structure on CUDA tensors (csrc/cuda/linear_policy_loss.cpp): cuBLAS
+  cuda    the cpu backend's structure on CUDA tensors (csrc/linear_policy_loss/cuda.cpp): cuBLAS
           GEMMs with fp32 logits, the linear_logprobs CUDA epilogues and the policy-loss kernels
-          of csrc/policy_loss.cu; 1/D comes from the mask on the device, so nothing syncs.
+          of csrc/policy_loss/kernels.cu; 1/D comes from the mask on the device, so nothing syncs.
   torch   the reference composition (erpd.reference.linear_logprobs + policy_loss) through
           ordinary autograd, which recomputes nothing but materializes the [N, V] logits.
 """

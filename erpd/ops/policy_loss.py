@@ -1,9 +1,9 @@
 """`policy_loss`: clipped / gated / capped importance-ratio losses on per-token log-probs.
 
 Autograd and dispatch live here; the math is in `erpd/reference.py` (`policy_loss`, the
-definition), the kernels in `kernels/policy_loss.py` (Triton), `csrc/cpu/policy_loss.cpp` (C++)
-and `csrc/policy_loss.cu` + `csrc/cuda/policy_loss.cpp` (CUDA), the last two sharing the per-token
-math of `csrc/policy_loss_math.h`; both register `torch.ops.erpd.policy_loss_fwd`, which the
+definition), the kernels in `kernels/policy_loss.py` (Triton), `csrc/policy_loss/cpu.cpp` (C++)
+and `csrc/policy_loss/kernels.cu` + `csrc/policy_loss/cuda.cpp` (CUDA), the last two sharing the per-token
+math of `csrc/policy_loss/math.h`; both register `torch.ops.erpd.policy_loss_fwd`, which the
 dispatcher routes by the tensors' device.
 
 The fused backends implement one function on float32 contiguous [B, T] inputs:
