@@ -1,6 +1,7 @@
-// linear_kl on CPU: the driver's vocabulary-blocked schedule (csrc/linear_kl_driver.h, MKL GEMMs;
-// the reduced loss takes whole rows) with epilogues parallel over rows (ATen's OpenMP pool), each
-// row the vectorized loops of csrc/cpu/vocab_rows.h. Math: csrc/linear_kl_math.h.
+// linear_kl on CPU: the entry points of csrc/linear_kl/host.h in the driver's vocabulary-blocked
+// schedule (csrc/linear_kl/driver.h, MKL GEMMs; the reduced loss takes whole rows) with epilogues
+// parallel over rows (ATen's OpenMP pool), each row the vectorized loops of
+// csrc/common/vocab_rows.h. Math: csrc/linear_kl/math.h.
 //
 // Forward, per row, with m = max z and d = z - m for each distribution:
 //   one read of both rows' blocks: m^S, m^T (online, merged across blocks), s^S = sum e^{d^S},
@@ -19,8 +20,9 @@
 #include <cmath>
 #include <vector>
 
+#include "common/host.h"
 #include "common/vocab_rows.h"
-#include "linear_kl/driver.h"
+#include "linear_kl/host.h"
 #include "linear_kl/math.h"
 
 namespace erpd {
@@ -31,7 +33,7 @@ using linear_kl::Mode;
 struct RowKl {
   float lse_s, lse_t;
   double div;  // the divergence, before the clamp at 0
-  float aux;   // what the gradient needs (csrc/linear_kl_math.h)
+  float aux;   // what the gradient needs (csrc/linear_kl/math.h)
 };
 
 // A row's log-sum-exps and, for the two KLs, its divergence from the sums (jsd: filled by row_kl).
@@ -60,7 +62,11 @@ RowKl row_kl(const cpu::VocabRows& rows, const float* zs, const float* zt, int64
 float clamp_div(double div) { return std::max(float(div), 0.f); }
 
 struct CpuEpilogue {
-  // A row's statistics so far, over the vocabulary blocks seen (csrc/linear_kl_driver.h,
+  // For the entry points (linear_kl/host.h): the vocabulary-blocked schedule, no device guard.
+  static constexpr bool kBlocked = true;
+  using Guard = host::NoGuard;
+
+  // A row's statistics so far, over the vocabulary blocks seen (csrc/linear_kl/driver.h,
   // forward_blocked); jsd's two sums, which whole rows give at once.
   struct State {
     cpu::KlSums k;
@@ -177,46 +183,12 @@ struct CpuEpilogue {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& teacher_hidden, const c10::optional<at::Tensor>& teacher_weight,
-    const c10::optional<at::Tensor>& teacher_bias, const c10::optional<at::Tensor>& teacher_logits,
-    const at::Tensor& targets, double inv_temperature, int64_t ignore_index, int64_t mode, double beta) {
-  const linear_kl::Teacher teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits);
-  return linear_kl::forward_blocked(hidden, weight, bias, teacher, targets, inv_temperature, ignore_index, mode,
-                                    beta, CpuEpilogue{});
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& teacher_hidden, const c10::optional<at::Tensor>& teacher_weight,
-    const c10::optional<at::Tensor>& teacher_bias, const c10::optional<at::Tensor>& teacher_logits,
-    const at::Tensor& targets, const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& aux,
-    const at::Tensor& grad_kl, double inv_temperature, int64_t ignore_index, int64_t mode, double beta,
-    bool need_grad_hidden, bool need_grad_weight) {
-  const linear_kl::Teacher teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits);
-  return linear_kl::backward_blocked(hidden, weight, bias, teacher, targets, lse_s, lse_t, aux, grad_kl,
-                                     inv_temperature, ignore_index, mode, beta, need_grad_hidden, need_grad_weight,
-                                     CpuEpilogue{});
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_with_grads(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& teacher_hidden, const c10::optional<at::Tensor>& teacher_weight,
-    const c10::optional<at::Tensor>& teacher_bias, const c10::optional<at::Tensor>& teacher_logits,
-    const at::Tensor& targets, const at::Tensor& grad_kl, double inv_temperature, int64_t ignore_index, int64_t mode,
-    double beta, bool need_grad_hidden, bool need_grad_weight) {
-  const linear_kl::Teacher teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits);
-  return linear_kl::forward_with_grads(hidden, weight, bias, teacher, targets, grad_kl, inv_temperature,
-                                       ignore_index, mode, beta, need_grad_hidden, need_grad_weight, CpuEpilogue{});
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(erpd, CPU, m) {
-  m.impl("linear_kl_fwd", &fwd);
-  m.impl("linear_kl_bwd", &bwd);
-  m.impl("linear_kl_fwd_with_grads", &fwd_with_grads);
+  m.impl("linear_kl_fwd", &linear_kl::fwd<CpuEpilogue>);
+  m.impl("linear_kl_bwd", &linear_kl::bwd<CpuEpilogue>);
+  m.impl("linear_kl_fwd_with_grads", &linear_kl::fwd_with_grads<CpuEpilogue>);
 }
 
 }  // namespace erpd

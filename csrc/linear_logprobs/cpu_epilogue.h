@@ -1,8 +1,8 @@
-// The CPU epilogues of the linear_logprobs drivers (csrc/linear_logprobs_driver.h): fused per-row
+// The CPU epilogues of the linear_logprobs drivers (csrc/linear_logprobs/driver.h): fused per-row
 // loops over one block of fp32 logits (vocabulary blocks, or whole rows for the fused policy
 // loss), parallel over rows (ATen's OpenMP pool), each row a vectorized loop of
-// csrc/cpu/vocab_rows.h. Used by csrc/cpu/linear_logprobs.cpp and by the fused policy loss
-// (csrc/cpu/linear_policy_loss.cpp).
+// csrc/common/vocab_rows.h. Used by csrc/linear_logprobs/cpu.cpp and by the fused policy loss
+// (csrc/linear_policy_loss/cpu.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,13 +12,18 @@
 #include <cmath>
 #include <vector>
 
+#include "common/host.h"
 #include "common/vocab_rows.h"
 
 namespace erpd {
 namespace cpu {
 
 struct CpuEpilogue {
-  // A row's statistics so far, over the vocabulary blocks seen (csrc/linear_logprobs_driver.h,
+  // For the entry points (linear_logprobs/host.h): the vocabulary-blocked schedule, no device guard.
+  static constexpr bool kBlocked = true;
+  using Guard = host::NoGuard;
+
+  // A row's statistics so far, over the vocabulary blocks seen (csrc/linear_logprobs/driver.h,
   // forward_blocked): softmax sums and the target's logit.
   struct State {
     ExpSums e;
@@ -26,7 +31,7 @@ struct CpuEpilogue {
   };
 
   // Rows [r0, r0 + r) at vocabulary columns [c0, c0 + c) of z [r, c]: one read of each row's
-  // block, its maximum and sums online (csrc/cpu/vocab_rows.h), merged into st[0, r).
+  // block, its maximum and sums online (csrc/common/vocab_rows.h), merged into st[0, r).
   void forward_block(const at::Tensor& z, int64_t r0, int64_t c0, double inv_t, int64_t ignore_index,
                      const at::Tensor& targets, State* st) const {
     const int64_t r = z.size(0), c = z.size(1);

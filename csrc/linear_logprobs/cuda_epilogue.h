@@ -1,11 +1,12 @@
-// The CUDA epilogues of the chunked linear_logprobs driver (csrc/linear_logprobs_driver.h): thin
-// wrappers that launch the kernels of csrc/linear_logprobs.cu on the current stream. Used by
-// csrc/cuda/linear_logprobs.cpp and by the fused policy loss (csrc/cuda/linear_policy_loss.cpp),
-// as csrc/cpu/linear_logprobs_cpu.h is on the CPU.
+// The CUDA epilogues of the chunked linear_logprobs driver (csrc/linear_logprobs/driver.h): thin
+// wrappers that launch the kernels of csrc/linear_logprobs/kernels.cu on the current stream. Used by
+// csrc/linear_logprobs/cuda.cpp and by the fused policy loss (csrc/linear_policy_loss/cuda.cpp),
+// as csrc/linear_logprobs/cpu_epilogue.h is on the CPU.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "linear_logprobs/kernels.h"
@@ -14,6 +15,10 @@ namespace erpd {
 namespace cuda {
 
 struct CudaEpilogue {
+  // For the entry points (linear_logprobs/host.h): row chunks, on the tensors' device.
+  static constexpr bool kBlocked = false;
+  using Guard = c10::cuda::CUDAGuard;
+
   void forward(const at::Tensor& z, int64_t r0, double inv_t, int64_t ignore_index,
                const at::Tensor& targets, at::Tensor& logp, at::Tensor& ent, at::Tensor& lse) const {
     C10_CUDA_CHECK(cuda::linear_logprobs_fwd_epilogue(

@@ -1,19 +1,21 @@
-// Argument handling shared by the policy-loss ops (csrc/cpu/policy_loss.cpp,
-// csrc/cpu/linear_policy_loss.cpp, and their CUDA twins in csrc/cuda/): checks, parameters, and
-// the raw-pointer view of a batch that csrc/policy_loss_math.h works on. Nothing here depends on
-// the device but num_items(), which the CUDA ops do not use. The Python wrappers (erpd/ops/)
-// validate user input with clear messages; these checks only guard the raw-pointer code against a
-// direct call.
+// Host code of the policy-loss ops shared by their CPU and CUDA files: the argument checks, the
+// parameters, the raw-pointer view of a batch that csrc/policy_loss/math.h works on, and the
+// entry point of policy_loss_fwd (fwd, below), a template over what cpu.cpp and cuda.cpp supply.
+// The fused op (csrc/linear_policy_loss/host.h) builds on the same pieces. Nothing here needs a
+// device's headers; num_items() serves the CPU files only, CudaDeviceChecks the CUDA ones. The
+// Python wrappers (erpd/ops/) validate user input with clear messages; these checks only guard
+// the raw-pointer code against a direct call.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <tuple>
 
 #include "policy_loss/math.h"
 
 namespace erpd {
-namespace policy_cpu {
+namespace policy_host {
 
 inline void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
@@ -91,38 +93,36 @@ inline policy::Batch batch(const at::Tensor& logprobs, const at::Tensor* old_log
   return in;
 }
 
-// The arguments of the fused op (csrc/{cpu,cuda}/linear_policy_loss.cpp): hidden is [B * T, H] for
-// the [B, T] mask, and the per-token inputs are checked as in the pointwise op.
-inline policy::Params fused_params(const at::Tensor& hidden, const at::Tensor& targets,
-                                   const c10::optional<at::Tensor>& old_logprobs, const at::Tensor& advantages,
-                                   const at::Tensor& mask, const c10::optional<at::Tensor>& ref_logprobs,
-                                   const c10::optional<at::Tensor>& is_weights, int64_t method, int64_t agg,
-                                   double lo, double hi, double dual_clip, double tau_pos, double tau_neg,
-                                   double kl_coef, int64_t kl_estimator, double entropy_coef, bool kl_ratio_weighted) {
-  TORCH_CHECK(mask.dim() == 2, "mask must be [B, T]");
-  const int64_t n = mask.numel();
-  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == n, "hidden must be [B * T, H] for a [B, T] mask");
-  TORCH_CHECK(targets.numel() == n, "targets must have B * T entries");
-  check_per_token(mask.sizes(), old_logprobs, advantages, mask, ref_logprobs, c10::nullopt, is_weights);
-  return make_params(method, agg, lo, hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator, entropy_coef,
-                     kl_ratio_weighted, ref_logprobs.has_value(), /*has_entropy=*/true);
-}
-
-// Every given tensor is on `device` (the raw-pointer code would otherwise read another device's
-// memory), and num_items, read by a kernel there, has one element. Absent optionals are skipped.
+// A tensor argument by name, for the device checks; an absent optional is skipped.
 struct Named {
   const char* name;
   const c10::optional<at::Tensor>& tensor;
 };
-inline void check_devices(const at::Device& device, std::initializer_list<Named> tensors,
-                          const c10::optional<at::Tensor>& num_items) {
-  for (const Named& t : tensors) {
-    TORCH_CHECK(!t.tensor || t.tensor->device() == device, t.name, " must be on ", device, ", got ",
-                t.tensor->device());
+
+// The device checks of the entry points (fwd below, csrc/linear_policy_loss/host.h), which a
+// backend gets by deriving from one of these. `first_name` names the tensor whose device is
+// `device`, the one the outputs take.
+// CPU: nothing to check; the dispatcher runs the CPU kernel only when every tensor is on the CPU.
+struct NoDeviceChecks {
+  static void check_devices(const char* /*first_name*/, const at::Device& /*device*/,
+                            std::initializer_list<Named> /*tensors*/, const c10::optional<at::Tensor>& /*num_items*/) {}
+};
+// CUDA: the dispatcher runs the CUDA kernel when any tensor argument is on a CUDA device. The
+// first tensor must be one, every other given tensor must be on its device (the raw-pointer code
+// would otherwise read another device's memory), and num_items, read by a kernel there, has one
+// element.
+struct CudaDeviceChecks {
+  static void check_devices(const char* first_name, const at::Device& device, std::initializer_list<Named> tensors,
+                            const c10::optional<at::Tensor>& num_items) {
+    TORCH_CHECK(device.is_cuda(), first_name, " must be a CUDA tensor");
+    for (const Named& t : tensors) {
+      TORCH_CHECK(!t.tensor || t.tensor->device() == device, t.name, " must be on ", device, ", got ",
+                  t.tensor->device());
+    }
+    TORCH_CHECK(!num_items || num_items->device() == device, "num_items must be on ", device);
+    TORCH_CHECK(!num_items || num_items->numel() == 1, "num_items must have one element");
   }
-  TORCH_CHECK(!num_items || num_items->device() == device, "num_items must be on ", device);
-  TORCH_CHECK(!num_items || num_items->numel() == 1, "num_items must have one element");
-}
+};
 
 // num_items as policy::inv_norm takes it: a tensor's value (a CPU scalar here: this reads it on
 // the host) through policy::tensor_items, else the float (0: not given). The CUDA ops pass the
@@ -131,5 +131,41 @@ inline float num_items(const c10::optional<at::Tensor>& t, double value) {
   return t ? policy::tensor_items(t->to(at::kFloat).item<float>()) : float(value);
 }
 
-}  // namespace policy_cpu
+// policy_loss_fwd on either device. Backend (cpu.cpp, cuda.cpp) supplies
+//   Guard                                   held for the call (CUDA: logprobs' device made current);
+//   check_devices                           NoDeviceChecks or CudaDeviceChecks;
+//   reduce(p, in, B, num_items, num_items_value, norm_scale, loss, stats)
+//                                           the per-row pass over `in` (the loss terms, the metrics'
+//                                           partial sums, the gradients without 1/D) and the
+//                                           finalize that writes the loss, 1/D and the metrics.
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(
+    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
+    const c10::optional<at::Tensor>& ref_logprobs, const c10::optional<at::Tensor>& entropy,
+    const c10::optional<at::Tensor>& is_weights, const c10::optional<at::Tensor>& num_items, int64_t method,
+    int64_t agg, double ratio_lo, double ratio_hi, double dual_clip, double tau_pos, double tau_neg, double kl_coef,
+    int64_t kl_estimator, double entropy_coef, double num_items_value, double norm_scale, bool kl_ratio_weighted,
+    bool need_grad_entropy) {
+  check_batch(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights);
+  const at::Device dev = logprobs.device();
+  Backend::check_devices("logprobs", dev,
+                         {{"old_logprobs", old_logprobs}, {"advantages", advantages}, {"mask", mask},
+                          {"ref_logprobs", ref_logprobs}, {"entropy", entropy}, {"is_weights", is_weights}},
+                         num_items);
+  const typename Backend::Guard guard(dev);
+  const policy::Params p = make_params(method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef,
+                                       kl_estimator, entropy_coef, kl_ratio_weighted, ref_logprobs.has_value(),
+                                       entropy.has_value());
+  const int64_t B = logprobs.size(0), T = logprobs.size(1);
+  const auto f32 = logprobs.options();
+  at::Tensor grad_lp = at::empty({B, T}, f32);
+  at::Tensor grad_ent = need_grad_entropy ? at::empty({B, T}, f32) : at::empty({0}, f32);
+  const policy::Batch in = batch(logprobs, &old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, grad_lp,
+                                 need_grad_entropy ? &grad_ent : nullptr);
+  at::Tensor loss = at::empty({}, f32), stats = at::empty({policy::kNumStats}, f32);
+  Backend::reduce(p, in, B, num_items, num_items_value, norm_scale, loss, stats);
+  return {loss, stats, grad_lp, grad_ent};
+}
+
+}  // namespace policy_host
 }  // namespace erpd
