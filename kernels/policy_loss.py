@@ -30,12 +30,11 @@ synchronization. Everything accumulates in fp32.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from erpd.kernels._launch import on_device
 from erpd.ops import policy_spec as _spec
 
 __all__ = ["policy_loss_fwd", "NUM_STATS"]
@@ -322,11 +321,6 @@ def _policy_loss_finalize_kernel(
     tl.store(stats_ptr + _S_NUM_VALID, n)
 
 
-def _on_device(device: torch.device):
-    # Triton launches on the current CUDA device, which need not be the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def policy_loss_fwd(
     logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, num_items,
     method: int, agg: int, ratio_lo: float, ratio_hi: float, dual_clip: float, tau_pos: float, tau_neg: float,
@@ -349,7 +343,7 @@ def policy_loss_fwd(
     stats = torch.empty(NUM_STATS, **f32)
     block_t = min(1024, triton.next_power_of_2(max(T, 16)))
     dummy = logprobs
-    with _on_device(dev):
+    with on_device(dev):
         if B > 0:
             _policy_loss_fwd_kernel[(B,)](
                 logprobs, old_logprobs, advantages, mask.view(torch.uint8),
