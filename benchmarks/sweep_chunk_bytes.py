@@ -5,7 +5,7 @@
 
 The C++ drivers read ERPD_CHUNK_BYTES on every call, so one process can sweep it. For each
 budget: rows per chunk, fwd and fwd+bwd medians, and the peak extra memory of one fwd+bwd. This
-is how the defaults in csrc/chunked.h were chosen (benchmarks/results/README.md has the runs).
+is how the defaults in csrc/common/chunked.h were chosen (benchmarks/results/README.md has the runs).
 """
 
 from __future__ import annotations

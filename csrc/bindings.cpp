@@ -1,13 +1,13 @@
 // The erpd:: torch op schemas and the pybind11 module `erpd._C`.
 //
 // Each op's kernels register their implementations per dispatch key in their own translation
-// unit (csrc/cpu/<op>.cpp for CPU, csrc/cuda/<op>.cpp for CUDA); this file only declares the
+// unit (csrc/<op>/cpu.cpp for CPU, csrc/<op>/cuda.cpp for CUDA); this file only declares the
 // schemas, so the op set is visible in one place.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
-#include "cpu/vocab_rows.h"
+#include "common/vocab_rows.h"
 
 TORCH_LIBRARY(erpd, m) {
   // linear_logprobs (docs/design.md §4.2): per-row log p(target), entropy and log-sum-exp of
@@ -25,7 +25,7 @@ TORCH_LIBRARY(erpd, m) {
       "float softcap_scale, int ignore_index, bool need_grad_hidden, bool need_grad_weight) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
-  // linear_kl (csrc/linear_kl_math.h): per-row divergence between the student's softmax and the
+  // linear_kl (csrc/linear_kl/math.h): per-row divergence between the student's softmax and the
   // teacher's, the teacher given as its own hidden states and head (fused) or as dense logits.
   // mode 0 = KL(T||S), 1 = KL(S||T), 2 = generalized JSD with 0 < beta < 1. `aux` is the per-row
   // scalar the backward needs.
@@ -49,7 +49,7 @@ TORCH_LIBRARY(erpd, m) {
       "bool need_grad_weight) -> (Tensor kl, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
   // ---- policy losses (erpd/ops/policy_loss.py, erpd/ops/linear_policy_loss.py; per-token math in
-  // csrc/policy_loss_math.h). Integer codes: method ppo 0, sapo 1, cispo 2, gspo 3, reinforce 4;
+  // csrc/policy_loss/math.h). Integer codes: method ppo 0, sapo 1, cispo 2, gspo 3, reinforce 4;
   // agg token-mean 0, seq-mean-token-mean 1, seq-mean-token-sum 2, seq-mean-token-sum-norm 3;
   // kl_estimator k1 0, k2 1, k3 2. mask: bool [B, T]. dual_clip <= 0: none; num_items (tensor, else the float if
   // > 0) replaces the local count of the normaliser; kl_ratio_weighted: the KL term times the ratio. Each returns the loss, the stats vector
@@ -82,7 +82,7 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
-  // The ISA level of the CPU epilogues' row loops (csrc/cpu/vocab_rows.h).
+  // The ISA level of the CPU epilogues' row loops (csrc/common/vocab_rows.h).
   m.def("cpu_isa", []() { return std::string(erpd::cpu::vocab_rows().isa); });
   m.def("cpu_isas", &erpd::cpu::supported_isas, "the levels this CPU and build can run");
   m.def("set_cpu_isa", &erpd::cpu::set_vocab_rows_isa, "switch the level (for tests and benchmarks)");

@@ -63,19 +63,22 @@ import torch
 import triton
 import triton.language as tl
 
-from erpd.kernels.linear_logprobs import (
+from erpd.kernels._launch import (
     COMBINE_BLOCK,
-    _add_tile_grads,
-    _dot_precision,
-    _fwd_split,
-    _interpreting,
-    _logits_tile,
-    _no_inf_shift,
-    _on_device,
-    _p_times,
+    GradWorkspaces,
+    bwd_grid,
+    dot_precision,
+    fwd_grid,
+    interpreting,
+    launch_options,
+    on_device,
 )
+from erpd.kernels.linear_logprobs import _add_tile_grads, _logits_tile, _no_inf_shift, _p_times
 
 __all__ = ["linear_kl_fwd", "linear_kl_bwd", "fwd_config", "bwd_config", "MODES"]
+
+# The sm_90 compile tests build the kernels with the launchers' dot precision, read from here.
+_dot_precision = dot_precision
 
 # mode codes of the op's contract
 FORWARD, REVERSE, JSD = 0, 1, 2
@@ -477,7 +480,7 @@ def linear_kl_fwd(
     _check_mode(mode, beta)
     n, h = hidden.shape
     v = weight.shape[0]
-    interp = _interpreting()
+    interp = interpreting()
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
     kl, lse_s, lse_t, aux = (torch.empty(n, **f32) for _ in range(4))
@@ -486,36 +489,27 @@ def linear_kl_fwd(
     t_ptrs, ht, t_flags = _teacher_args(hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
     beta_f, log_b, log_1mb = _beta_args(mode, beta)
 
-    cfg = fwd_config(n, hidden.dtype, interp)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    n_row_blocks = triton.cdiv(n, bm)
-    n_vocab_blocks = triton.cdiv(v, bn)
-    split = _fwd_split(n_row_blocks, n_vocab_blocks, dev, interp)
-    # Whole tiles per split; recount so that no split is empty.
-    v_per_split = triton.cdiv(n_vocab_blocks, split) * bn
-    split = triton.cdiv(v, v_per_split)
-    finalize = split == 1
-    part = kl if finalize else torch.empty(5, split, n, **f32)
+    g = fwd_grid(n, v, fwd_config(n, hidden.dtype, interp), dev, interp)
+    part = kl if g.finalize else torch.empty(5, g.split, n, **f32)
     stats = torch.empty(4, n, **f32) if mode == JSD else kl
 
     common = dict(
-        MODE=mode, HAS_BIAS=bias is not None, FINALIZE=finalize, **t_flags,
-        UPCAST=interp, DOT_PRECISION=_dot_precision(interp), EVEN_K=h % bk == 0, EVEN_KT=ht % bk == 0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        MODE=mode, HAS_BIAS=bias is not None, FINALIZE=g.finalize, **t_flags, EVEN_KT=ht % g.cfg["BLOCK_K"] == 0,
+        **launch_options(g.cfg, h, interp),
     )
     args = (
         hidden, weight, hidden if bias is None else bias, *t_ptrs, targets,
         kl, aux, lse_s, lse_t, stats, part,
-        n, h, ht, v, float(inv_temperature), int(ignore_index), beta_f, log_b, log_1mb, v_per_split, split * n,
+        n, h, ht, v, float(inv_temperature), int(ignore_index), beta_f, log_b, log_1mb, g.v_per_split, g.split * n,
     )
     combine_grid = (triton.cdiv(n, COMBINE_BLOCK),)
-    combine_args = (part, targets, kl, aux, lse_s, lse_t, stats, n, int(ignore_index), beta_f, split, split * n)
-    with _on_device(dev):
+    combine_args = (part, targets, kl, aux, lse_s, lse_t, stats, n, int(ignore_index), beta_f, g.split, g.split * n)
+    with on_device(dev):
         # jsd: the second pass needs the final lse of both sides, so it starts after the first
         # pass (and its combine) has finished for every split.
         for pass_ in (1, 2) if mode == JSD else (1,):
-            _linear_kl_fwd_kernel[(n_row_blocks, split)](*args, PASS=pass_, **common)
-            if not finalize:
+            _linear_kl_fwd_kernel[g.grid](*args, PASS=pass_, **common)
+            if not g.finalize:
                 _linear_kl_combine_kernel[combine_grid](
                     *combine_args, MODE=mode, PASS=pass_, BLOCK=COMBINE_BLOCK, num_warps=4,
                 )
@@ -535,36 +529,19 @@ def linear_kl_bwd(
     _check_mode(mode, beta)
     n, h = hidden.shape
     v = weight.shape[0]
-    interp = _interpreting()
-    dev = hidden.device
-    need_h, need_w, need_b = bool(need_grad_hidden), bool(need_grad_weight), bias is not None
-    f32 = dict(dtype=torch.float32, device=dev)
-    # Ignored rows never receive an atomic, so the workspaces must start at zero.
-    dh = torch.zeros(n, h, **f32) if need_h else None
-    dw = torch.zeros(v, h, **f32) if need_w else None
-    db = torch.zeros(v, **f32) if need_b else None
+    interp = interpreting()
+    ws = GradWorkspaces(hidden, weight, bias, need_grad_hidden, need_grad_weight)
 
-    if n > 0 and (need_h or need_w or need_b):
+    if n > 0 and ws.needed:
         t_ptrs, ht, t_flags = _teacher_args(hidden, teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
         beta_f, log_b, log_1mb = _beta_args(mode, beta)
         cfg = bwd_config(hidden.dtype, interp)
-        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        grid = (triton.cdiv(n, bm) * triton.cdiv(v, bn),)
-        with _on_device(dev):
-            _linear_kl_bwd_kernel[grid](
+        with on_device(hidden.device):
+            _linear_kl_bwd_kernel[bwd_grid(n, v, cfg)](
                 hidden, weight, hidden if bias is None else bias, *t_ptrs, targets, lse_s, lse_t, aux, grad_kl,
-                # Unused outputs get a harmless real fp32 pointer; their constexpr flag is off.
-                lse_s if dh is None else dh, lse_s if dw is None else dw, lse_s if db is None else db,
+                *ws.pointers(lse_s),
                 n, h, ht, v, float(inv_temperature), int(ignore_index), beta_f, log_b, log_1mb,
-                MODE=mode, HAS_BIAS=need_b, **t_flags,
-                NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
-                UPCAST=interp, DOT_PRECISION=_dot_precision(interp), EVEN_K=h % bk == 0, EVEN_KT=ht % bk == 0,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                MODE=mode, HAS_BIAS=ws.need_b, **t_flags, EVEN_KT=ht % cfg["BLOCK_K"] == 0,
+                **ws.flags(), **launch_options(cfg, h, interp),
             )
-
-    empty = lambda dtype: torch.empty(0, dtype=dtype, device=dev)  # noqa: E731
-    grad_hidden = dh.to(hidden.dtype) if need_h else empty(hidden.dtype)
-    grad_weight = dw.to(weight.dtype) if need_w else empty(weight.dtype)
-    grad_bias = db if need_b else empty(torch.float32)
-    return grad_hidden, grad_weight, grad_bias
+    return ws.grads(hidden, weight)

@@ -46,15 +46,25 @@ Under the Triton interpreter every operand is upcast to fp32 first (its bf16 dot
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from erpd.kernels._launch import (
+    COMBINE_BLOCK,
+    GradWorkspaces,
+    bwd_grid,
+    dot_precision,
+    fwd_grid,
+    interpreting,
+    launch_options,
+    on_device,
+)
+
 __all__ = ["linear_logprobs_fwd", "linear_logprobs_bwd"]
+
+# The sm_90 compile tests build the kernels with the launchers' dot precision, read from here.
+_dot_precision = dot_precision
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,7 +412,6 @@ _GPU_BWD = {
     "16bit": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
 }
-COMBINE_BLOCK = 256
 
 # Interpreter: each program costs a fixed Python overhead plus numpy work on whole tiles, so
 # fairly wide tiles keep the small test shapes at well under a second. BLOCK_M=32 still gives
@@ -410,17 +419,6 @@ COMBINE_BLOCK = 256
 # cannot autotune over several.
 _INTERP_FWD = dict(BLOCK_M=32, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=1)
 _INTERP_BWD = dict(BLOCK_M=32, BLOCK_N=256, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)
-
-
-def _interpreting() -> bool:
-    # Read at call time, not import time: the path must follow the caller's environment.
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _dot_precision(interpreting: bool) -> str:
-    # Matters only for fp32 operands (bf16/fp16 ignore it). 3xTF32 on GPU: plain TF32 would lose
-    # ~3 decimal digits against the IEEE fp32 GEMM that PyTorch uses by default.
-    return "ieee" if interpreting else "tf32x3"
 
 
 def fwd_config(n: int, dtype: torch.dtype, interpreting: bool) -> dict:
@@ -440,28 +438,6 @@ def bwd_config(dtype: torch.dtype, interpreting: bool) -> dict:
     return dict(_GPU_BWD["fp32" if dtype == torch.float32 else "16bit"])
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _fwd_split(n_row_blocks: int, n_vocab_blocks: int, device: torch.device, interpreting: bool) -> int:
-    """How many programs share one row block's vocabulary sweep."""
-    if interpreting:
-        # Two splits whenever possible, so that the interpreter exercises the combine kernel.
-        return min(2, n_vocab_blocks)
-    # About two waves of programs, but >= 4 vocabulary tiles per program so the partials and
-    # the combine stay negligible next to the GEMM work.
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    want = triton.cdiv(2 * _sm_count(idx), n_row_blocks)
-    return max(1, min(want, n_vocab_blocks // 4))
-
-
-def _on_device(device: torch.device):
-    # Triton launches on the current CUDA device, which need not be the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -473,7 +449,7 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temperature: float, s
     docstring for the math."""
     n, h = hidden.shape
     v = weight.shape[0]
-    interp = _interpreting()
+    interp = interpreting()
     dev = hidden.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     ent = torch.empty(n, dtype=torch.float32, device=dev)
@@ -481,32 +457,22 @@ def linear_logprobs_fwd(hidden, weight, bias, targets, inv_temperature: float, s
     stats = torch.empty((3, n) if with_stats else (0,), dtype=torch.float32, device=dev)
     softcap = softcap_scale > 0.0
 
-    cfg = fwd_config(n, hidden.dtype, interp)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    n_row_blocks = triton.cdiv(n, bm)
-    n_vocab_blocks = triton.cdiv(v, bn)
-    split = _fwd_split(n_row_blocks, n_vocab_blocks, dev, interp)
-    # Whole tiles per split; recount so that no split is empty.
-    v_per_split = triton.cdiv(n_vocab_blocks, split) * bn
-    split = triton.cdiv(v, v_per_split)
-    finalize = split == 1
-    part = logp if finalize else torch.empty(7 if with_stats else 4, split, n, dtype=torch.float32, device=dev)
+    g = fwd_grid(n, v, fwd_config(n, hidden.dtype, interp), dev, interp)
+    part = logp if g.finalize else torch.empty(7 if with_stats else 4, g.split, n, dtype=torch.float32, device=dev)
 
-    with _on_device(dev):
-        _linear_logprobs_fwd_kernel[(n_row_blocks, split)](
+    with on_device(dev):
+        _linear_logprobs_fwd_kernel[g.grid](
             hidden, weight, hidden if bias is None else bias, targets,
             logp, ent, lse, stats if with_stats else logp, part,
             n, h, v, float(softcap_scale if softcap else inv_temperature), float(inv_temperature),
-            float(softcap_scale), int(ignore_index), v_per_split, split * n,
-            HAS_BIAS=bias is not None, FINALIZE=finalize, SOFTCAP=softcap, STATS=bool(with_stats),
-            UPCAST=interp, DOT_PRECISION=_dot_precision(interp), EVEN_K=h % bk == 0,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            float(softcap_scale), int(ignore_index), g.v_per_split, g.split * n,
+            HAS_BIAS=bias is not None, FINALIZE=g.finalize, SOFTCAP=softcap, STATS=bool(with_stats),
+            **launch_options(g.cfg, h, interp),
         )
-        if not finalize:
+        if not g.finalize:
             _linear_logprobs_combine_kernel[(triton.cdiv(n, COMBINE_BLOCK),)](
                 part, targets, logp, ent, lse, stats if with_stats else logp,
-                n, v, int(ignore_index), split, split * n,
+                n, v, int(ignore_index), g.split, g.split * n,
                 STATS=bool(with_stats), BLOCK=COMBINE_BLOCK, num_warps=4,
             )
     return logp, ent, lse, stats
@@ -522,36 +488,19 @@ def linear_logprobs_bwd(
     """
     n, h = hidden.shape
     v = weight.shape[0]
-    interp = _interpreting()
-    dev = hidden.device
-    need_h, need_w, need_b = bool(need_grad_hidden), bool(need_grad_weight), bias is not None
-    f32 = dict(dtype=torch.float32, device=dev)
-    # Ignored rows never receive an atomic, so the workspaces must start at zero.
-    dh = torch.zeros(n, h, **f32) if need_h else None
-    dw = torch.zeros(v, h, **f32) if need_w else None
-    db = torch.zeros(v, **f32) if need_b else None
+    interp = interpreting()
+    ws = GradWorkspaces(hidden, weight, bias, need_grad_hidden, need_grad_weight)
 
-    if need_h or need_w or need_b:
+    if ws.needed:
         cfg = bwd_config(hidden.dtype, interp)
-        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        grid = (triton.cdiv(n, bm) * triton.cdiv(v, bn),)
-        with _on_device(dev):
-            _linear_logprobs_bwd_kernel[grid](
+        with on_device(hidden.device):
+            _linear_logprobs_bwd_kernel[bwd_grid(n, v, cfg)](
                 hidden, weight, hidden if bias is None else bias, targets, lse, entropy,
                 grad_logprobs, grad_logprobs if grad_entropy is None else grad_entropy,
-                # Unused outputs get a harmless real fp32 pointer; their constexpr flag is off.
-                lse if dh is None else dh, lse if dw is None else dw, lse if db is None else db,
+                *ws.pointers(lse),
                 n, h, v, float(softcap_scale if softcap_scale > 0.0 else inv_temperature), float(inv_temperature),
                 float(softcap_scale), int(ignore_index),
-                HAS_BIAS=need_b, HAS_GRAD_ENTROPY=grad_entropy is not None, SOFTCAP=softcap_scale > 0.0,
-                NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
-                UPCAST=interp, DOT_PRECISION=_dot_precision(interp), EVEN_K=h % bk == 0,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                HAS_BIAS=ws.need_b, HAS_GRAD_ENTROPY=grad_entropy is not None, SOFTCAP=softcap_scale > 0.0,
+                **ws.flags(), **launch_options(cfg, h, interp),
             )
-
-    empty = lambda dtype: torch.empty(0, dtype=dtype, device=dev)  # noqa: E731
-    grad_hidden = dh.to(hidden.dtype) if need_h else empty(hidden.dtype)
-    grad_weight = dw.to(weight.dtype) if need_w else empty(weight.dtype)
-    grad_bias = db if need_b else empty(torch.float32)
-    return grad_hidden, grad_weight, grad_bias
+    return ws.grads(hidden, weight)

@@ -1,6 +1,6 @@
 r"""Policy losses in Triton: per-token loss, its gradient w.r.t. the log-prob, and the metrics, in one pass.
 
-Math (erpd.reference.policy_loss is the definition; csrc/policy_loss_math.h is the C++ twin). Per
+Math (erpd.reference.policy_loss is the definition; csrc/policy_loss/math.h is the C++ twin). Per
 valid token with log-prob x, old log-prob x_old, advantage A and delta = x - x_old:
 
     log r = clamp(delta, +-20)                  (gspo: the row's clamp(mean_t m delta, +-20))
@@ -30,12 +30,11 @@ synchronization. Everything accumulates in fp32.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from erpd.kernels._launch import on_device
 from erpd.ops import policy_spec as _spec
 
 __all__ = ["policy_loss_fwd", "NUM_STATS"]
@@ -301,7 +300,7 @@ def _policy_loss_finalize_kernel(
         count = B + 0.0 * n
     count = tl.maximum(tl.where(num_items_value > 0, num_items_value, count), 1.0)
     if NUM_ITEMS_FROM_PTR:
-        # A tensor's value, unchecked: csrc/policy_loss_math.h tensor_items' rule (below 1 counts
+        # A tensor's value, unchecked: csrc/policy_loss/math.h tensor_items' rule (below 1 counts
         # as 1; NaN or +-inf gives NaN: v - v is 0 for finite v, NaN otherwise).
         v = tl.load(num_items_ptr).to(tl.float32)
         count = tl.where(v < 1.0, 1.0, v) + (v - v)
@@ -320,11 +319,6 @@ def _policy_loss_finalize_kernel(
     tl.store(stats_ptr + _S_KL_REF, ksum * inv_n)
     tl.store(stats_ptr + _S_ENTROPY, hsum * inv_n)
     tl.store(stats_ptr + _S_NUM_VALID, n)
-
-
-def _on_device(device: torch.device):
-    # Triton launches on the current CUDA device, which need not be the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def policy_loss_fwd(
@@ -349,7 +343,7 @@ def policy_loss_fwd(
     stats = torch.empty(NUM_STATS, **f32)
     block_t = min(1024, triton.next_power_of_2(max(T, 16)))
     dummy = logprobs
-    with _on_device(dev):
+    with on_device(dev):
         if B > 0:
             _policy_loss_fwd_kernel[(B,)](
                 logprobs, old_logprobs, advantages, mask.view(torch.uint8),

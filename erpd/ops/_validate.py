@@ -441,7 +441,7 @@ def num_items(x, device: torch.device, check_values: bool) -> tuple[torch.Tensor
     """(tensor or None, value): a tensor `num_items` is read by the kernel (no host sync); a
     number must be finite and > 0, and so must a tensor's value where the value checks run
     (elsewhere every backend counts a value below 1 as 1 and makes the loss NaN for a NaN or
-    infinite one: csrc/policy_loss_math.h, tensor_items). value 0.0 means "not given"."""
+    infinite one: csrc/policy_loss/math.h, tensor_items). value 0.0 means "not given"."""
     if x is None:
         return None, 0.0
     if isinstance(x, torch.Tensor):

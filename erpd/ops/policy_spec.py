@@ -8,7 +8,7 @@ here, once:
   names the ``stats`` entries, `erpd/ops/_library.py` sizes them, `erpd/reference.py` lists the
   names);
 * the Triton kernel (`kernels/policy_loss.py`) imports it;
-* the C++ and CUDA code includes `csrc/policy_codes.h`, which is generated from it::
+* the C++ and CUDA code includes `csrc/policy_loss/codes.h`, which is generated from it::
 
       python -m erpd.ops.policy_spec --write-header
 
@@ -69,7 +69,7 @@ STAT_NAMES = tuple(name for name, *_ in STATS)
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 NUM_STATS = len(STATS)
 
-HEADER = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "policy_codes.h"
+HEADER = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "policy_loss" / "codes.h"
 
 # (enum, underlying type, table, the count's name, whether the count is the enum's last enumerator)
 _ENUMS = (
@@ -81,7 +81,7 @@ _ENUMS = (
 
 
 def render_header() -> str:
-    """The text of csrc/policy_codes.h."""
+    """The text of csrc/policy_loss/codes.h."""
     out = [
         "// Generated from erpd/ops/policy_spec.py by `python -m erpd.ops.policy_spec --write-header`;",
         "// do not edit (tests/ops/test_policy_spec.py fails when this file and the table differ).",

@@ -1,5 +1,5 @@
 """The `cpu` backend at every ISA level of its vectorized row loops that this machine runs
-(csrc/cpu/vocab_rows.h: baseline, AVX2, AVX-512; the rest of the suite runs only the best one).
+(csrc/common/vocab_rows.h: baseline, AVX2, AVX-512; the rest of the suite runs only the best one).
 Each level against the float64 reference under the tolerance rule, on vocabularies that are not
 multiples of the SIMD width or of the 256-logit sum block, with a temperature, |z| ~ 1e3 and a
 NaN row; the checks are the op test modules' own."""

@@ -122,7 +122,7 @@ def test_logprob_only_and_frozen_head(cpu_backend):
 @pytest.mark.parametrize("chunk_bytes", [1, 3 * 4 * 1001])
 def test_chunk_boundaries_of_the_cpp_driver(monkeypatch, chunk_bytes):
     """The C++ driver splits rows and vocabulary by a logits byte budget (ERPD_CHUNK_BYTES, read
-    per call; csrc/chunked.h cpu_blocks): blocks of one row and 256 columns, and 11-row blocks of
+    per call; csrc/common/chunked.h cpu_blocks): blocks of one row and 256 columns, and 11-row blocks of
     256 columns, ragged in both directions (V = 1001), must match the reference."""
     if not erpd._ext.has_cpu():
         pytest.skip("erpd._C not built")

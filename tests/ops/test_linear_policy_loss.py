@@ -164,7 +164,7 @@ def test_on_policy_old_logprobs_none(cpu_backend):
 
 @pytest.mark.parametrize("method", ["ppo", "cispo"])
 def test_cpu_row_groups_split_sequences(method):
-    """On CPU the fused epilogues run on groups of rows that fit 2 MiB (csrc/chunked.h
+    """On CPU the fused epilogues run on groups of rows that fit 2 MiB (csrc/common/chunked.h
     cache_rows): 16 rows at V = 32768, which cut these sequences of 13 tokens anywhere."""
     if "cpu" not in erpd.available("cpu", "linear_policy_loss"):
         pytest.skip("erpd._C not built")
@@ -261,7 +261,7 @@ def test_module_form(cpu_backend):
 def test_cpugemm_counts(monkeypatch, method, gemms):
     """Forward: 3 GEMMs per row chunk (logits, dh, dW) = 6·N·H·V FLOPs for token-level methods
     (3 chunks here); gspo runs a log-prob pass, then the gradient pass, on the log-prob op's
-    blocks (1 + 3 GEMMs on each of 7 blocks of 6 rows here: csrc/chunked.h cpu_blocks). Backward:
+    blocks (1 + 3 GEMMs on each of 7 blocks of 6 rows here: csrc/common/chunked.h cpu_blocks). Backward:
     none."""
     if "cpu" not in erpd.available("cpu", "linear_policy_loss"):
         pytest.skip("erpd._C not built")

@@ -18,10 +18,10 @@ policy_loss_mod = importlib.import_module("erpd.ops.policy_loss")
 
 
 def test_committed_header_is_generated_from_the_table():
-    header = REPO / "csrc" / "policy_codes.h"
+    header = REPO / "csrc" / "policy_loss" / "codes.h"
     assert policy_spec.HEADER == header
     assert header.read_text() == policy_spec.render_header(), (
-        "csrc/policy_codes.h differs from erpd/ops/policy_spec.py: run `python -m erpd.ops.policy_spec --write-header`"
+        "csrc/policy_loss/codes.h differs from erpd/ops/policy_spec.py: run `python -m erpd.ops.policy_spec --write-header`"
     )
 
 
