@@ -25,9 +25,11 @@ from benchmarks._harness import DTYPES
 MODULES = {
     "linear_logprobs": "benchmarks.bench_linear_logprobs",
     "linear_kl": "benchmarks.bench_linear_kl",
+    "linear_kl_loss": "benchmarks.bench_linear_kl_loss",
     "linear_policy_loss": "benchmarks.bench_policy_loss",
 }
-ROW_WIDTH = {"linear_logprobs": 1, "linear_kl": 2, "linear_policy_loss": 1}  # [rows, V] fp32 buffers
+# [rows, V] fp32 buffers per chunk
+ROW_WIDTH = {"linear_logprobs": 1, "linear_kl": 2, "linear_kl_loss": 2, "linear_policy_loss": 1}
 
 
 def parse_bytes(tok: str) -> int:
