@@ -33,11 +33,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.args = (inv_temperature, softcap_scale, ignore_index)
         ctx.backend = backend
-        if backend == "torch":
-            kw = dict(bias=None, ignore_index=ignore_index, with_entropy=True, **reference_head(inv_temperature, softcap_scale))
+        if backend == "torch":  # gradients of gradients: the definition, differentiated
+            head = reference_head(inv_temperature, softcap_scale)
 
             def recompute(h, w, b):
-                return reference.linear_logprobs(h, w, targets, **{**kw, "bias": b})
+                return reference.linear_logprobs(h, w, targets, bias=b, ignore_index=ignore_index, with_entropy=True,
+                                                 **head)
 
             _autograd.record_recompute(ctx, recompute, (hidden, weight, bias), 9)
         ctx.mark_non_differentiable(stats)
