@@ -237,6 +237,21 @@ KL_ESTIMATORS = tuple(policy_spec.KL_ESTIMATOR_CODES)
 LOG_RATIO_CLAMP = 20.0
 
 
+def policy_agg_count(
+    mask: torch.Tensor, agg: str = "token-mean", num_items: float | torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The count :func:`policy_agg_weights` divides by (N or B' in its table), a 0-dim tensor:
+    ``num_items`` if given, else the valid tokens (token-mean) or the rows; clamped below at 1,
+    NaN for a NaN or infinite ``num_items``."""
+    if num_items is None:
+        if agg == "token-mean":
+            return (mask != 0).to(dtype).sum().clamp_min(1.0)
+        return torch.tensor(float(mask.shape[0]), dtype=dtype, device=mask.device)
+    count = torch.as_tensor(num_items, dtype=dtype, device=mask.device)
+    return torch.where(count.isfinite(), count.clamp_min(1.0), torch.nan)
+
+
 def policy_agg_weights(
     mask: torch.Tensor,
     agg: str = "token-mean",
@@ -267,12 +282,8 @@ def policy_agg_weights(
     the one rule every backend follows for a value nothing checked.
     """
     m = (mask != 0).to(dtype)
-    B, T = m.shape
-    if num_items is None:
-        count = (m.sum() if agg == "token-mean" else torch.tensor(float(B), dtype=dtype, device=m.device)).clamp_min(1.0)
-    else:
-        count = torch.as_tensor(num_items, dtype=dtype, device=m.device)
-        count = torch.where(count.isfinite(), count.clamp_min(1.0), torch.nan)
+    T = m.shape[1]
+    count = policy_agg_count(mask, agg, num_items, dtype)
     if agg == "token-mean":
         return m / count
     if agg == "seq-mean-token-mean":

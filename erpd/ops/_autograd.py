@@ -4,7 +4,7 @@ differentiable.
 
 On the `torch` backend a gradient asked for with ``create_graph=True`` is exact instead: the
 Function records a *recompute*, the op's definition in `erpd.reference` as a function of the
-differentiable inputs, and the backward differentiates that with autograd (`differentiable`).
+differentiable inputs (`record_recompute`), and the backward differentiates that with autograd.
 
 Left alone, such a backward under ``create_graph=True`` returns gradients without a graph (or
 with the part of one that its few torch ops record), so a gradient penalty built on them
@@ -45,7 +45,13 @@ def _create_graph() -> bool:
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def _differentiate(ctx, grad_outputs) -> tuple:
+def _higher_order(ctx, op: str, grad_outputs) -> tuple | None:
+    """None outside ``create_graph=True``; there, the gradients of the recorded recompute, or an
+    error naming ``erpd.<op>`` when the Function recorded none (the fused backends)."""
+    if not _create_graph():
+        return None
+    if getattr(ctx, "recompute", None) is None:
+        raise RuntimeError(double_backward_message(op))
     fn, inputs, num_args = ctx.recompute
     wanted = [i for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[i]]
     outs = fn(*inputs)
@@ -66,11 +72,8 @@ def first_order_only(op: str):
     def wrap(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
-            if _create_graph():
-                if getattr(ctx, "recompute", None) is None:
-                    raise RuntimeError(double_backward_message(op))
-                return _differentiate(ctx, grad_outputs)
-            return backward(ctx, *grad_outputs)
+            grads = _higher_order(ctx, op, grad_outputs)
+            return backward(ctx, *grad_outputs) if grads is None else grads
 
         return wrapper
 
@@ -115,10 +118,9 @@ class GradsInForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_grad_extras):
         # The whole backward: the gradients were computed (and normalized) in the forward.
-        if _create_graph():  # as first_order_only
-            if getattr(ctx, "recompute", None) is None:
-                raise RuntimeError(double_backward_message(ctx.op))
-            return _differentiate(ctx, (grad_loss,))
+        grads = _higher_order(ctx, ctx.op, (grad_loss,))  # as first_order_only
+        if grads is not None:
+            return grads
         if ctx.grads is None:
             raise RuntimeError(
                 f"erpd.{ctx.op}: a second backward through the same call; its gradients are computed in the "

@@ -12,6 +12,7 @@ from erpd.ops.linear_policy_loss import tp
 from erpd.ops.linear_policy_loss.function import OP, recompute, run_composed, run_fused
 from erpd.ops.options import PolicyOptions, with_option_parameters
 from erpd.ops.policy_loss.function import metrics_from_stats
+from erpd.ops.policy_loss.torch_kernels import reference_num_items
 
 
 @with_option_parameters
@@ -127,7 +128,7 @@ def linear_policy_loss(
     again = None
     if name == "torch":
         again = recompute(t1, inv_t, cap, ignore_index, old, adv, valid, ref, isw,
-                          n_tensor if n_tensor is not None else (n_value or None), opts.options())
+                          reference_num_items(n_tensor, n_value), opts.options())
     loss, stats, lp = GradsInForward.apply(hidden, weight, bias, run, OP, again)
     return loss, _with_logprobs(metrics_from_stats(stats, ref_logprobs is not None, True), lp.view(B, T), return_logprobs)
 

@@ -42,7 +42,7 @@ class PolicyLossFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(g_lp, g_ent if need_grad_entropy else None, stats)
         if backend == "torch":  # `options`: the PolicyOptions behind `args`
-            n = num_items if num_items is not None else (args[10] or None)
+            n = torch_kernels.reference_num_items(num_items, args[10])
 
             def recompute(lp, ent):
                 return (reference.policy_loss(lp, old, adv, mask, options, is_weights=isw, ref_logprobs=ref,

@@ -33,14 +33,9 @@ def options_of(method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos, tau_neg, kl_
     )
 
 
-def batch_count(mask, agg: str, num_items, num_items_value: float, acc) -> torch.Tensor:
-    """D, the count the aggregation divides by (the kernels' stats[0] is 1 / D)."""
-    if num_items is not None or num_items_value:
-        d = torch.as_tensor(num_items if num_items is not None else num_items_value, dtype=acc, device=mask.device)
-        return torch.where(d.isfinite(), d.clamp_min(1.0), torch.nan)
-    if agg == "token-mean":
-        return mask.to(acc).sum().clamp_min(1.0)
-    return torch.tensor(float(mask.shape[0]), dtype=acc, device=mask.device)
+def reference_num_items(num_items, num_items_value: float):
+    """The kernels' (tensor | None, value; 0 = not given) form of num_items as the reference takes it."""
+    return num_items if num_items is not None else (num_items_value or None)
 
 
 def fwd(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, num_items, method, agg, ratio_lo,
@@ -50,21 +45,19 @@ def fwd(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weig
     1/D of stats[0], as every backend returns them."""
     opts = options_of(method, agg, ratio_lo, ratio_hi, dual_clip, tau_pos, tau_neg, kl_coef, kl_estimator,
                       entropy_coef, norm_scale, kl_ratio_weighted)
-    n = num_items if num_items is not None else (num_items_value or None)
+    n = reference_num_items(num_items, num_items_value)
     zero_ent = entropy is None or not need_grad_entropy
 
-    def loss_of(lp, ent):
-        loss, metrics = reference.policy_loss(lp, old_logprobs, advantages, mask, opts, is_weights=is_weights,
-                                              ref_logprobs=ref_logprobs, entropy=entropy if zero_ent else ent,
-                                              num_items=n)
-        return loss, metrics
+    def loss_of(lp, ent):  # -> (loss, metrics)
+        return reference.policy_loss(lp, old_logprobs, advantages, mask, opts, is_weights=is_weights,
+                                     ref_logprobs=ref_logprobs, entropy=entropy if zero_ent else ent, num_items=n)
 
     # torch.func rather than torch.autograd.grad: torch.compile traces it (fullgraph).
     ent_in = logprobs if zero_ent else entropy
     (g_lp, g_ent), (loss, metrics) = torch.func.grad_and_value(loss_of, argnums=(0, 1), has_aux=True)(
         logprobs.detach(), ent_in.detach())
     acc = loss.dtype
-    d = batch_count(mask, opts.agg, num_items, num_items_value, acc)
+    d = reference.policy_agg_count(mask, opts.agg, n, acc)  # D: the kernels' stats[0] is 1 / D
     stats = torch.stack([1.0 / d if s == "inv_norm" else metrics.get(s, d.new_zeros(())).to(acc)
                          for s in policy_spec.STAT_NAMES])
     return loss.detach(), stats, g_lp * d, (g_ent * d if not zero_ent else logprobs.new_empty(0))
