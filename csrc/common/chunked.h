@@ -10,6 +10,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -115,10 +117,33 @@ inline void gemm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   }
 }
 
+// out (+)= a @ b, split on CPU into one range of out's rows (dim 0, with a's rows) or columns
+// (dim 1, with b's columns) per intra-op thread, each range one single-threaded GEMM (the BLAS
+// runs serially inside a parallel region). MKL's own two-thread split of a row chunk's
+// [512, 512] x [512, 65536] logits GEMM ran at 0.83x the rate of this one on the 2-core Xeon
+// (benchmarks/results/README.md). Range boundaries fall on 16-element (64-byte) multiples.
+inline void gemm_parts(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate, int64_t dim) {
+  constexpr int64_t kMinPart = 256;  // rows or columns per thread; below it one GEMM keeps the BLAS's threading
+  const int64_t n = out.size(dim);
+  const int64_t parts = out.is_cpu() && !at::in_parallel_region() ? std::min<int64_t>(at::get_num_threads(), n / kMinPart) : 1;
+  if (parts <= 1) return gemm_f32(out, a, b, accumulate);
+  // The workers run the GEMMs as this thread would: same dispatch keys (autograd is excluded
+  // inside an op) and grad mode.
+  const at::ThreadLocalState state;
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t lo = n * p / parts / 16 * 16, hi = p + 1 == parts ? n : n * (p + 1) / parts / 16 * 16;
+      at::Tensor o = out.narrow(dim, lo, hi - lo);
+      gemm_f32(o, dim == 0 ? a.narrow(0, lo, hi - lo) : a, dim == 1 ? b.narrow(1, lo, hi - lo) : b, accumulate);
+    }
+  });
+}
+
 // z [r, c] = the logits of rows h at vocabulary columns [c0, c0 + c) (all of them by default).
 inline void chunk_logits(at::Tensor& z, const at::Tensor& h, const Operands& ops, int64_t c0 = 0) {
   const int64_t c = z.size(1);
-  gemm_f32(z, h, ops.cols(c0, c).t(), /*accumulate=*/false);
+  gemm_parts(z, h, ops.cols(c0, c).t(), /*accumulate=*/false, /*dim=*/1);
   if (ops.bias.has_value()) z.add_(c == ops.bias->size(0) ? *ops.bias : ops.bias->narrow(0, c0, c));
 }
 
@@ -165,11 +190,11 @@ struct Grads {
     if (need_h) {
       at::Tensor out = gh.narrow(0, r0, z.size(0));
       TORCH_CHECK(c0 == 0 || out.scalar_type() == at::kFloat, "vocabulary blocks need an fp32 dh");
-      if (gh_final && c0 == 0) at::mm_out(out, dz, w); else gemm_f32(out, dz, w, /*accumulate=*/c0 > 0);
+      if (gh_final && c0 == 0 && !dz.is_cpu()) at::mm_out(out, dz, w); else gemm_parts(out, dz, w, /*accumulate=*/c0 > 0, 0);
     }
     if (need_w) {
       at::Tensor out = c == gw.size(0) ? gw : gw.narrow(0, c0, c);
-      if (gw_final) at::mm_out(out, dz.t(), h); else gemm_f32(out, dz.t(), h, /*accumulate=*/r0 > 0);
+      if (gw_final && !dz.is_cpu()) at::mm_out(out, dz.t(), h); else gemm_parts(out, dz.t(), h, /*accumulate=*/r0 > 0, 0);
       gw_written = true;
     }
     if (has_bias) (c == gb.size(0) ? gb : gb.narrow(0, c0, c)).add_(z.sum(0));
