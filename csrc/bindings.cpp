@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include "common/chunked.h"
 #include "common/vocab_rows.h"
 
 TORCH_LIBRARY(erpd, m) {
@@ -86,4 +87,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", []() { return std::string(erpd::cpu::vocab_rows().isa); });
   m.def("cpu_isas", &erpd::cpu::supported_isas, "the levels this CPU and build can run");
   m.def("set_cpu_isa", &erpd::cpu::set_vocab_rows_isa, "switch the level (for tests and benchmarks)");
+  // The CPU drivers' logits blocks kept between calls (csrc/common/chunked.h, ScratchPool).
+  m.def("release_cpu_scratch", []() { return erpd::chunked::cpu_scratch().release(); });
+  m.def("cpu_scratch_bytes", []() { return erpd::chunked::cpu_scratch().bytes(); });
 }

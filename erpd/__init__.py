@@ -7,6 +7,7 @@ See README.md for the backends and the ERPD trainer.
 """
 
 from erpd import adapters, nn, reference
+from erpd._ext import release_cpu_scratch
 from erpd.backends import BackendUnavailableError, available
 from erpd.ops import PolicyOptions, linear_kl, linear_logprobs, linear_policy_loss, linear_token_stats, policy_loss
 
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError", "PolicyOptions", "adapters", "available", "linear_kl", "linear_logprobs", "linear_policy_loss",
-    "linear_token_stats", "nn", "policy_loss", "reference",
+    "linear_token_stats", "nn", "policy_loss", "reference", "release_cpu_scratch",
 ]

@@ -30,6 +30,21 @@ def cpu_isa() -> str | None:
     return None if _C is None else _C.cpu_isa()
 
 
+def release_cpu_scratch() -> int:
+    """Free the logits blocks that the ``cpu`` backend keeps between calls, and return their
+    bytes (0 without the extension).
+
+    The CPU drivers keep each fp32 logits block (128 MiB at the default chunk budget; two for
+    ``linear_kl``) for the next call, so that calls do not pay the page faults of fresh memory.
+    ``ERPD_CPU_SCRATCH=0`` turns the keeping off. Blocks a running call uses are not freed."""
+    return 0 if _C is None else int(_C.release_cpu_scratch())
+
+
+def cpu_scratch_bytes() -> int:
+    """Bytes of logits blocks the ``cpu`` backend keeps between calls (0 without the extension)."""
+    return 0 if _C is None else int(_C.cpu_scratch_bytes())
+
+
 def unavailable_reason() -> str:
     if _C is None:
         return (

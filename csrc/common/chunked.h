@@ -16,7 +16,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -82,9 +85,60 @@ inline at::Tensor prefer_huge_pages(at::Tensor t) {
   return t;
 }
 
+// CPU logits blocks are kept between calls (ERPD_CPU_SCRATCH=0: not kept; erpd.release_cpu_scratch()
+// frees them). A fresh 128 MiB block costs its page faults on every call, and where THP defrag
+// is "madvise" (the kernel's default) a huge-page fault may first compact memory, which stalled
+// calls by up to ~200 ms on the 2-core Xeon. A block is free again once no tensor views it, so
+// the pool holds what the most blocks in use at once needed (two for linear_kl, 128 MiB each by
+// default). Thread-safe: a block is handed out under the lock, viewed before the lock drops.
+class ScratchPool {
+ public:
+  at::Tensor take(int64_t numel, const at::TensorOptions& f32) {
+    std::lock_guard<std::mutex> lock(mu_);
+    at::Tensor* spare = nullptr;
+    for (at::Tensor& b : blocks_) {
+      if (b.storage().use_count() != 1) continue;  // viewed by a running call
+      if (b.numel() >= numel) return b.narrow(0, 0, numel);
+      spare = &b;
+    }
+    at::Tensor fresh = prefer_huge_pages(at::empty({numel}, f32));
+    if (spare) *spare = fresh; else blocks_.push_back(fresh);  // a free block too small is replaced
+    return fresh.narrow(0, 0, numel);
+  }
+  // Drops the blocks no call is using; returns their bytes.
+  int64_t release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    int64_t freed = 0;
+    std::vector<at::Tensor> kept;
+    for (at::Tensor& b : blocks_) {
+      if (b.storage().use_count() == 1) freed += int64_t(b.nbytes()); else kept.push_back(b);
+    }
+    blocks_.swap(kept);
+    return freed;
+  }
+  int64_t bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    int64_t n = 0;
+    for (const at::Tensor& b : blocks_) n += int64_t(b.nbytes());
+    return n;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<at::Tensor> blocks_;
+};
+
+inline ScratchPool& cpu_scratch() {
+  static ScratchPool pool;
+  return pool;
+}
+
 // The fp32 [rows, v] logits block of a chunked driver.
 inline at::Tensor logits_buffer(int64_t rows, int64_t v, const at::Tensor& like) {
-  return prefer_huge_pages(at::empty({rows, v}, like.options().dtype(at::kFloat)));
+  const auto f32 = like.options().dtype(at::kFloat);
+  const char* keep = std::getenv("ERPD_CPU_SCRATCH");
+  if (!like.is_cpu() || (keep && std::string(keep) == "0")) return prefer_huge_pages(at::empty({rows, v}, f32));
+  return cpu_scratch().take(rows * v, f32).view({rows, v});
 }
 
 // GEMM operands. CPU: 16-bit inputs are upcast (W once, each hidden chunk when used): MKL's
