@@ -85,7 +85,7 @@ inline at::Tensor prefer_huge_pages(at::Tensor t) {
   return t;
 }
 
-// CPU logits blocks are kept between calls (ERPD_CPU_SCRATCH=0: not kept; erpd.release_cpu_scratch()
+// CPU logits blocks of 32 MiB and more are kept between calls (ERPD_CPU_SCRATCH=0: not kept; erpd.release_cpu_scratch()
 // frees them). A fresh 128 MiB block costs its page faults on every call, and where THP defrag
 // is "madvise" (the kernel's default) a huge-page fault may first compact memory, which stalled
 // calls by up to ~200 ms on the 2-core Xeon. A block is free again once no tensor views it, so
@@ -133,11 +133,15 @@ inline ScratchPool& cpu_scratch() {
   return pool;
 }
 
-// The fp32 [rows, v] logits block of a chunked driver.
+// The fp32 [rows, v] logits block of a chunked driver. Blocks under 32 MiB (the per-token ops'
+// vocabulary blocks) are not kept: malloc reuses them without fresh page faults, and a kept
+// forward block would add to the backward's peak.
 inline at::Tensor logits_buffer(int64_t rows, int64_t v, const at::Tensor& like) {
+  constexpr int64_t kKeepBytes = int64_t(32) << 20;
   const auto f32 = like.options().dtype(at::kFloat);
   const char* keep = std::getenv("ERPD_CPU_SCRATCH");
-  if (!like.is_cpu() || (keep && std::string(keep) == "0")) return prefer_huge_pages(at::empty({rows, v}, f32));
+  if (!like.is_cpu() || rows * v * int64_t(sizeof(float)) < kKeepBytes || (keep && std::string(keep) == "0"))
+    return prefer_huge_pages(at::empty({rows, v}, f32));
   return cpu_scratch().take(rows * v, f32).view({rows, v});
 }
 
