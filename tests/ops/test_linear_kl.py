@@ -288,17 +288,10 @@ def test_gpu_peak_memory_is_far_below_naive(backend):
     assert fused < 0.25 * naive, f"{backend}: {fused / 2**20:.0f} MB vs naive {naive / 2**20:.0f} MB"
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 512 * 2 * 4 * 1100])
 @pytest.mark.parametrize("form", ["fused", "dense"])
-def test_cpu_gemms_split_between_threads(monkeypatch, two_threads, chunk_bytes, form):
-    """With two threads the CPU drivers split each GEMM into one single-threaded GEMM per thread
-    (csrc/common/chunked.h, gemm_parts): 600 rows and V = 1100 split the logits by columns, dh by
-    rows and dW by vocabulary rows, ragged; the budget adds a second, smaller row chunk or
-    vocabulary block that is not split, and dW and dh sums across them."""
-    if not erpd._ext.has_cpu():
-        pytest.skip("erpd._C not built")
-    if chunk_bytes:
-        monkeypatch.setenv("ERPD_CHUNK_BYTES", str(chunk_bytes))
+def test_cpu_gemms_split_between_threads(split_gemms, form):
+    """Every GEMM split between two threads (the split_gemms fixture)."""
+    split_gemms(buffers=2)
     x = make_linear_inputs(600, 32, 1100, bias=True, ignore_frac=0.2, seed=62)
     for direction in DIRECTIONS:
         check_kl(x.clone(), make_kl_teacher(x, form, h=24, bias=True, seed=63), "cpu", direction=direction, beta=0.4,

@@ -230,15 +230,8 @@ def test_gpu_peak_memory_is_far_below_naive(backend):
     assert fused < 0.25 * naive, f"{backend}: {fused / 2**20:.0f} MB vs naive {naive / 2**20:.0f} MB"
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 512 * 4 * 1100])
-def test_cpu_gemms_split_between_threads(monkeypatch, two_threads, chunk_bytes):
-    """With two threads the CPU drivers split each GEMM into one single-threaded GEMM per thread
-    (csrc/common/chunked.h, gemm_parts): 600 rows and V = 1100 split the logits by columns, dh by
-    rows and dW by vocabulary rows, ragged; the budget adds a second, smaller row chunk or
-    vocabulary block that is not split, and dW and dh sums across them."""
-    if not erpd._ext.has_cpu():
-        pytest.skip("erpd._C not built")
-    if chunk_bytes:
-        monkeypatch.setenv("ERPD_CHUNK_BYTES", str(chunk_bytes))
+def test_cpu_gemms_split_between_threads(split_gemms):
+    """Every GEMM split between two threads (the split_gemms fixture)."""
+    split_gemms(buffers=1)
     x = make_linear_inputs(600, 32, 1100, bias=True, ignore_frac=0.2, seed=61)
     check_backend(x, "cpu", temperature=0.7)

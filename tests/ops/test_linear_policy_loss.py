@@ -448,16 +448,9 @@ def test_gpu_cuda_backend_never_syncs(method):
         torch.testing.assert_close(got[k], ref[2][k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 512 * 4 * 1100])
 @pytest.mark.parametrize("method", ["ppo", "gspo"])
-def test_cpu_gemms_split_between_threads(monkeypatch, two_threads, chunk_bytes, method):
-    """With two threads the CPU drivers split each GEMM into one single-threaded GEMM per thread
-    (csrc/common/chunked.h, gemm_parts): 600 rows and V = 1100 split the logits by columns, dh by
-    rows and dW by vocabulary rows, ragged; the budget adds a second, smaller row chunk or
-    vocabulary block that is not split, and dW and dh sums across them."""
-    if "cpu" not in erpd.available("cpu", "linear_policy_loss"):
-        pytest.skip("erpd._C not built")
-    if chunk_bytes:
-        monkeypatch.setenv("ERPD_CHUNK_BYTES", str(chunk_bytes))
+def test_cpu_gemms_split_between_threads(split_gemms, method):
+    """Every GEMM split between two threads (the split_gemms fixture)."""
+    split_gemms(buffers=1)
     x = make_linear_policy_inputs(b=4, t=150, h=32, v=1100, seed=66, bias=True, ref=True)
     check_backend(x, "cpu", method=method, agg="seq-mean-token-mean", kl_coef=0.1, entropy_coef=0.05)
