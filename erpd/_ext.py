@@ -34,8 +34,9 @@ def release_cpu_scratch() -> int:
     """Free the logits blocks that the ``cpu`` backend keeps between calls, and return their
     bytes (0 without the extension).
 
-    The CPU drivers keep each fp32 logits block (128 MiB at the default chunk budget; two for
-    ``linear_kl``) for the next call, so that calls do not pay the page faults of fresh memory.
+    The CPU drivers keep each fp32 logits block of 32 MiB and more (128 MiB at the default
+    chunk budget; two for ``linear_kl``) for the next call, so that calls do not pay the page
+    faults of fresh memory.
     ``ERPD_CPU_SCRATCH=0`` turns the keeping off. Blocks a running call uses are not freed."""
     return 0 if _C is None else int(_C.release_cpu_scratch())
 

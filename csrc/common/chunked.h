@@ -85,10 +85,10 @@ inline at::Tensor prefer_huge_pages(at::Tensor t) {
   return t;
 }
 
-// CPU logits blocks of 32 MiB and more are kept between calls (ERPD_CPU_SCRATCH=0: not kept; erpd.release_cpu_scratch()
-// frees them). A fresh 128 MiB block costs its page faults on every call, and where THP defrag
-// is "madvise" (the kernel's default) a huge-page fault may first compact memory, which stalled
-// calls by up to ~200 ms on the 2-core Xeon. A block is free again once no tensor views it, so
+// CPU logits blocks of 32 MiB and more are kept between calls (ERPD_CPU_SCRATCH=0: not kept;
+// erpd.release_cpu_scratch() frees them). A fresh 128 MiB block costs its page faults on every
+// call, and where THP defrag is "madvise" (the kernel's default) a huge-page fault may first
+// compact memory, which stalled calls by up to ~200 ms on the 2-core Xeon. A block is free again once no tensor views it, so
 // the pool holds what the most blocks in use at once needed (two for linear_kl, 128 MiB each by
 // default). Thread-safe: a block is handed out under the lock, viewed before the lock drops.
 class ScratchPool {
@@ -166,9 +166,10 @@ struct Operands {
   at::Tensor cols(int64_t c0, int64_t c) const { return c == weight.size(0) ? weight : weight.narrow(0, c0, c); }
 };
 
-// out[fp32] = a @ b (+ beta * out), whatever the operands' dtype.
+// out = a @ b (+ out) in out's dtype: 16-bit operands into an fp32 out go through ATen's
+// out_dtype overloads (fp32 accumulation, one rounding).
 inline void gemm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (a.scalar_type() == at::kFloat) {
+  if (a.scalar_type() == out.scalar_type()) {
     if (accumulate) out.addmm_(a, b); else at::mm_out(out, a, b);
   } else {
     if (accumulate) at::addmm_out(out, out, a, b, at::kFloat); else at::mm_out(out, a, b, at::kFloat);
@@ -248,11 +249,11 @@ struct Grads {
     if (need_h) {
       at::Tensor out = gh.narrow(0, r0, z.size(0));
       TORCH_CHECK(c0 == 0 || out.scalar_type() == at::kFloat, "vocabulary blocks need an fp32 dh");
-      if (gh_final && c0 == 0 && !dz.is_cpu()) at::mm_out(out, dz, w); else gemm_parts(out, dz, w, /*accumulate=*/c0 > 0, 0);
+      gemm_parts(out, dz, w, /*accumulate=*/c0 > 0, /*dim=*/0);
     }
     if (need_w) {
       at::Tensor out = c == gw.size(0) ? gw : gw.narrow(0, c0, c);
-      if (gw_final && !dz.is_cpu()) at::mm_out(out, dz.t(), h); else gemm_parts(out, dz.t(), h, /*accumulate=*/r0 > 0, 0);
+      gemm_parts(out, dz.t(), h, /*accumulate=*/r0 > 0, /*dim=*/0);
       gw_written = true;
     }
     if (has_bias) (c == gb.size(0) ? gb : gb.narrow(0, c0, c)).add_(z.sum(0));

@@ -40,12 +40,11 @@ def test_kept_blocks_change_nothing(monkeypatch):
     monkeypatch.setenv("ERPD_CPU_SCRATCH", "0")
     fresh = _kl_loss(x, teacher)
     fresh_lp = erpd.linear_token_stats(x.hidden.detach(), x.weight.detach(), x.targets, backend="cpu")
+    # Equal bits, and the first call's outputs did not change when later calls reused its blocks.
     for a, b, c in zip(first, again, fresh):
         assert torch.equal(a, b) and torch.equal(a, c)
     for a, b in zip(kept_lp, fresh_lp):
         assert torch.equal(a, b)
-    # The first call's outputs did not change when later calls reused its blocks.
-    assert torch.equal(first[0], fresh[0]) and torch.equal(first[2], fresh[2])
 
 
 def test_release_and_small_blocks():
