@@ -68,7 +68,7 @@ inline Blocks cpu_blocks(int64_t n, int64_t v, int64_t buffers) {
 // cores' caches between two passes over it.
 inline int64_t cache_rows(int64_t v) { return std::max<int64_t>(1, (int64_t(2) << 20) / (v * int64_t(sizeof(float)))); }
 
-// A fresh CPU buffer of this size, before anything touches it, is advised to transparent huge
+// A CPU logits buffer of this size, before anything touches it, is advised to transparent huge
 // pages (Linux, where THP is on or "madvise"): each call's 128 MiB logits block otherwise costs
 // ~50 ms of 4 KiB page faults on first write (15 ms with 2 MiB pages, one core of the 2-core
 // Xeon), and the GEMMs and row loops that sweep it take fewer TLB misses. Only the 2 MiB-aligned
@@ -233,8 +233,10 @@ struct Grads {
     gw_final = !upcast && rows_per_chunk >= n;
     const auto f32 = hidden.options().dtype(at::kFloat);
     gh = need_h ? at::empty({n, hdim}, gh_final ? hidden.options() : f32) : at::empty({0}, hidden.options());
-    gw = need_w ? prefer_huge_pages(at::empty({v, hdim}, gw_final ? weight.options() : f32))
-                : at::empty({0}, weight.options());
+    // Not advised to huge pages: dW is fresh memory on every call (it is returned), and with THP
+    // defrag "madvise" an advised fault may compact memory first. On the 2-core Xeon that made
+    // the dW GEMMs of a call take up to 1.7x as long, on about half the calls.
+    gw = need_w ? at::empty({v, hdim}, gw_final ? weight.options() : f32) : at::empty({0}, weight.options());
     gb = has_bias ? at::zeros({v}, f32) : at::empty({0}, f32);
   }
 
