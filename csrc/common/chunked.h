@@ -88,9 +88,10 @@ inline at::Tensor prefer_huge_pages(at::Tensor t) {
 // CPU logits blocks of 32 MiB and more are kept between calls (ERPD_CPU_SCRATCH=0: not kept;
 // erpd.release_cpu_scratch() frees them). A fresh 128 MiB block costs its page faults on every
 // call, and where THP defrag is "madvise" (the kernel's default) a huge-page fault may first
-// compact memory, which stalled calls by up to ~200 ms on the 2-core Xeon. A block is free again once no tensor views it, so
-// the pool holds what the most blocks in use at once needed (two for linear_kl, 128 MiB each by
-// default). Thread-safe: a block is handed out under the lock, viewed before the lock drops.
+// compact memory, which stalled calls by up to ~200 ms on the 2-core Xeon. A block is free
+// again once no tensor views it, so the pool holds what the most blocks in use at once needed
+// (two for linear_kl, 128 MiB each by default). Thread-safe: a block is handed out under the
+// lock, viewed before the lock drops.
 class ScratchPool {
  public:
   at::Tensor take(int64_t numel, const at::TensorOptions& f32) {
