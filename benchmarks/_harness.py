@@ -212,12 +212,17 @@ def run(
                     )
                 if rnd == 0:
                     results[key] = res
+                    if "times" in res:
+                        res["round_ids"] = [0]
+                        res["round_sizes"] = {m: [len(v)] for m, v in res["times"].items()}
                 elif "error" in res:
                     results[key].setdefault("round_errors", []).append(res["error"])
                 else:
                     prev = results[key]
+                    prev["round_ids"].append(rnd)
                     for m, v in res["times"].items():
                         prev["times"][m] += v
+                        prev["round_sizes"][m].append(len(v))
                     prev.setdefault("peak_extra_bytes_rounds", [prev["peak_extra_bytes"]]).append(res["peak_extra_bytes"])
                     prev["peak_extra_bytes"] = int(statistics.median(prev["peak_extra_bytes_rounds"]))
     return [Row(shape, name, results[(shape.name, name)]) for shape, name in order]
@@ -237,6 +242,15 @@ def _time_cell(stats: dict[str, float] | None) -> str:
 
 def _ratio(a: float | None, b: float | None, fmt: str = "{:.2f}×") -> str:
     return "—" if a is None or not b else fmt.format(a / b)
+
+
+def _floor_cell(row: Row, floor: Row | None, mode: str = "fwd+bwd") -> str:
+    """× floor, with its 95% interval over paired rounds in brackets where there are enough."""
+    cell = _ratio(median_ms(row, mode), median_ms(floor, mode))
+    if floor is None or floor is row:
+        return cell
+    ci = _bench.ratio_interval(row.result, floor.result, mode)
+    return cell if ci is None else f"{cell} ({ci[0]:.2f}–{ci[1]:.2f})"
 
 
 def median_ms(row: Row | None, mode: str) -> float | None:
@@ -310,7 +324,7 @@ def render(
                 head
                 + f"| {_time_cell(t.get('fwd'))} | {_time_cell(t.get('fwd+bwd'))} "
                 + f"| {_ratio(fwd, median_ms(base, 'fwd'))} | {_ratio(fb, median_ms(base, 'fwd+bwd'))} "
-                + f"| {_ratio(fb, median_ms(flo, 'fwd+bwd'))} | {mem} | {mem_pct} | {diff} |"
+                + f"| {_floor_cell(r, flo)} | {mem} | {mem_pct} | {diff} |"
             )
     if footnotes:
         lines += ["", *[f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]]
@@ -399,10 +413,16 @@ def timing_notes(args, rows: Sequence[Row], fwd_meaning: str = "`fwd` is the for
     """The notes every table carries: how times and memory were taken."""
     methods = sorted({r.result["memory_method"] for r in rows if "memory_method" in r.result})
     where = "one process for all (CUDA allocator counters reset per call)" if "torch.cuda" in " ".join(methods) else "a fresh process per provider"
-    return [
+    notes = [
         f"times: median of {args.repeats} calls × {args.rounds} round(s) (p20–p80 in brackets), each round {where}, "
         f"after {args.warmup} warm-up fwd+bwd; {fwd_meaning}",
         "peak extra memory: one fwd+bwd, high-water mark minus what was resident just before "
         f"(inputs, upstream grads, warm-up done); includes the returned grads (dW alone is V·H·{DTYPES[args.dtype].itemsize} B); "
         f"measured by {', '.join(methods) or '—'}",
     ]
+    if args.rounds >= _bench.MIN_ROUNDS_FOR_INTERVAL:
+        notes.append(
+            "× floor (a–b): a 95% percentile bootstrap interval of the ratio of medians, resampling rounds "
+            "(each round ran every provider once, one after the other), the same rounds for both sides"
+        )
+    return notes

@@ -9,7 +9,8 @@ rules, same shape registry) and writes, under ``--out-dir`` (default benchmarks/
   <suite>-<op>.md    the table (ms, × naive, × floor, peak memory, max abs diff vs naive)
   <suite>-<op>.json  raw samples and the environment
   <suite>-<op>.csv   one row per (provider, shape, mode): median/p20/p80 ms, effective TFLOP/s
-                     on the op's declared FLOP basis, × floor, peak extra MB, % of naive's memory,
+                     on the op's declared FLOP basis, × floor (with its 95% interval over rounds
+                     from 5 rounds up), peak extra MB, % of naive's memory,
                      plus op, dtype, device name, commit and date
   <suite>-<op>.png   fwd+bwd time per provider and shape, and its multiple of the matmul floor
 
@@ -74,10 +75,13 @@ def csv_rows(op: str, raw: dict, flops_per_nhv: int) -> list[dict]:
             s = _bench.summarize(samples)
             floor_ms = _bench.summarize(floor["times"][mode])["median"] if "times" in floor and mode in floor["times"] else None
             is_floor = r["provider"] == FLOOR
+            ci = None if is_floor or "times" not in floor else _bench.ratio_interval(r, floor, mode)
             row = dict(
                 common, mode=mode, status="ok", median_ms=_sig(s["median"]), p20_ms=_sig(s["p20"]), p80_ms=_sig(s["p80"]),
                 tflops=round(flops / s["median"] / 1e9, 2) if mode == "fwd+bwd" else "",
                 x_floor=round(s["median"] / floor_ms, 3) if floor_ms else "",
+                x_floor_lo=round(ci[0], 3) if ci else "",
+                x_floor_hi=round(ci[1], 3) if ci else "",
                 peak_extra_mb="" if is_floor else round(r["peak_extra_bytes"] / 2**20, 1),
                 mem_pct_of_naive="" if is_floor or not base.get("peak_extra_bytes") else round(100 * r["peak_extra_bytes"] / base["peak_extra_bytes"], 2),
                 note="",

@@ -91,3 +91,52 @@ def test_suite_runner_writes_table_rows_and_plot(tmp_path):
             assert abs(float(r["tflops"]) - round(coef * 16 * 32 * 128 / ms / 1e9, 2)) <= 0.011
         floor = float(rows[("matmul-floor", "fwd+bwd")]["median_ms"])
         assert abs(float(rows[("naive", "fwd+bwd")]["x_floor"]) - float(rows[("naive", "fwd+bwd")]["median_ms"]) / floor) < 2e-3 * float(rows[("naive", "fwd+bwd")]["x_floor"]) + 1e-3
+
+
+def _rounds(per_round: list[list[float]], first_id: int = 0) -> dict:
+    """A harness result pooled over rounds, as `_harness.run` leaves it."""
+    return {
+        "times": {"fwd+bwd": [x for r in per_round for x in r]},
+        "round_ids": list(range(first_id, first_id + len(per_round))),
+        "round_sizes": {"fwd+bwd": [len(r) for r in per_round]},
+        "peak_extra_bytes": 0,
+    }
+
+
+def test_ratio_interval_pairs_rounds():
+    # Every round of `op` takes exactly twice its floor, while the rounds themselves drift by 3x:
+    # resampling rounds in pairs keeps the ratio at 2, unpaired resampling would not.
+    floor = [[10.0 * (1 + r % 3)] * 3 for r in range(8)]
+    op = [[2 * x for x in r] for r in floor]
+    lo, hi = _bench.ratio_interval(_rounds(op), _rounds(floor), "fwd+bwd")
+    assert lo == hi == 2.0
+    # Noisy rounds: the interval is proper and holds the point estimate.
+    rng = __import__("random").Random(1)
+    op = [[x * rng.uniform(1.0, 1.2) for x in r] for r in floor]
+    lo, hi = _bench.ratio_interval(_rounds(op), _rounds(floor), "fwd+bwd")
+    point = _bench.summarize(_rounds(op)["times"]["fwd+bwd"])["median"] / _bench.summarize(_rounds(floor)["times"]["fwd+bwd"])["median"]
+    assert 1.0 <= lo < point < hi <= 1.2
+
+
+def test_ratio_interval_needs_enough_common_rounds():
+    floor = [[10.0]] * 6
+    assert _bench.ratio_interval(_rounds([[20.0]] * 4), _rounds([[10.0]] * 4), "fwd+bwd") is None
+    # Six rounds each, but a round that failed on one side shifts the ids: four in common.
+    assert _bench.ratio_interval(_rounds([[20.0]] * 6, first_id=2), _rounds(floor), "fwd+bwd") is None
+    assert _bench.ratio_interval(_rounds([[20.0]] * 6), _rounds(floor), "fwd+bwd") == (2.0, 2.0)
+    # Samples that do not add up to the recorded rounds: no interval rather than a wrong one.
+    bad = _rounds([[20.0]] * 6)
+    bad["times"]["fwd+bwd"].append(1.0)
+    assert _bench.ratio_interval(bad, _rounds(floor), "fwd+bwd") is None
+
+
+def test_render_shows_the_interval():
+    tiny = by_name("tiny")
+    floor = [[10.0, 11.0]] * 6
+    rows = [
+        _harness.Row(tiny, "erpd-cpu", _rounds([[20.0, 22.0]] * 6)),
+        _harness.Row(tiny, "matmul-floor", _rounds(floor)),
+    ]
+    text = _harness.render(rows, title="t", env={"device": "x"})
+    assert "| 2.00× (2.00–2.00) |" in text
+    assert "| 1.00× |" in text  # the floor against itself: no interval

@@ -30,6 +30,7 @@ import importlib.metadata
 import multiprocessing as mp
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -131,6 +132,49 @@ def summarize(samples: list[float]) -> dict[str, float] | None:
         "max": max(samples),
         "n": len(samples),
     }
+
+
+# Rounds needed before a ratio gets an interval: with fewer, resampling rounds says little.
+MIN_ROUNDS_FOR_INTERVAL = 5
+
+
+def round_samples(result: dict[str, Any], mode: str) -> dict[int, list[float]] | None:
+    """A measurement's samples of `mode` by round id (harness results pooled over rounds)."""
+    ids, sizes = result.get("round_ids"), result.get("round_sizes", {}).get(mode)
+    samples = result.get("times", {}).get(mode)
+    if not ids or not sizes or samples is None or len(ids) != len(sizes) or sum(sizes) != len(samples):
+        return None
+    out, i = {}, 0
+    for rid, n in zip(ids, sizes):
+        out[rid] = samples[i : i + n]
+        i += n
+    return out
+
+
+def ratio_interval(
+    a: dict[str, Any], b: dict[str, Any], mode: str, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of median(a) / median(b) over the rounds both ran.
+
+    Rounds are the independent units: calls within one process share its state (allocator,
+    page cache, a neighbour's burst), and each round ran `a` and `b` one after the other. So
+    rounds are resampled in pairs, the same round ids for both, and the two medians recomputed
+    from the pooled calls of the resampled rounds. None with fewer than MIN_ROUNDS_FOR_INTERVAL
+    rounds in common.
+    """
+    ra, rb = round_samples(a, mode), round_samples(b, mode)
+    if ra is None or rb is None:
+        return None
+    common = sorted(set(ra) & set(rb))
+    if len(common) < MIN_ROUNDS_FOR_INTERVAL:
+        return None
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(resamples):
+        pick = [common[rng.randrange(len(common))] for _ in common]
+        stats.append(statistics.median([x for r in pick for x in ra[r]]) / statistics.median([x for r in pick for x in rb[r]]))
+    tail = (1.0 - level) / 2
+    return quantile(stats, tail), quantile(stats, 1.0 - tail)
 
 
 # --- memory -----------------------------------------------------------------------------------
