@@ -21,13 +21,8 @@ from erpd import _bench
 from erpd.testing.shapes import by_name
 
 from benchmarks._harness import DTYPES
+from benchmarks.run import OPS
 
-MODULES = {
-    "linear_logprobs": "benchmarks.bench_linear_logprobs",
-    "linear_kl": "benchmarks.bench_linear_kl",
-    "linear_kl_loss": "benchmarks.bench_linear_kl_loss",
-    "linear_policy_loss": "benchmarks.bench_policy_loss",
-}
 # [rows, V] fp32 buffers per chunk
 ROW_WIDTH = {"linear_logprobs": 1, "linear_kl": 2, "linear_kl_loss": 2, "linear_policy_loss": 1}
 
@@ -40,7 +35,7 @@ def parse_bytes(tok: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.sweep_chunk_bytes", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--op", choices=sorted(MODULES), default="linear_logprobs")
+    ap.add_argument("--op", choices=sorted(OPS), default="linear_logprobs")
     ap.add_argument("--shape", default="llama3-4k")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--backend", default=None, help="cuda or cpu (default: cuda if available)")
@@ -50,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = args.backend or ("cuda" if torch.cuda.is_available() else "cpu")
     device = "cuda" if backend == "cuda" else "cpu"
     shape = by_name(args.shape)
-    mod = importlib.import_module(MODULES[args.op])
+    mod = importlib.import_module(OPS[args.op])
     print(f"{args.op} erpd-{backend} on {shape.id}, {args.dtype}, {_bench.device_name(device)}, commit {_bench.git_commit()}")
     print("| budget | rows/chunk | fwd ms | fwd+bwd ms | peak extra MB |\n|--:|--:|--:|--:|--:|")
     case = mod.make_case(f"erpd-{backend}", shape.name, args.dtype, device)

@@ -140,3 +140,27 @@ def test_render_shows_the_interval():
     text = _harness.render(rows, title="t", env={"device": "x"})
     assert "| 2.00× (2.00–2.00) |" in text
     assert "| 1.00× |" in text  # the floor against itself: no interval
+
+
+def test_gemm_breakdown_accounts_for_the_wall(capsys):
+    from benchmarks import gemm_breakdown
+
+    assert gemm_breakdown.main(["--op", "linear_policy_loss", "--shape", "tiny", "--calls", "2"]) == 0
+    text = capsys.readouterr().out
+    for provider in ("erpd-cpu", "matmul-floor"):
+        rows = {line.split(" | ")[1]: float(line.rsplit("|", 2)[1].replace(",", "")) for line in text.splitlines()
+                if line.startswith(f"| {provider} |")}
+        gemms = [ms for k, ms in rows.items() if k.startswith("`aten::")]
+        # The floor is 3 GEMMs (logits, dh, dW); every provider's wall is its GEMMs plus a rest >= 0.
+        assert len(gemms) >= 3 if provider == "erpd-cpu" else len(gemms) == 3, text
+        rounding = 0.05 * (len(gemms) + 2)  # every cell is rounded to 0.1 ms
+        assert abs(rows["GEMMs in all"] - sum(gemms)) <= rounding and rows["the rest (wall − GEMMs)"] >= 0, text
+        assert abs(rows["wall"] - rows["GEMMs in all"] - rows["the rest (wall − GEMMs)"]) <= rounding, text
+
+
+def test_gemm_breakdown_counts_a_missing_shape_as_zero():
+    from benchmarks import gemm_breakdown
+
+    res = {"p": {"wall": [10.0, 12.0, 14.0], "gemms": {"aten::mm [a]": [4.0, 0.0, 6.0]}}}
+    text = gemm_breakdown.render("op", "tiny", res)
+    assert "| p | `aten::mm [a]` | 4.0 |" in text and "| p | the rest (wall − GEMMs) | 8.0 |" in text
