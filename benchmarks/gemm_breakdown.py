@@ -33,6 +33,16 @@ from benchmarks.run import OPS
 GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_")
 
 
+def _inside_gemm(event) -> bool:
+    """Whether a GEMM event runs inside another (an addmm that calls mm): counted once, as the outer."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in GEMMS:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def profile_provider(op: str, provider: str, shape: str, calls: int, threads: int | None) -> dict:
     """{"wall": [ms per call], "gemms": {"name [shapes]": [ms per call]}} for one provider, here."""
     from torch.profiler import ProfilerActivity, profile
@@ -51,7 +61,7 @@ def profile_provider(op: str, provider: str, shape: str, calls: int, threads: in
             walls.append((time.perf_counter() - t0) * 1e3)
         per_thread: dict[tuple[str, int], float] = collections.defaultdict(float)
         for e in prof.events():
-            if e.name in GEMMS:
+            if e.name in GEMMS and not _inside_gemm(e):
                 per_thread[(f"{e.name} {e.input_shapes[:2]}", e.thread)] += e.cpu_time_total / 1e3
         slowest: dict[str, float] = collections.defaultdict(float)
         for (key, _), ms in per_thread.items():

@@ -164,3 +164,13 @@ def test_gemm_breakdown_counts_a_missing_shape_as_zero():
     res = {"p": {"wall": [10.0, 12.0, 14.0], "gemms": {"aten::mm [a]": [4.0, 0.0, 6.0]}}}
     text = gemm_breakdown.render("op", "tiny", res)
     assert "| p | `aten::mm [a]` | 4.0 |" in text and "| p | the rest (wall − GEMMs) | 8.0 |" in text
+
+
+def test_gemm_breakdown_counts_a_nested_gemm_once():
+    from types import SimpleNamespace as Ev
+
+    from benchmarks.gemm_breakdown import _inside_gemm
+
+    outer = Ev(name="aten::addmm", cpu_parent=Ev(name="erpd::linear_kl_fwd_with_grads", cpu_parent=None))
+    inner = Ev(name="aten::mm", cpu_parent=Ev(name="aten::matmul", cpu_parent=outer))
+    assert not _inside_gemm(outer) and _inside_gemm(inner)
