@@ -2,9 +2,10 @@
 
     python -m benchmarks.gemm_breakdown --op linear_kl_loss --providers erpd-cpu,matmul-floor
 
-Each provider runs in a fresh process on its bench module's own case (the inputs and closures
-of the tables), `--calls` fwd+bwd under the torch profiler after two warm-ups. The profiler
-records every ATen GEMM the C++ drivers launch, on whichever intra-op thread runs it. Per call,
+Each provider runs in a fresh process, spawned as the tables' are (`erpd._bench.in_subprocess`),
+on its bench module's own case (the inputs and closures of the tables): `--calls` fwd+bwd under
+the torch profiler after two warm-ups. The profiler records every ATen GEMM the C++ drivers
+launch, on whichever intra-op thread runs it. Per call,
 a GEMM shape's time is that of its slower thread (the call waits for it); "the rest" is the wall
 time minus all GEMMs: the epilogues, the allocations, the Python around them. Medians over the
 calls. The profiler adds a little to every op it records, so the walls run slightly above the
@@ -15,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import importlib
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,24 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=6)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write the table (with the environment) to this markdown file")
-    ap.add_argument("--json", action="store_true", help="one provider in this process, JSON out (what the parent runs)")
     args = ap.parse_args(argv)
-    if args.json:
-        print(json.dumps(profile_provider(args.op, args.providers, args.shape, args.calls, args.threads)))
-        return 0
     env = _bench.environment("cpu", args.threads)
     env["command"] = "python -m benchmarks.gemm_breakdown " + " ".join(sys.argv[1:] if argv is None else argv)
     results = {}
     for provider in args.providers.split(","):
-        cmd = [sys.executable, "-m", "benchmarks.gemm_breakdown", "--op", args.op, "--providers", provider,
-               "--shape", args.shape, "--calls", str(args.calls), "--json"]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr, file=sys.stderr)
-            raise SystemExit(f"gemm_breakdown: {provider} failed (exit {out.returncode})")
-        results[provider] = json.loads(out.stdout.strip().splitlines()[-1])
+        res = _bench.in_subprocess(functools.partial(profile_provider, args.op, provider, args.shape, args.calls, args.threads))
+        if "error" in res:
+            raise SystemExit(f"gemm_breakdown: {provider}: {res['error']}")
+        results[provider] = res
     if hasattr(os, "getloadavg"):
         env["load average at the end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     text = render(args.op, args.shape, results, env)

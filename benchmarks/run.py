@@ -75,7 +75,7 @@ def csv_rows(op: str, raw: dict, flops_per_nhv: int) -> list[dict]:
             s = _bench.summarize(samples)
             floor_ms = _bench.summarize(floor["times"][mode])["median"] if "times" in floor and mode in floor["times"] else None
             is_floor = r["provider"] == FLOOR
-            ci = None if is_floor or "times" not in floor else _bench.ratio_interval(r, floor, mode)
+            ci = None if is_floor else _bench.ratio_interval(r, floor, mode)  # None without paired rounds
             row = dict(
                 common, mode=mode, status="ok", median_ms=_sig(s["median"]), p20_ms=_sig(s["p20"]), p80_ms=_sig(s["p80"]),
                 tflops=round(flops / s["median"] / 1e9, 2) if mode == "fwd+bwd" else "",

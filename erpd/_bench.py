@@ -24,6 +24,7 @@ Peak extra memory of a call, by device:
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import importlib
 import importlib.metadata
@@ -324,21 +325,28 @@ def release(device: str | torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _child(conn, factory, kwargs, opts):
+def _child(conn, fn):
     try:
-        conn.send(measure(factory, kwargs, **opts))
+        conn.send(fn())
     finally:
         conn.close()
 
 
 def measure_in_subprocess(factory: str, kwargs: dict[str, Any], *, timeout_s: float = 3600, **opts) -> dict[str, Any]:
     """:func:`measure` in a freshly spawned interpreter (see the module docstring for why)."""
+    return in_subprocess(functools.partial(measure, factory, kwargs, **opts), timeout_s=timeout_s)
+
+
+def in_subprocess(fn: Callable[[], Any], *, timeout_s: float = 3600) -> Any:
+    """``fn()`` (picklable: a module-level function, or a partial of one) in a freshly spawned
+    interpreter with the tables' malloc settings; its result, or ``{"error": why}`` when the child
+    timed out, died or sent nothing back."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
     os.environ.update(_MALLOC_ENV)  # glibc reads these once, at the child's start
     try:
-        proc = ctx.Process(target=_child, args=(send, factory, kwargs, opts), daemon=True)
+        proc = ctx.Process(target=_child, args=(send, fn), daemon=True)
         proc.start()
     finally:
         for k, v in saved.items():
